@@ -1,0 +1,110 @@
+//! What a training run reports while it runs. The CLI prints these; the server's worker stores
+//! them in SQLite and streams them as Server-Sent Events. Plain data, serde-serialisable.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// One optimizer step (skipped steps included: `skipped = true`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// 1-based count of optimizer steps attempted (skipped ones included).
+    pub step: u64,
+    pub epoch: u64,
+    /// Unscaled training loss (label-smoothed cross-entropy per non-pad target token).
+    pub loss: f64,
+    pub lr: f64,
+    /// The loss scale used for this step (1.0 when the scaler is disabled).
+    pub loss_scale: f64,
+    pub found_inf: bool,
+    pub skipped: bool,
+    /// Global L2 norm of the unscaled gradients (before clipping); NaN/inf when found_inf.
+    pub grad_norm: f64,
+    /// Non-pad target tokens per second for this step.
+    pub tokens_per_s: f64,
+    pub step_ms: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub source: String,
+    pub reference: String,
+    pub hypothesis: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidationRecord {
+    pub step: u64,
+    pub epoch: u64,
+    pub val_loss: f64,
+    /// Corpus BLEU (sacreBLEU-compatible, 13a tokenisation), 0-100.
+    pub bleu: f64,
+    /// chrF (sacreBLEU defaults: char order 6, beta 2), 0-100.
+    pub chrf: f64,
+    /// Character error rate (edit distance / reference characters), 0-1 (can exceed 1).
+    pub cer: f64,
+    /// Word error rate, 0-1 (can exceed 1).
+    pub wer: f64,
+    pub sentences: u64,
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub step: u64,
+    pub epoch: u64,
+    /// Path of the `.safetensors` file (its JSON sidecar is the same path with `.json`).
+    pub path: PathBuf,
+    pub size_bytes: u64,
+    /// sha256 of the safetensors file, hex.
+    pub sha256: String,
+    pub val_bleu: Option<f64>,
+    pub is_best: bool,
+    /// Checkpoints deleted by retention when this one was written.
+    pub removed: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartInfo {
+    pub run_dir: PathBuf,
+    pub steps_per_epoch: u64,
+    /// Optimizer steps the run will take (epochs x steps_per_epoch, capped by max_steps).
+    pub total_steps: u64,
+    /// Step the run resumed from (0 for a fresh run).
+    pub resumed_from_step: u64,
+    pub src_vocab: usize,
+    pub tgt_vocab: usize,
+    pub train_pairs: usize,
+    pub valid_pairs: usize,
+    pub dropped_long: usize,
+    pub truncated_long: usize,
+    pub malformed_lines: usize,
+    pub parameters: usize,
+    pub device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub run_dir: PathBuf,
+    pub steps: u64,
+    pub epochs_completed: u64,
+    pub skipped_steps: u64,
+    pub final_loss: f64,
+    pub final_loss_scale: f64,
+    pub best_bleu: Option<f64>,
+    pub best_checkpoint: Option<PathBuf>,
+    pub latest_checkpoint: Option<PathBuf>,
+    pub wall_s: f64,
+    /// Mean non-pad target tokens per second over the run's steps.
+    pub tokens_per_s: f64,
+    pub cancelled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TrainEvent {
+    Started(StartInfo),
+    Step(StepRecord),
+    Validation(ValidationRecord),
+    Checkpoint(CheckpointRecord),
+    Finished(Summary),
+}
