@@ -1,0 +1,117 @@
+//! Automatic mixed precision: the autocast policy (which dtype each op class runs in, with a
+//! per-step weight-cast cache) and the dynamic loss scaler.
+//!
+//! Policy (the PyTorch autocast lists, reduced to what the Transformer uses):
+//! - linear layers, matmuls and attention scores run in the compute dtype (f16/bf16);
+//! - embeddings are gathered in f32; layer norm, softmax, log-softmax, the loss and reductions
+//!   run in f32; the residual stream stays f32;
+//! - every f32 master weight is cast to the compute dtype once per step (cached), not once per
+//!   use, and its gradient flows back to the f32 master through the cast.
+
+pub mod scaler;
+
+pub use scaler::{GradScaler, ScalerConfig, ScalerError, ScalerState, StepOutcome};
+
+use crate::config::Precision;
+use candle_core::{DType, Result, Tensor, TensorId};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+pub fn dtype_of(p: Precision) -> DType {
+    match p {
+        Precision::Fp32 => DType::F32,
+        Precision::F16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
+    }
+}
+
+/// The autocast context for one forward pass. Create it (or call `new_step`) once per step so
+/// the cached casts follow the updated master weights.
+#[derive(Debug)]
+pub struct Autocast {
+    precision: Precision,
+    dtype: DType,
+    cache: RefCell<HashMap<TensorId, Tensor>>,
+    casts: RefCell<usize>,
+}
+
+impl Autocast {
+    pub fn new(precision: Precision) -> Self {
+        Self {
+            precision,
+            dtype: dtype_of(precision),
+            cache: RefCell::new(HashMap::new()),
+            casts: RefCell::new(0),
+        }
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The dtype matmuls and linear layers run in.
+    pub fn compute_dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn is_mixed(&self) -> bool {
+        self.dtype != DType::F32
+    }
+
+    /// Drop the cached casts (the master weights changed).
+    pub fn new_step(&self) {
+        self.cache.borrow_mut().clear();
+        *self.casts.borrow_mut() = 0;
+    }
+
+    /// Number of weight casts done since the last `new_step` (for tests: once per weight).
+    pub fn weight_casts(&self) -> usize {
+        *self.casts.borrow()
+    }
+
+    /// A weight in the compute dtype, cast at most once per step.
+    pub fn weight(&self, w: &Tensor) -> Result<Tensor> {
+        if w.dtype() == self.dtype {
+            return Ok(w.clone());
+        }
+        if let Some(t) = self.cache.borrow().get(&w.id()) {
+            return Ok(t.clone());
+        }
+        let t = w.to_dtype(self.dtype)?;
+        *self.casts.borrow_mut() += 1;
+        self.cache.borrow_mut().insert(w.id(), t.clone());
+        Ok(t)
+    }
+
+    /// An activation in the compute dtype (no-op when it already is).
+    pub fn act(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == self.dtype {
+            Ok(x.clone())
+        } else {
+            x.to_dtype(self.dtype)
+        }
+    }
+
+    /// `x @ w.T + b` in the compute dtype. x: (..., in), w: (out, in), b: (out). Output (..., out)
+    /// in the compute dtype.
+    pub fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let x = self.act(x)?;
+        let w = self.weight(w)?;
+        let dims = x.dims().to_vec();
+        let inp = *dims.last().unwrap();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = crate::ops::matmul(&x.reshape((rows, inp))?, &w.t()?)?;
+        let y = match b {
+            Some(b) => y.broadcast_add(&self.weight(b)?)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = w.dim(0)?;
+        y.reshape(out)
+    }
+
+    /// Batched matmul in the compute dtype.
+    pub fn matmul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        crate::ops::matmul(&self.act(a)?, &self.act(b)?)
+    }
+}

@@ -1,0 +1,105 @@
+//! The differentiable building blocks the model trains with, in one place so fast fused kernels
+//! can replace the straightforward candle compositions without touching the model. Each
+//! composition here is also the reference the fused kernels are tested against.
+//!
+//! candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward, so training
+//! never uses them.
+
+use candle_core::{DType, Result, Tensor, D};
+use rand::{Rng, SeedableRng};
+
+/// Batched matmul (both operands already in the compute dtype).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.matmul(b)
+}
+
+/// Layer norm over the last dim, computed in f32, output `out`.
+/// Tutorial form: `alpha * (x - mean) / (std_unbiased + eps) + beta`; standard form:
+/// `alpha * (x - mean) / sqrt(var_biased + eps) + beta`.
+pub fn layer_norm(
+    x: &Tensor,
+    alpha: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    tutorial: bool,
+    out: DType,
+) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let d = x.dim(D::Minus1)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let sq = xc.sqr()?.sum_keepdim(D::Minus1)?;
+    let denom = if tutorial {
+        // unbiased std (N-1), eps added to the std
+        let n1 = (d.max(2) - 1) as f64;
+        (sq / n1)?.sqrt()?.affine(1.0, eps)?
+    } else {
+        ((sq / d as f64)? + eps)?.sqrt()?
+    };
+    let y = xc
+        .broadcast_div(&denom)?
+        .broadcast_mul(alpha)?
+        .broadcast_add(beta)?;
+    y.to_dtype(out)
+}
+
+/// `softmax(scores * scale + mask)` over the last dim, in f32; `mask` is additive f32
+/// (0 or a large negative finite value, so a fully masked row is uniform, never NaN).
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) -> Result<Tensor> {
+    let s = scores
+        .to_dtype(DType::F32)?
+        .affine(scale, 0.0)?
+        .broadcast_add(mask)?;
+    let max = s.max_keepdim(D::Minus1)?.detach();
+    let e = s.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)?.to_dtype(out)
+}
+
+/// `log_softmax` over the last dim in f32.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let xs = x.broadcast_sub(&max)?;
+    let lse = xs.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    xs.broadcast_sub(&lse)
+}
+
+/// torch.nn.CrossEntropyLoss(ignore_index=pad_id, label_smoothing=eps) on logits (N, V) and
+/// targets (N) u32: mean over non-pad rows of `(1-eps) * nll + eps * mean_c(-logp_c)`, f32.
+pub fn cross_entropy_ls(
+    logits: &Tensor,
+    targets: &Tensor,
+    pad_id: u32,
+    eps: f64,
+) -> Result<Tensor> {
+    let logp = log_softmax(logits)?;
+    let v = logp.dim(1)?;
+    let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    let smooth = logp.sum(1)?.neg()? / v as f64;
+    let per_row = ((nll * (1.0 - eps))? + (smooth? * eps)?)?;
+    let valid = targets.ne(pad_id)?.to_dtype(DType::F32)?;
+    let n = valid.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+    (per_row * valid)?.sum_all()? / n
+}
+
+/// Inverted dropout with a caller-owned, seeded RNG (candle's CPU RNG cannot be seeded, and
+/// resumed runs must replay the same masks).
+pub fn dropout(x: &Tensor, p: f64, rng: &mut rand::rngs::StdRng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let n = x.elem_count();
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    let mask: Vec<f32> = (0..n)
+        .map(|_| if rng.gen::<f64>() < keep { scale } else { 0.0 })
+        .collect();
+    let m = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&m)
+}
+
+/// A small deterministic RNG for one forward pass: a function of the run seed and the step.
+pub fn step_rng(seed: u64, step: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
