@@ -3,6 +3,7 @@
 
 use super::{DataError, EOS_ID, PAD_ID, SOS_ID, SPECIAL_TOKENS, UNK_ID};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokenizers::models::wordlevel::{WordLevel, WordLevelTrainer};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
@@ -91,7 +92,10 @@ impl WordTokenizer {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "tokenizer.json".into());
-        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        // unique per process and call: several trainers in one server may save the same key
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}-{seq}", std::process::id()));
         self.inner
             .save(&tmp, false)
             .map_err(|e| DataError::Tokenizer(format!("cannot write {}: {e}", tmp.display())))?;
