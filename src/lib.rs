@@ -5,7 +5,10 @@
 //! import tokio, sqlx or axum; the server (`store`, `worker`, `http`) is built on top of them.
 
 pub mod amp;
+pub mod bench;
+pub mod cli;
 pub mod config;
+pub mod data;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -3,6 +3,7 @@
 //! drive it.
 
 pub mod events;
+pub mod metrics;
 
 pub use events::*;
 
