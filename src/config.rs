@@ -398,7 +398,7 @@ impl TrainSpec {
         range_usize(m.d_model, 8, 8192, "model.d_model")?;
         range_usize(m.layers, 1, 48, "model.layers")?;
         range_usize(m.heads, 1, 128, "model.heads")?;
-        check(m.d_model % m.heads == 0, "model.heads", || {
+        check(m.d_model.is_multiple_of(m.heads), "model.heads", || {
             format!("must divide model.d_model ({}) evenly", m.d_model)
         })?;
         range_usize(m.d_ff, 1, 65536, "model.d_ff")?;

@@ -246,7 +246,7 @@ mod tests {
                 ..cfg()
             },
         )?;
-        w.step(&[zero.clone()], 0.1, 1.0)?;
+        w.step(std::slice::from_ref(&zero), 0.1, 1.0)?;
         // zero grad: only the decay acts: 2 * (1 - 0.1*0.5)
         assert!((p.as_tensor().to_vec1::<f32>()?[0] - 1.9).abs() < 1e-6);
         let q = Var::from_vec(vec![2.0f32], 1, &dev)?;
@@ -280,8 +280,8 @@ mod tests {
         let st: HashMap<String, Tensor> = a.state_tensors().into_iter().collect();
         b.load_state(a.t, &st)?;
         for g in &grads[2..] {
-            a.step(&[g.clone()], 0.01, 1.0)?;
-            b.step(&[g.clone()], 0.01, 1.0)?;
+            a.step(std::slice::from_ref(g), 0.01, 1.0)?;
+            b.step(std::slice::from_ref(g), 0.01, 1.0)?;
         }
         let (x, y): (Vec<f32>, Vec<f32>) = (
             pa.as_tensor().flatten_all()?.to_vec1()?,

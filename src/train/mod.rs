@@ -2,14 +2,16 @@
 //! validation and checkpoints. Free of tokio/sqlx/axum so the CLI and the server's workers both
 //! drive it.
 
+pub mod checkpoint;
 pub mod events;
 pub mod metrics;
+mod runner;
 
 pub use events::*;
+pub use runner::{evaluate, prepare, run, Evaluation, Prepared, StepOut, Stepper};
 
-use crate::config::{SpecError, TrainSpec};
+use crate::config::SpecError;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
 
 /// How to run one training job.
 #[derive(Debug, Clone)]
@@ -38,17 +40,4 @@ pub enum TrainError {
     Scaler(String),
     #[error("checkpoint: {0}")]
     Checkpoint(String),
-}
-
-/// Run (or resume) a training job. `sink` receives every event in order; `cancel` is checked
-/// before each step: when set, the run writes a checkpoint and returns a summary with
-/// `cancelled = true`.
-pub fn run(
-    spec: &TrainSpec,
-    opts: &RunOptions,
-    sink: &mut dyn FnMut(TrainEvent),
-    cancel: &AtomicBool,
-) -> Result<Summary, TrainError> {
-    let _ = (spec, opts, sink, cancel);
-    Err(TrainError::Data("trainer not implemented yet".into()))
 }

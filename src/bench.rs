@@ -1,0 +1,261 @@
+//! `ampserve bench train`: time full training steps (forward, loss, scaled backward, overflow
+//! check, Adam) at the PyTorch reference's sizes, one JSON line per precision.
+
+use crate::config::{Precision, TrainSpec};
+use crate::data::{self, DeviceBatch};
+use crate::model::{Config, Transformer};
+use crate::train::Stepper;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Model and batch sizes of `../shared/bench/pytorch_ref` (`--size`).
+#[derive(Debug, Clone, Copy)]
+pub struct Preset {
+    pub name: &'static str,
+    pub d_model: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub d_ff: usize,
+    pub seq_len: usize,
+    pub batch: usize,
+    pub vocab: usize,
+}
+
+pub const PRESETS: [Preset; 3] = [
+    Preset {
+        name: "tiny",
+        d_model: 128,
+        layers: 2,
+        heads: 4,
+        d_ff: 512,
+        seq_len: 64,
+        batch: 32,
+        vocab: 8000,
+    },
+    Preset {
+        name: "small",
+        d_model: 256,
+        layers: 3,
+        heads: 4,
+        d_ff: 1024,
+        seq_len: 128,
+        batch: 16,
+        vocab: 16000,
+    },
+    Preset {
+        name: "tutorial",
+        d_model: 512,
+        layers: 6,
+        heads: 8,
+        d_ff: 2048,
+        seq_len: 350,
+        batch: 8,
+        vocab: 20000,
+    },
+];
+
+pub fn preset(name: &str) -> anyhow::Result<Preset> {
+    let n = if name == "full" { "tutorial" } else { name };
+    PRESETS
+        .iter()
+        .find(|p| p.name == n)
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("unknown size `{name}`: expected tiny, small or tutorial"))
+}
+
+/// The reference's synthetic batch: random tokens laid out like the tutorial's dataset, non-pad
+/// lengths uniform in [seq/4, seq], padded to seq_len. Returns the batch and its non-pad labels.
+pub fn synthetic_batch(
+    p: &Preset,
+    rng: &mut rand::rngs::StdRng,
+    dev: &candle_core::Device,
+) -> candle_core::Result<(DeviceBatch, usize)> {
+    let (b, s) = (p.batch, p.seq_len);
+    let lo = (s / 4).max(3);
+    let pad = data::PAD_ID;
+    let (mut enc, mut dec, mut lab) = (vec![pad; b * s], vec![pad; b * s], vec![pad; b * s]);
+    let mut toks = 0;
+    for i in 0..b {
+        let ns = rng.gen_range(lo..=s);
+        let nt = rng.gen_range(lo..=s);
+        let row = i * s;
+        enc[row] = data::SOS_ID;
+        for j in 1..ns - 1 {
+            enc[row + j] = rng.gen_range(4..p.vocab as u32);
+        }
+        enc[row + ns - 1] = data::EOS_ID;
+        dec[row] = data::SOS_ID;
+        for j in 1..nt {
+            let t = rng.gen_range(4..p.vocab as u32);
+            dec[row + j] = t;
+            lab[row + j - 1] = t;
+        }
+        lab[row + nt - 1] = data::EOS_ID;
+        toks += nt;
+    }
+    let t = |v: Vec<u32>| candle_core::Tensor::from_vec(v, (b, s), dev);
+    Ok((
+        DeviceBatch {
+            src: t(enc)?,
+            tgt_in: t(dec)?,
+            tgt_out: t(lab)?,
+        },
+        toks,
+    ))
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrainBenchRecord {
+    pub kind: &'static str,
+    pub size: String,
+    pub precision: String,
+    pub device: String,
+    pub steps: usize,
+    pub warmup: usize,
+    pub step_ms_median: f64,
+    pub step_ms_min: f64,
+    pub step_ms_max: f64,
+    pub it_per_s: f64,
+    pub tokens_per_s: f64,
+    pub padded_tokens_per_s: f64,
+    pub peak_rss_mb: f64,
+    pub speedup_vs_fp32: Option<f64>,
+    pub loss_first: f64,
+    pub loss_last: f64,
+    pub skipped_steps: u64,
+    pub synthetic: bool,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Time `steps` training steps (after `warmup`) at preset `p` in `precision` on synthetic
+/// batches (four, cycled, like the reference).
+pub fn bench_train(
+    p: &Preset,
+    precision: Precision,
+    warmup: usize,
+    steps: usize,
+    dev: &candle_core::Device,
+) -> anyhow::Result<TrainBenchRecord> {
+    let cfg = Config {
+        src_vocab: p.vocab,
+        tgt_vocab: p.vocab,
+        d_model: p.d_model,
+        layers: p.layers,
+        heads: p.heads,
+        d_ff: p.d_ff,
+        dropout: 0.1,
+        tutorial_layer_norm: true,
+        norm_eps: 1e-6,
+        max_positions: p.seq_len + 8,
+    };
+    let model = Transformer::new(&cfg, 0, dev)?;
+    let mut spec = TrainSpec::default();
+    spec.train.precision = precision;
+    spec.train.lr = 1e-4;
+    let mut stepper = Stepper::new(&spec, &model)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let pool: Vec<(DeviceBatch, usize)> = (0..4)
+        .map(|_| synthetic_batch(p, &mut rng, dev))
+        .collect::<candle_core::Result<_>>()?;
+    let (mut times, mut tps) = (Vec::new(), Vec::new());
+    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    for i in 0..warmup + steps {
+        let (b, toks) = &pool[i % pool.len()];
+        let t0 = Instant::now();
+        let o = stepper.step(&model, b, i as u64 + 1)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if i == 0 {
+            first = o.loss;
+        }
+        last = o.loss;
+        if i >= warmup {
+            times.push(dt * 1e3);
+            tps.push(*toks as f64 / dt);
+        }
+    }
+    let med = median(&mut times.clone());
+    Ok(TrainBenchRecord {
+        kind: "train",
+        size: p.name.into(),
+        precision: precision.as_str().into(),
+        device: format!("{dev:?}"),
+        steps,
+        warmup,
+        step_ms_median: med,
+        step_ms_min: times.iter().cloned().fold(f64::INFINITY, f64::min),
+        step_ms_max: times.iter().cloned().fold(0.0, f64::max),
+        it_per_s: 1e3 / med,
+        tokens_per_s: median(&mut tps),
+        padded_tokens_per_s: (p.batch * p.seq_len) as f64 * 1e3 / med,
+        peak_rss_mb: peak_rss_mb(),
+        speedup_vs_fp32: None,
+        loss_first: first,
+        loss_last: last,
+        skipped_steps: stepper.scaler.skipped_total(),
+        synthetic: true,
+    })
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchTrainArgs {
+    /// tiny | small | tutorial (the reference's presets)
+    #[arg(long, default_value = "tiny")]
+    pub size: String,
+    /// Comma-separated precisions
+    #[arg(long, default_value = "fp32,bf16,f16")]
+    pub precision: String,
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Synthetic batches mirroring the reference (the default and, for now, the only mode)
+    #[arg(long, default_value_t = true)]
+    pub synthetic: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run_train_bench(a: &BenchTrainArgs) -> anyhow::Result<()> {
+    let p = preset(&a.size)?;
+    let dev = crate::cli::parse_device(&a.device)?;
+    let mut fp32_tps = None;
+    for name in a
+        .precision
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let prec: Precision = name.parse()?;
+        let mut rec = bench_train(&p, prec, a.warmup, a.steps, &dev)?;
+        if prec == Precision::Fp32 {
+            fp32_tps = Some(rec.tokens_per_s);
+        }
+        rec.speedup_vs_fp32 = fp32_tps.map(|f| rec.tokens_per_s / f);
+        println!("{}", serde_json::to_string(&rec)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Command-line front ends for the library: `ampserve train` with a tqdm-style progress bar.
+
+use crate::config::{Precision, TrainSpec};
+use crate::train::{self, RunOptions, TrainEvent};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Training spec (TOML), e.g. configs/tiny.toml
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override train.precision: fp32 | f16 | bf16
+    #[arg(long)]
+    pub precision: Option<Precision>,
+    /// Resume the run in DIR from its latest valid checkpoint (uses DIR/spec.json unless --config is given)
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Run directory (default runs/<name>-<time>)
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Override train.epochs
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Override train.max_steps
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Device: cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print one JSON event per line instead of the progress bar
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cpu` or `cuda:N` (a clear error when the build has no CUDA or no GPU is found).
+pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
+    if s == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let Some(n) = s
+        .strip_prefix("cuda:")
+        .or(if s == "cuda" { Some("0") } else { None })
+    else {
+        anyhow::bail!("unknown device `{s}`: expected cpu or cuda:N");
+    };
+    let n: usize = n
+        .parse()
+        .map_err(|_| anyhow::anyhow!("unknown device `{s}`: expected cpu or cuda:N"))?;
+    if !candle_core::utils::cuda_is_available() {
+        anyhow::bail!(
+            "device `{s}` requested but this binary was built without the `cuda` feature \
+             (rebuild with `--features cuda`, see scripts/build-cuda.sh)"
+        );
+    }
+    candle_core::Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot open {s}: {e}"))
+}
+
+fn fmt_hms(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+    } else {
+        format!("{:02}:{:02}", s / 60, s % 60)
+    }
+}
+
+/// The write-up's tqdm line: `epoch 00: 37%|███   | 512/1380 [01:02<01:45, 8.2it/s, loss=4.37, scale=65536]`
+pub fn progress_line(
+    epoch: u64,
+    done: u64,
+    total: u64,
+    elapsed: f64,
+    it_s: f64,
+    loss: f64,
+    scale: f64,
+) -> String {
+    let frac = if total > 0 {
+        done as f64 / total as f64
+    } else {
+        0.0
+    };
+    let width = 20usize;
+    let filled = ((frac * width as f64).round() as usize).min(width);
+    let bar: String = "█".repeat(filled) + &" ".repeat(width - filled);
+    let eta = if it_s > 0.0 {
+        (total.saturating_sub(done)) as f64 / it_s
+    } else {
+        0.0
+    };
+    format!(
+        "epoch {epoch:02}: {:3.0}%|{bar}| {done}/{total} [{}<{}, {it_s:.2}it/s, loss={loss:.3}, scale={scale}]",
+        frac * 100.0,
+        fmt_hms(elapsed),
+        fmt_hms(eta),
+    )
+}
+
+pub fn train(args: TrainArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let mut spec = match (&args.config, &args.resume) {
+        (Some(c), _) => TrainSpec::from_toml_file(c)?,
+        (None, Some(dir)) => {
+            let text = std::fs::read_to_string(dir.join("spec.json"))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("spec.json").display()))?;
+            serde_json::from_str(&text)?
+        }
+        (None, None) => {
+            anyhow::bail!("give --config FILE (e.g. configs/tiny.toml) or --resume DIR")
+        }
+    };
+    if let Some(p) = args.precision {
+        spec.train.precision = p;
+    }
+    if let Some(e) = args.epochs {
+        spec.train.epochs = e;
+    }
+    if let Some(m) = args.max_steps {
+        spec.train.max_steps = m;
+    }
+    spec.validate()?;
+    let out = match (&args.resume, &args.out) {
+        (Some(d), _) => d.clone(),
+        (None, Some(o)) => o.clone(),
+        (None, None) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            PathBuf::from("runs").join(format!("{}-{}-{t}", spec.name, spec.train.precision))
+        }
+    };
+    let opts = RunOptions {
+        out_dir: out,
+        device: parse_device(&args.device)?,
+        resume: args.resume.is_some(),
+    };
+    let json = args.json;
+    let mut total = 0u64;
+    let mut first_step = 0u64;
+    let start = Instant::now();
+    let mut last_print = Instant::now() - std::time::Duration::from_secs(1);
+    let mut sink = |ev: TrainEvent| {
+        if json {
+            println!("{}", serde_json::to_string(&ev).unwrap_or_default());
+            return;
+        }
+        let mut err = std::io::stderr();
+        match &ev {
+            TrainEvent::Started(s) => {
+                total = s.total_steps;
+                first_step = s.resumed_from_step;
+                let _ = writeln!(
+                    err,
+                    "run {} | {} | {} params | vocab {}/{} | {} train pairs ({} dropped as too long, {} malformed lines) | {} valid{}",
+                    s.run_dir.display(),
+                    s.device,
+                    s.parameters,
+                    s.src_vocab,
+                    s.tgt_vocab,
+                    s.train_pairs,
+                    s.dropped_long,
+                    s.malformed_lines,
+                    s.valid_pairs,
+                    if s.resumed_from_step > 0 { format!(" | resumed at step {}", s.resumed_from_step) } else { String::new() }
+                );
+            }
+            TrainEvent::Step(r) => {
+                if last_print.elapsed().as_millis() >= 200 || r.step == total {
+                    last_print = Instant::now();
+                    let el = start.elapsed().as_secs_f64();
+                    let it_s = (r.step - first_step) as f64 / el.max(1e-9);
+                    let _ = write!(
+                        err,
+                        "\r{}",
+                        progress_line(r.epoch, r.step, total, el, it_s, r.loss, r.loss_scale)
+                    );
+                }
+            }
+            TrainEvent::Validation(v) => {
+                let _ = writeln!(
+                    err,
+                    "\nvalid @ step {}: loss {:.3} | BLEU {:.2} | chrF {:.2} | CER {:.3} | WER {:.3} ({} sentences)",
+                    v.step, v.val_loss, v.bleu, v.chrf, v.cer, v.wer, v.sentences
+                );
+                for s in &v.samples {
+                    let _ = writeln!(
+                        err,
+                        "  src: {}\n  ref: {}\n  hyp: {}",
+                        s.source, s.reference, s.hypothesis
+                    );
+                }
+            }
+            TrainEvent::Checkpoint(c) => {
+                let _ = writeln!(
+                    err,
+                    "\ncheckpoint {} ({:.1} MB){}",
+                    c.path.display(),
+                    c.size_bytes as f64 / 1e6,
+                    if c.is_best { " [best]" } else { "" }
+                );
+            }
+            TrainEvent::Finished(_) => {}
+        }
+    };
+    let s = train::run(&spec, &opts, &mut sink, &cancel)?;
+    if !json {
+        eprintln!(
+            "\n{} after {} steps ({} epochs) in {}: final loss {:.4}, loss scale {}, {} skipped steps, {:.0} tok/s, best BLEU {}",
+            if s.cancelled { "cancelled" } else { "done" },
+            s.steps,
+            s.epochs_completed,
+            fmt_hms(s.wall_s),
+            s.final_loss,
+            s.final_loss_scale,
+            s.skipped_steps,
+            s.tokens_per_s,
+            s.best_bleu.map_or("-".into(), |b| format!("{b:.2}")),
+        );
+        if let Some(b) = &s.best_checkpoint {
+            eprintln!("best checkpoint: {}", b.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,668 @@
+//! The training loop proper.
+
+use super::checkpoint::{self, CheckpointMeta};
+use super::events::*;
+use super::metrics;
+use super::{RunOptions, TrainError};
+use crate::amp::{Autocast, GradScaler, ScalerConfig};
+use crate::config::TrainSpec;
+use crate::data::{self, Example, Pair, WordTokenizer};
+use crate::model::{self, Ctx, Transformer};
+use crate::ops;
+use crate::optim::{self, Adam, AdamConfig, LrSchedule};
+use candle_core::{Device, Tensor};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+fn data_err(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Data(e.to_string())
+}
+
+/// Everything a run needs from its corpus.
+pub struct Prepared {
+    pub src_tok: WordTokenizer,
+    pub tgt_tok: WordTokenizer,
+    pub train: Vec<Example>,
+    /// Validation pairs that survived encoding, with their raw text for BLEU.
+    pub valid: Vec<(Example, Pair)>,
+    pub stats: data::EncodeStats,
+    pub malformed: usize,
+    pub train_pairs: usize,
+}
+
+pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError> {
+    let d = &spec.data;
+    let corpus = match &d.train_tgt {
+        Some(t) => data::read_parallel(&d.train, t),
+        None => data::read_tsv(&d.train),
+    }
+    .map_err(data_err)?;
+    let mut malformed = corpus.malformed.len();
+    let mut pairs = corpus.pairs;
+    if d.max_train_pairs > 0 {
+        pairs.truncate(d.max_train_pairs);
+    }
+    let (train_pairs, valid_pairs) = match &d.valid {
+        Some(v) => {
+            let vc = data::read_tsv(v).map_err(data_err)?;
+            malformed += vc.malformed.len();
+            (pairs, vc.pairs)
+        }
+        None => data::split_seeded(pairs, d.valid_fraction, spec.train.seed),
+    };
+    if train_pairs.is_empty() {
+        return Err(TrainError::Data(format!(
+            "{}: no training pairs",
+            d.train.display()
+        )));
+    }
+    // Tokenizers are trained on the training split only; the cache key covers the corpus
+    // content and every choice that changes the split, plus the language.
+    let key = {
+        let mut h = Sha256::new();
+        h.update(corpus.content_hash.as_bytes());
+        h.update(format!(
+            "|max={}|valid={:?}|frac={}|seed={}",
+            d.max_train_pairs,
+            d.valid.is_some(),
+            d.valid_fraction,
+            if d.valid.is_some() {
+                0
+            } else {
+                spec.train.seed
+            }
+        ));
+        hex::encode(h.finalize())
+    };
+    let tok_dir = out_dir.join("tokenizers");
+    let (src_tok, _) = data::load_or_train_tokenizer(
+        &tok_dir,
+        &d.src_lang,
+        &key,
+        d.min_frequency,
+        train_pairs.iter().map(|p| p.src.as_str()),
+    )
+    .map_err(data_err)?;
+    let (tgt_tok, _) = data::load_or_train_tokenizer(
+        &tok_dir,
+        &d.tgt_lang,
+        &key,
+        d.min_frequency,
+        train_pairs.iter().map(|p| p.tgt.as_str()),
+    )
+    .map_err(data_err)?;
+    let (train, stats) = data::encode_pairs(&train_pairs, &src_tok, &tgt_tok, d.max_len, d.on_long);
+    if train.is_empty() {
+        return Err(TrainError::Data(format!(
+            "no training pair fits data.max_len = {} ({} dropped as too long)",
+            d.max_len, stats.dropped_long
+        )));
+    }
+    let mut valid = Vec::with_capacity(valid_pairs.len());
+    for p in valid_pairs {
+        let (mut ex, _) = data::encode_pairs(
+            std::slice::from_ref(&p),
+            &src_tok,
+            &tgt_tok,
+            d.max_len,
+            d.on_long,
+        );
+        if let Some(e) = ex.pop() {
+            valid.push((e, p));
+        }
+    }
+    Ok(Prepared {
+        src_tok,
+        tgt_tok,
+        train_pairs: train.len(),
+        train,
+        valid,
+        stats,
+        malformed,
+    })
+}
+
+/// Result of evaluating a model on a validation set.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub val_loss: f64,
+    pub bleu: f64,
+    pub chrf: f64,
+    pub cer: f64,
+    pub wer: f64,
+    pub sentences: usize,
+    pub hypotheses: Vec<String>,
+}
+
+/// Validation loss (token-weighted, no dropout) and greedy-decoded BLEU / chrF / CER / WER on
+/// up to `max_sentences` validation pairs (0 = all).
+pub fn evaluate(
+    model: &Transformer,
+    ac: &Autocast,
+    valid: &[(Example, Pair)],
+    tgt_tok: &WordTokenizer,
+    max_sentences: usize,
+    label_smoothing: f64,
+) -> Result<Evaluation, TrainError> {
+    let n = if max_sentences == 0 {
+        valid.len()
+    } else {
+        valid.len().min(max_sentences)
+    };
+    let set = &valid[..n];
+    let dev = model.device().clone();
+    // batches of similar length
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| set[i].0.src.len());
+    let exs: Vec<Example> = set.iter().map(|(e, _)| e.clone()).collect();
+    let (mut loss_sum, mut tok_sum) = (0.0f64, 0usize);
+    let mut hyps = vec![String::new(); n];
+    for chunk in order.chunks(64) {
+        let b = data::make_batch(&exs, chunk);
+        let db = b.to_device(&dev)?;
+        ac.new_step();
+        let ctx = Ctx::eval(ac);
+        let l = model
+            .loss(&ctx, &db.src, &db.tgt_in, &db.tgt_out, label_smoothing)?
+            .to_scalar::<f32>()? as f64;
+        loss_sum += l * b.n_tgt_tokens as f64;
+        tok_sum += b.n_tgt_tokens;
+        let max_len: Vec<usize> = chunk
+            .iter()
+            .map(|&i| {
+                ((exs[i].src.len() as f64 * 1.5) as usize + 10).min(model.cfg.max_positions - 1)
+            })
+            .collect();
+        let out = model::greedy_decode(model, ac, &db.src, &max_len, data::SOS_ID, data::EOS_ID)?;
+        for (k, &i) in chunk.iter().enumerate() {
+            hyps[i] = tgt_tok.decode(&out[k]);
+        }
+    }
+    let refs: Vec<String> = set.iter().map(|(_, p)| p.tgt.clone()).collect();
+    Ok(Evaluation {
+        val_loss: if tok_sum > 0 {
+            loss_sum / tok_sum as f64
+        } else {
+            0.0
+        },
+        bleu: metrics::corpus_bleu(&hyps, &refs).score,
+        chrf: metrics::corpus_chrf(&hyps, &refs),
+        cer: metrics::cer(&hyps, &refs),
+        wer: metrics::wer(&hyps, &refs),
+        sentences: n,
+        hypotheses: hyps,
+    })
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Keep only the JSONL lines whose `step` is <= `max_step` (a resumed run replaces, not
+/// duplicates, what came after its checkpoint).
+fn truncate_jsonl(path: &Path, max_step: u64) -> std::io::Result<()> {
+    let Ok(f) = fs::File::open(path) else {
+        return Ok(());
+    };
+    let mut kept = Vec::new();
+    for line in BufReader::new(f).lines() {
+        let line = line?;
+        let step = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+        if matches!(step, Some(s) if s <= max_step) {
+            kept.extend_from_slice(line.as_bytes());
+            kept.push(b'\n');
+        }
+    }
+    checkpoint::write_atomic(path, &kept)
+}
+
+struct Jsonl(fs::File);
+
+impl Jsonl {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        Ok(Self(
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        ))
+    }
+    fn write<T: serde::Serialize>(&mut self, v: &T) {
+        if let Ok(mut s) = serde_json::to_vec(v) {
+            s.push(b'\n');
+            let _ = self.0.write_all(&s);
+        }
+    }
+}
+
+struct RunState {
+    step: u64,
+    epoch: u64,
+    batch_pos: u64,
+    best_bleu: Option<f64>,
+    last_bleu: Option<(u64, f64)>,
+    last_ckpt_step: Option<u64>,
+    wall_prev: f64,
+    tokens_total: f64,
+    step_time_total: f64,
+    last_loss: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint(
+    spec: &TrainSpec,
+    dir: &Path,
+    model: &Transformer,
+    opt: &Adam,
+    scaler: &GradScaler,
+    st: &mut RunState,
+    t0: Instant,
+    sink: &mut dyn FnMut(TrainEvent),
+) -> Result<(), TrainError> {
+    let val_bleu = st.last_bleu.filter(|(s, _)| *s == st.step).map(|(_, b)| b);
+    let mut meta = CheckpointMeta {
+        step: st.step,
+        epoch: st.epoch,
+        batch_pos: st.batch_pos,
+        adam_t: opt.t,
+        scaler: scaler.state(),
+        seed: spec.train.seed,
+        spec: spec.clone(),
+        model: model.cfg.clone(),
+        sha256: String::new(),
+        size_bytes: 0,
+        val_bleu,
+        created_unix: now_unix(),
+        best_bleu: st.best_bleu,
+        wall_s: st.wall_prev + t0.elapsed().as_secs_f64(),
+        tokens_total: st.tokens_total,
+        step_time_total_s: st.step_time_total,
+    };
+    let mut tensors: Vec<(String, Tensor)> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (format!("param.{n}"), t))
+        .collect();
+    tensors.extend(opt.state_tensors());
+    let path = checkpoint::write(dir, &mut meta, tensors).map_err(TrainError::Checkpoint)?;
+    let removed = checkpoint::retain(dir, spec.checkpoint.keep_last);
+    let is_best = checkpoint::best(dir).is_some_and(|(m, _)| m.step == st.step);
+    st.last_ckpt_step = Some(st.step);
+    sink(TrainEvent::Checkpoint(CheckpointRecord {
+        step: st.step,
+        epoch: st.epoch,
+        path,
+        size_bytes: meta.size_bytes,
+        sha256: meta.sha256,
+        val_bleu,
+        is_best,
+        removed,
+    }));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_validation(
+    spec: &TrainSpec,
+    model: &Transformer,
+    ac: &Autocast,
+    prep: &Prepared,
+    st: &mut RunState,
+    log: &mut Jsonl,
+    sink: &mut dyn FnMut(TrainEvent),
+) -> Result<(), TrainError> {
+    if prep.valid.is_empty() {
+        return Ok(());
+    }
+    let ev = evaluate(
+        model,
+        ac,
+        &prep.valid,
+        &prep.tgt_tok,
+        spec.train.valid_max_sentences,
+        spec.train.label_smoothing,
+    )?;
+    let samples = (0..spec.train.valid_samples.min(ev.sentences))
+        .map(|i| Sample {
+            source: prep.valid[i].1.src.clone(),
+            reference: prep.valid[i].1.tgt.clone(),
+            hypothesis: ev.hypotheses[i].clone(),
+        })
+        .collect();
+    let rec = ValidationRecord {
+        step: st.step,
+        epoch: st.epoch,
+        val_loss: ev.val_loss,
+        bleu: ev.bleu,
+        chrf: ev.chrf,
+        cer: ev.cer,
+        wer: ev.wer,
+        sentences: ev.sentences as u64,
+        samples,
+    };
+    st.last_bleu = Some((st.step, ev.bleu));
+    st.best_bleu = Some(st.best_bleu.map_or(ev.bleu, |b| b.max(ev.bleu)));
+    log.write(&rec);
+    sink(TrainEvent::Validation(rec));
+    Ok(())
+}
+
+/// Run (or resume) a training job. `sink` receives every event in order; `cancel` is checked
+/// before each step: when set, the run writes a checkpoint and returns a summary with
+/// `cancelled = true`.
+pub fn run(
+    spec: &TrainSpec,
+    opts: &RunOptions,
+    sink: &mut dyn FnMut(TrainEvent),
+    cancel: &AtomicBool,
+) -> Result<super::Summary, TrainError> {
+    spec.validate()?;
+    let t0 = Instant::now();
+    let out = &opts.out_dir;
+    let ckpt_dir = out.join("checkpoints");
+    fs::create_dir_all(&ckpt_dir)?;
+    checkpoint::write_atomic(
+        &out.join("spec.json"),
+        &serde_json::to_vec_pretty(spec).unwrap_or_default(),
+    )?;
+
+    let prep = prepare(spec, out)?;
+    let mcfg = model::Config::from_spec(
+        &spec.model,
+        prep.src_tok.vocab_size(),
+        prep.tgt_tok.vocab_size(),
+        spec.data.max_len,
+    );
+    let dev: Device = opts.device.clone();
+    let model = Transformer::new(&mcfg, spec.train.seed, &dev)?;
+    let Stepper {
+        mut opt,
+        mut scaler,
+        sched,
+        ac,
+        ..
+    } = Stepper::new(spec, &model)?;
+
+    let mut st = RunState {
+        step: 0,
+        epoch: 0,
+        batch_pos: 0,
+        best_bleu: None,
+        last_bleu: None,
+        last_ckpt_step: None,
+        wall_prev: 0.0,
+        tokens_total: 0.0,
+        step_time_total: 0.0,
+        last_loss: f64::NAN,
+    };
+    if opts.resume {
+        if let Some((meta, path)) = checkpoint::latest_valid(&ckpt_dir) {
+            if meta.model != mcfg {
+                return Err(TrainError::Checkpoint(format!(
+                    "{} was written for a different model ({:?}); the spec changed the model or data",
+                    path.display(),
+                    meta.model
+                )));
+            }
+            let tensors = checkpoint::load_tensors(&path, &dev).map_err(TrainError::Checkpoint)?;
+            model.load_named(&|n| tensors.get(&format!("param.{n}")).cloned())?;
+            opt.load_state(meta.adam_t, &tensors)?;
+            scaler.load_state(meta.scaler.clone());
+            st.step = meta.step;
+            st.epoch = meta.epoch;
+            st.batch_pos = meta.batch_pos;
+            st.best_bleu = meta.best_bleu;
+            st.last_ckpt_step = Some(meta.step);
+            st.wall_prev = meta.wall_s;
+            st.tokens_total = meta.tokens_total;
+            st.step_time_total = meta.step_time_total_s;
+        }
+    }
+    let resumed_from = st.step;
+    for f in ["metrics.jsonl", "validations.jsonl"] {
+        truncate_jsonl(&out.join(f), resumed_from)?;
+    }
+    let mut mlog = Jsonl::open(&out.join("metrics.jsonl"))?;
+    let mut vlog = Jsonl::open(&out.join("validations.jsonl"))?;
+
+    let tr = &spec.train;
+    let steps_per_epoch =
+        data::plan_epoch(&prep.train, tr.batch_size, tr.max_tokens, tr.seed, 0).len() as u64;
+    let mut total_steps = steps_per_epoch * tr.epochs as u64;
+    if tr.max_steps > 0 {
+        total_steps = total_steps.min(tr.max_steps as u64);
+    }
+    sink(TrainEvent::Started(StartInfo {
+        run_dir: out.clone(),
+        steps_per_epoch,
+        total_steps,
+        resumed_from_step: resumed_from,
+        src_vocab: mcfg.src_vocab,
+        tgt_vocab: mcfg.tgt_vocab,
+        train_pairs: prep.train_pairs,
+        valid_pairs: prep.valid.len(),
+        dropped_long: prep.stats.dropped_long,
+        truncated_long: prep.stats.truncated,
+        malformed_lines: prep.malformed,
+        parameters: model.num_parameters(),
+        device: format!("{dev:?}"),
+    }));
+
+    let mut stepper = Stepper {
+        opt,
+        scaler,
+        sched,
+        ac,
+        seed: tr.seed,
+        dropout: spec.model.dropout,
+        label_smoothing: tr.label_smoothing,
+        clip: tr.clip_grad_norm,
+    };
+    let mut cancelled = false;
+    let max_steps = if tr.max_steps > 0 {
+        tr.max_steps as u64
+    } else {
+        u64::MAX
+    };
+    'epochs: while (st.epoch as usize) < tr.epochs {
+        let plan = data::plan_epoch(&prep.train, tr.batch_size, tr.max_tokens, tr.seed, st.epoch);
+        while (st.batch_pos as usize) < plan.len() {
+            if st.step >= max_steps {
+                break 'epochs;
+            }
+            if cancel.load(Ordering::Relaxed) {
+                cancelled = true;
+                break 'epochs;
+            }
+            let ts = Instant::now();
+            let batch = data::make_batch(&prep.train, &plan[st.batch_pos as usize]);
+            let db = batch.to_device(&dev)?;
+            st.step += 1;
+            let out = stepper.step(&model, &db, st.step)?;
+            st.batch_pos += 1;
+            let secs = ts.elapsed().as_secs_f64();
+            st.tokens_total += batch.n_tgt_tokens as f64;
+            st.step_time_total += secs;
+            st.last_loss = out.loss;
+            let rec = StepRecord {
+                step: st.step,
+                epoch: st.epoch,
+                loss: out.loss,
+                lr: out.lr,
+                loss_scale: out.scale_used,
+                found_inf: out.found_inf,
+                skipped: out.skipped,
+                grad_norm: out.grad_norm,
+                tokens_per_s: batch.n_tgt_tokens as f64 / secs.max(1e-9),
+                step_ms: secs * 1e3,
+            };
+            mlog.write(&rec);
+            sink(TrainEvent::Step(rec));
+            if tr.valid_every > 0 && st.step.is_multiple_of(tr.valid_every as u64) {
+                run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?;
+            }
+            if (st.batch_pos as usize) >= plan.len() {
+                st.epoch += 1;
+                st.batch_pos = 0;
+                if st.last_bleu.map(|(s, _)| s) != Some(st.step) {
+                    run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?;
+                }
+                save_checkpoint(
+                    spec,
+                    &ckpt_dir,
+                    &model,
+                    &stepper.opt,
+                    &stepper.scaler,
+                    &mut st,
+                    t0,
+                    sink,
+                )?;
+                continue 'epochs;
+            }
+            let every = spec.checkpoint.every_steps as u64;
+            if every > 0 && st.step.is_multiple_of(every) {
+                save_checkpoint(
+                    spec,
+                    &ckpt_dir,
+                    &model,
+                    &stepper.opt,
+                    &stepper.scaler,
+                    &mut st,
+                    t0,
+                    sink,
+                )?;
+            }
+        }
+        // an empty plan (or a resume exactly at an epoch boundary): next epoch
+        st.epoch += 1;
+        st.batch_pos = 0;
+    }
+    if st.step > resumed_from && !cancelled && st.last_bleu.map(|(s, _)| s) != Some(st.step) {
+        run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?;
+    }
+    if st.last_ckpt_step != Some(st.step) || st.step == 0 {
+        save_checkpoint(
+            spec,
+            &ckpt_dir,
+            &model,
+            &stepper.opt,
+            &stepper.scaler,
+            &mut st,
+            t0,
+            sink,
+        )?;
+    }
+    let best = checkpoint::best(&ckpt_dir);
+    let summary = Summary {
+        run_dir: out.clone(),
+        steps: st.step,
+        epochs_completed: st.epoch,
+        skipped_steps: stepper.scaler.skipped_total(),
+        final_loss: st.last_loss,
+        final_loss_scale: stepper.scaler.scale(),
+        best_bleu: st.best_bleu,
+        best_checkpoint: best.map(|(_, p)| p),
+        latest_checkpoint: checkpoint::list(&ckpt_dir).pop().map(|(_, p)| p),
+        wall_s: st.wall_prev + t0.elapsed().as_secs_f64(),
+        tokens_per_s: if st.step_time_total > 0.0 {
+            st.tokens_total / st.step_time_total
+        } else {
+            0.0
+        },
+        cancelled,
+    };
+    sink(TrainEvent::Finished(summary.clone()));
+    Ok(summary)
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOut {
+    pub loss: f64,
+    pub lr: f64,
+    pub scale_used: f64,
+    pub found_inf: bool,
+    pub skipped: bool,
+    pub grad_norm: f64,
+}
+
+/// One mixed-precision training step, shared by the trainer and the benchmark: forward under
+/// autocast, loss in f32, scaled backward, one global-norm/overflow reduction, unscale + clip
+/// fused into the Adam update (or skip), scaler update.
+pub struct Stepper {
+    pub opt: Adam,
+    pub scaler: GradScaler,
+    pub sched: LrSchedule,
+    pub ac: Autocast,
+    pub seed: u64,
+    pub dropout: f64,
+    pub label_smoothing: f64,
+    pub clip: f64,
+}
+
+impl Stepper {
+    pub fn new(spec: &TrainSpec, model: &Transformer) -> Result<Self, TrainError> {
+        Ok(Self {
+            opt: Adam::new(model.params.clone(), AdamConfig::from_spec(&spec.train))?,
+            scaler: GradScaler::new(ScalerConfig::from_spec(&spec.amp, spec.scaler_enabled())),
+            sched: LrSchedule::from_spec(&spec.train),
+            ac: Autocast::new(spec.train.precision),
+            seed: spec.train.seed,
+            dropout: spec.model.dropout,
+            label_smoothing: spec.train.label_smoothing,
+            clip: spec.train.clip_grad_norm,
+        })
+    }
+
+    /// `step` is the 1-based step number (it seeds dropout and sets the learning rate).
+    pub fn step(
+        &mut self,
+        model: &Transformer,
+        db: &data::DeviceBatch,
+        step: u64,
+    ) -> Result<StepOut, TrainError> {
+        self.ac.new_step();
+        let ctx = Ctx::new(&self.ac, true, self.dropout, ops::step_rng(self.seed, step));
+        let loss = model.loss(&ctx, &db.src, &db.tgt_in, &db.tgt_out, self.label_smoothing)?;
+        let grads = self.scaler.scale_loss(&loss)?.backward()?;
+        let loss_v = loss.to_scalar::<f32>()? as f64;
+        let glist: Vec<Tensor> = model
+            .params
+            .iter()
+            .map(|(_, v)| match grads.get(v) {
+                Some(g) => Ok(g.clone()),
+                None => v.zeros_like(),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        drop(grads);
+        let ss = optim::sum_squares(&glist)?;
+        let found_inf = GradScaler::found_inf(ss) || !loss_v.is_finite();
+        let grad_norm = ss.sqrt() * self.scaler.inv_scale();
+        let lr = self.sched.lr(step);
+        if !found_inf {
+            let coef = optim::clip_coef(grad_norm, self.clip);
+            self.opt.step(&glist, lr, self.scaler.inv_scale() * coef)?;
+        }
+        let o = self
+            .scaler
+            .update(found_inf)
+            .map_err(|e| TrainError::Scaler(e.0))?;
+        Ok(StepOut {
+            loss: loss_v,
+            lr,
+            scale_used: o.scale_used,
+            found_inf,
+            skipped: o.skipped,
+            grad_norm,
+        })
+    }
+}
