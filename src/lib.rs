@@ -4,5 +4,9 @@
 //! Library modules `config`, `amp`, `model`, `optim`, `data`, `train`, `infer` never import
 //! tokio, sqlx or axum; the server (`store`, `worker`, `http`) is built on top of them.
 
+pub mod app;
 pub mod config;
+pub mod http;
+pub mod store;
 pub mod train;
+pub mod worker;
