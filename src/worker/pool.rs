@@ -594,8 +594,9 @@ impl Worker {
                 self.pool.publish(id, JobEventKind::Checkpoint(c));
             }
             TrainEvent::Finished(s) => {
+                // Skipped steps are counted from the stored rows (the summary may only cover
+                // this attempt).
                 progress.loss_scale = Some(s.final_loss_scale);
-                progress.skipped_steps = s.skipped_steps as i64;
                 store.set_job_progress(id, progress).await?;
                 self.pool.publish(id, JobEventKind::Finished(s));
             }
