@@ -362,3 +362,125 @@ impl Store {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("t.db")).await.unwrap();
+        (dir, s)
+    }
+
+    async fn add(s: &Store, name: &str, priority: i64) -> i64 {
+        s.insert_job(&NewJob {
+            name: name.into(),
+            priority,
+            spec_json: "{}".into(),
+        })
+        .await
+        .unwrap()
+        .id
+    }
+
+    #[tokio::test]
+    async fn claims_follow_priority_then_age() {
+        let (_d, s) = store().await;
+        let a = add(&s, "a", 0).await;
+        let b = add(&s, "b", 5).await;
+        let c = add(&s, "c", 0).await;
+        let d = add(&s, "d", 5).await;
+        let e = add(&s, "e", -3).await;
+        let mut order = Vec::new();
+        while let Some(j) = s.claim_next_job("w", "cpu").await.unwrap() {
+            assert_eq!(j.status(), JobStatus::Running);
+            assert_eq!(j.attempts, 1);
+            assert!(j.started_at.is_some());
+            order.push(j.id);
+        }
+        assert_eq!(order, [b, d, a, c, e]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_claims_never_share_a_job() {
+        let (_d, s) = store().await;
+        let mut ids = HashSet::new();
+        for i in 0..3 {
+            ids.insert(add(&s, &format!("j{i}"), 0).await);
+        }
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(j) = s.claim_next_job(&format!("w{w}"), "cpu").await.unwrap() {
+                    got.push(j.id);
+                }
+                got
+            }));
+        }
+        let mut claimed = Vec::new();
+        for t in tasks {
+            claimed.extend(t.await.unwrap());
+        }
+        claimed.sort();
+        let mut expected: Vec<_> = ids.into_iter().collect();
+        expected.sort();
+        assert_eq!(claimed, expected, "each job claimed exactly once");
+        for id in claimed {
+            assert_eq!(s.get_job(id).await.unwrap().unwrap().attempts, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn transitions_are_guarded() {
+        let (_d, s) = store().await;
+        let q = add(&s, "q", 0).await;
+        // Not running yet: cannot be marked cancelling or finished, can be deleted.
+        assert!(!s.mark_job_cancelling(q).await.unwrap());
+        assert!(!s.finish_job(q, JobStatus::Succeeded, None).await.unwrap());
+        assert!(!s.requeue_job(q).await.unwrap());
+        let r = s.claim_next_job("w", "cpu").await.unwrap().unwrap();
+        assert_eq!(r.id, q);
+        assert!(!s.cancel_queued_job(q).await.unwrap());
+        assert!(
+            s.delete_job(q).await.unwrap().is_none(),
+            "running jobs are not deleted"
+        );
+        assert!(s.mark_job_cancelling(q).await.unwrap());
+        assert!(!s.mark_job_cancelling(q).await.unwrap());
+        assert!(s.finish_job(q, JobStatus::Cancelled, None).await.unwrap());
+        assert!(!s
+            .finish_job(q, JobStatus::Failed, Some("late"))
+            .await
+            .unwrap());
+        let j = s.get_job(q).await.unwrap().unwrap();
+        assert_eq!(j.status(), JobStatus::Cancelled);
+        assert!(j.finished_at.is_some() && j.error.is_none());
+        assert!(s.requeue_job(q).await.unwrap());
+        assert_eq!(
+            s.get_job(q).await.unwrap().unwrap().status(),
+            JobStatus::Queued
+        );
+
+        // Recovery: running -> queued, cancelling -> cancelled.
+        let a = s.claim_next_job("w", "cpu").await.unwrap().unwrap().id;
+        let b = add(&s, "b", 0).await;
+        s.claim_next_job("w2", "cpu").await.unwrap().unwrap();
+        assert!(s.mark_job_cancelling(b).await.unwrap());
+        let (requeued, cancelled) = s.recover_jobs().await.unwrap();
+        assert_eq!((requeued, cancelled), (vec![a], vec![b]));
+        let counts: std::collections::HashMap<_, _> = s
+            .count_jobs_by_status()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(counts.get("queued"), Some(&1));
+        assert_eq!(counts.get("cancelled"), Some(&1));
+        assert!(s.delete_job(b).await.unwrap().is_some());
+        assert!(s.get_job(b).await.unwrap().is_none());
+    }
+}

@@ -97,3 +97,79 @@ impl Store {
         .await?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewJob;
+    use std::time::Instant;
+
+    fn row(step: i64, loss: f64) -> MetricRow {
+        MetricRow {
+            step,
+            epoch: 1,
+            loss: Some(loss),
+            lr: Some(1e-3),
+            loss_scale: Some(65536.0),
+            found_inf: step % 10 == 0,
+            skipped: step % 10 == 0,
+            grad_norm: if step % 10 == 0 {
+                Some(f64::NAN)
+            } else {
+                Some(0.5)
+            },
+            tokens_per_s: Some(1234.0),
+            step_ms: Some(12.0),
+        }
+    }
+
+    /// Also measures the batched insert cost that the worker pays per step.
+    #[tokio::test]
+    async fn batched_inserts_replace_and_cascade() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("m.db")).await.unwrap();
+        let job = s
+            .insert_job(&NewJob {
+                name: "m".into(),
+                priority: 0,
+                spec_json: "{}".into(),
+            })
+            .await
+            .unwrap()
+            .id;
+        let n = 20_000;
+        let rows: Vec<_> = (1..=n).map(|i| row(i, 1.0 / i as f64)).collect();
+        let t = Instant::now();
+        for chunk in rows.chunks(200) {
+            s.insert_metrics(job, chunk).await.unwrap();
+        }
+        let el = t.elapsed();
+        eprintln!(
+            "inserted {n} metric rows in batches of 200: {:.1} ms, {:.2} us/row",
+            el.as_secs_f64() * 1e3,
+            el.as_secs_f64() * 1e6 / n as f64
+        );
+        let back = s.list_metrics(job, 0, None).await.unwrap();
+        assert_eq!(back.len(), n as usize);
+        assert!(back.windows(2).all(|w| w[0].step + 1 == w[1].step));
+        assert_eq!(back[9].grad_norm, None, "NaN is stored as NULL");
+        assert_eq!(s.count_skipped_steps(job, 100).await.unwrap(), 10);
+
+        // A resumed run: drop rows after its checkpoint, then rewrite (or upsert) them.
+        assert_eq!(
+            s.delete_metrics_after(job, 100).await.unwrap(),
+            n as u64 - 100
+        );
+        s.insert_metrics(job, &[row(100, 9.0), row(101, 8.0)])
+            .await
+            .unwrap();
+        let back = s.list_metrics(job, 98, Some(10)).await.unwrap();
+        assert_eq!(
+            back.iter().map(|r| (r.step, r.loss)).collect::<Vec<_>>(),
+            [(99, Some(1.0 / 99.0)), (100, Some(9.0)), (101, Some(8.0))]
+        );
+        // Deleting the job removes its rows (foreign key cascade).
+        s.delete_job(job).await.unwrap().unwrap();
+        assert!(s.list_metrics(job, 0, None).await.unwrap().is_empty());
+    }
+}
