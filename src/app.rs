@@ -68,6 +68,9 @@ pub struct App {
     pub state: AppState,
     pub pool: PoolHandle,
     shutdown_tx: watch::Sender<bool>,
+    /// Exclusive lock on `<data-dir>/ampserve.lock` for the life of the app: two servers on one
+    /// data directory would re-queue each other's running jobs.
+    _lock: std::fs::File,
 }
 
 impl App {
@@ -106,6 +109,19 @@ pub async fn build_app_with(
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     let data_dir = std::fs::canonicalize(data_dir)?;
+    let lock_path = data_dir.join("ampserve.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    lock.try_lock().map_err(|e| {
+        anyhow::anyhow!(
+            "another ampserve is using the data directory {} ({e})",
+            data_dir.display()
+        )
+    })?;
     let corpora_dir = canonical_dir(&corpora_dir)?;
     let runs_dir = canonical_dir(&runs_dir)?;
     let mut roots = vec![corpora_dir.clone()];
@@ -151,6 +167,7 @@ pub async fn build_app_with(
         state,
         pool,
         shutdown_tx,
+        _lock: lock,
     })
 }
 

@@ -797,3 +797,25 @@ async fn graceful_shutdown_requeues_and_crash_recovery_resumes_without_duplicate
     assert_eq!(job["metrics"]["skipped_steps"], 3);
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(args_for(dir.path()), FakeTrainer::new()).await;
+    let err = ampserve::app::build_app(&args_for(dir.path()), FakeTrainer::new())
+        .await
+        .err()
+        .expect("second server must not start");
+    assert!(err.to_string().contains("another ampserve"), "{err:#}");
+    let mut bad = args_for(dir.path());
+    bad.devices = vec!["tpu:0".into()];
+    srv.stop().await;
+    let err = ampserve::app::build_app(&bad, FakeTrainer::new())
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("unknown device `tpu:0`"),
+        "{err:#}"
+    );
+}
