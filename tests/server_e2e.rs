@@ -107,6 +107,25 @@ async fn real_tiny_job_succeeds_with_metrics_sse_and_checkpoints() {
     let cks =
         assert_checkpoints_match_files(srv.get(&format!("/api/jobs/{id}/checkpoints")).await).await;
     assert_eq!(*cks.last().unwrap(), 40);
+    // Persistence overhead: time spent writing step rows vs time spent training. The writes run
+    // on tokio, not on the trainer thread, so this is CPU competition, not a stall.
+    let w = srv.app.pool.write_stats();
+    let train_s: f64 = m
+        .iter()
+        .map(|p| p["step_ms"].as_f64().unwrap())
+        .sum::<f64>()
+        / 1e3;
+    eprintln!(
+        "real run: {} steps, {:.1} ms/step; metric writes {} rows in {} flushes, {:.2} ms total \
+         ({:.1} us/row, {:.3}% of training time)",
+        m.len(),
+        train_s * 1e3 / m.len() as f64,
+        w.rows,
+        w.flushes,
+        w.seconds * 1e3,
+        w.seconds * 1e6 / w.rows as f64,
+        100.0 * w.seconds / train_s
+    );
     srv.stop().await;
 }
 
@@ -201,15 +220,16 @@ fn spawn_server(data_dir: &std::path::Path) -> Server {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    // Logs go to stderr.
+    let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     // Keep draining the log so the server never blocks on a full pipe.
     std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(i) = line.find("http://127.0.0.1:") {
                 let rest = &line[i + "http://127.0.0.1:".len()..];
                 let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
