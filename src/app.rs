@@ -217,3 +217,41 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("bye");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn serve_args_defaults_and_lists() {
+        let d = Cli::parse_from(["ampserve"]).serve;
+        assert_eq!(d.data_dir, PathBuf::from("./ampserve-data"));
+        assert_eq!(d.bind, "127.0.0.1:8080");
+        assert!(d.devices.is_empty() && d.data_roots.is_empty() && d.api_token.is_none());
+        assert!(!d.protect_reads);
+        let a = Cli::parse_from([
+            "ampserve",
+            "--devices",
+            "cpu,cpu",
+            "--data-root",
+            "/a",
+            "--data-root",
+            "/b",
+            "--api-token",
+            "t",
+            "--protect-reads",
+        ])
+        .serve;
+        assert_eq!(a.devices, ["cpu", "cpu"]);
+        assert_eq!(a.data_roots, [PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(a.api_token.as_deref(), Some("t"));
+        assert!(a.protect_reads);
+    }
+}

@@ -819,3 +819,25 @@ async fn a_second_server_on_the_same_data_dir_is_refused() {
         "{err:#}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn higher_priority_runs_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeTrainer::held_after(1);
+    let srv = TestServer::start(args_for(dir.path()), fake.clone()).await;
+    let a = srv.submit(&fake_job("first")).await;
+    srv.wait_status(a, "running").await;
+    let mut low = fake_job("low");
+    low["priority"] = json!(0);
+    let mut high = fake_job("high");
+    high["priority"] = json!(5);
+    let b = srv.submit(&low).await;
+    let c = srv.submit(&high).await;
+    assert_eq!(srv.job(c).await["priority"], 5);
+    fake.release();
+    srv.wait_status(b, "succeeded").await;
+    srv.wait_status(c, "succeeded").await;
+    let order: Vec<String> = fake.runs().into_iter().map(|r| r.0).collect();
+    assert_eq!(order, ["first", "high", "low"]);
+    srv.stop().await;
+}
