@@ -360,8 +360,12 @@ async fn two_workers_three_jobs_no_job_runs_twice() {
         srv.submit(&fake_job("two")).await,
         srv.submit(&fake_job("three")).await,
     ];
-    srv.wait_status(ids[0], "running").await;
-    srv.wait_status(ids[1], "running").await;
+    for id in &ids[..2] {
+        srv.wait_job(*id, "held at step 1", |j| {
+            j["status"] == "running" && j["progress"]["step"] == 1
+        })
+        .await;
+    }
     // Both workers are busy: the third waits, and keeps waiting while they are held.
     for _ in 0..5 {
         assert_eq!(srv.job(ids[2]).await["status"], "queued");
