@@ -376,15 +376,9 @@ impl TrainSpec {
                 "must be > 0 when data.valid is not given".into()
             })?;
         }
-        for (v, f) in [
-            (&d.src_lang, "data.src_lang"),
-            (&d.tgt_lang, "data.tgt_lang"),
-        ] {
+        for (v, f) in [(&d.src_lang, "data.src_lang"), (&d.tgt_lang, "data.tgt_lang")] {
             check(
-                !v.is_empty()
-                    && v.len() <= 16
-                    && v.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                !v.is_empty() && v.len() <= 16 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
                 f,
                 || "must be a short language code such as `en`".into(),
             )?;
@@ -415,11 +409,9 @@ impl TrainSpec {
                 format!("must be 0 or at least data.max_len ({})", d.max_len)
             })?;
         }
-        check(
-            t.lr.is_finite() && t.lr > 0.0 && t.lr <= 10.0,
-            "train.lr",
-            || format!("{} is out of range; allowed (0, 10]", t.lr),
-        )?;
+        check(t.lr.is_finite() && t.lr > 0.0 && t.lr <= 10.0, "train.lr", || {
+            format!("{} is out of range; allowed (0, 10]", t.lr)
+        })?;
         range_usize(t.warmup_steps, 0, 10_000_000, "train.warmup_steps")?;
         if t.schedule == Schedule::Noam {
             check(t.warmup_steps > 0, "train.warmup_steps", || {
@@ -428,21 +420,14 @@ impl TrainSpec {
         }
         range_f64(t.beta1, 0.0, 0.999999, "train.beta1")?;
         range_f64(t.beta2, 0.0, 0.99999999, "train.beta2")?;
-        check(
-            t.eps.is_finite() && t.eps > 0.0 && t.eps <= 1.0,
-            "train.eps",
-            || format!("{} is out of range; allowed (0, 1]", t.eps),
-        )?;
+        check(t.eps.is_finite() && t.eps > 0.0 && t.eps <= 1.0, "train.eps", || {
+            format!("{} is out of range; allowed (0, 1]", t.eps)
+        })?;
         range_f64(t.weight_decay, 0.0, 1.0, "train.weight_decay")?;
         range_f64(t.clip_grad_norm, 0.0, 1e6, "train.clip_grad_norm")?;
         range_f64(t.label_smoothing, 0.0, 0.99, "train.label_smoothing")?;
         range_usize(t.valid_every, 0, 100_000_000, "train.valid_every")?;
-        range_usize(
-            t.valid_max_sentences,
-            0,
-            1_000_000,
-            "train.valid_max_sentences",
-        )?;
+        range_usize(t.valid_max_sentences, 0, 1_000_000, "train.valid_max_sentences")?;
         range_usize(t.valid_samples, 0, 100, "train.valid_samples")?;
 
         let a = &self.amp;
@@ -464,22 +449,12 @@ impl TrainSpec {
         check(
             (1..=10_000_000).contains(&a.growth_interval),
             "amp.growth_interval",
-            || {
-                format!(
-                    "{} is out of range; allowed 1..=10000000",
-                    a.growth_interval
-                )
-            },
+            || format!("{} is out of range; allowed 1..=10000000", a.growth_interval),
         )?;
         check(
             a.min_scale.is_finite() && a.min_scale > 0.0 && a.min_scale <= a.init_scale,
             "amp.min_scale",
-            || {
-                format!(
-                    "{} is out of range; allowed (0, amp.init_scale]",
-                    a.min_scale
-                )
-            },
+            || format!("{} is out of range; allowed (0, amp.init_scale]", a.min_scale),
         )?;
         check(
             (1..=1_000_000).contains(&a.max_consecutive_skips),
@@ -490,12 +465,7 @@ impl TrainSpec {
             "allowed 1..=1000".into()
         })?;
 
-        range_usize(
-            self.checkpoint.every_steps,
-            0,
-            100_000_000,
-            "checkpoint.every_steps",
-        )?;
+        range_usize(self.checkpoint.every_steps, 0, 100_000_000, "checkpoint.every_steps")?;
         range_usize(self.checkpoint.keep_last, 1, 1000, "checkpoint.keep_last")?;
         Ok(())
     }
@@ -527,8 +497,7 @@ mod tests {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "toml") {
                 let s = TrainSpec::from_toml_file(&p).unwrap();
-                s.validate()
-                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                s.validate().unwrap_or_else(|e| panic!("{}: {e}", p.display()));
                 n += 1;
             }
         }
