@@ -5,11 +5,15 @@
 //! import tokio, sqlx or axum; the server (`store`, `worker`, `http`) is built on top of them.
 
 pub mod amp;
+pub mod app;
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod http;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod store;
 pub mod train;
+pub mod worker;

@@ -15,6 +15,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the training server (REST API, device workers, SQLite store, status page)
+    Serve(ampserve::app::ServeArgs),
     /// Train (or resume) a model from a TOML spec, e.g. `ampserve train --config configs/tiny.toml`
     Train(ampserve::cli::TrainArgs),
     /// Benchmarks: `ampserve bench train --size tiny --precision fp32,bf16,f16`
@@ -28,15 +30,26 @@ enum BenchCmd {
     Train(ampserve::bench::BenchTrainArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let color = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
+        .with_ansi(color)
         .with_writer(std::io::stderr)
         .init();
+}
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    init_tracing();
     match cli.cmd {
+        Cmd::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(ampserve::app::serve(args)),
         Cmd::Train(a) => ampserve::cli::train(a, Arc::new(AtomicBool::new(false))),
         Cmd::Bench(BenchCmd::Train(a)) => ampserve::bench::run_train_bench(&a),
     }

@@ -1,0 +1,257 @@
+//! Wiring: settings from the command line / environment, the store, the worker pool, the HTTP
+//! router, and graceful shutdown.
+
+use crate::http::{self, AppState, HttpStats, Settings};
+use crate::store::Store;
+use crate::worker::{parse_devices, CandleTrainer, PoolConfig, PoolHandle, Trainer};
+use anyhow::Context;
+use axum::Router;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// `ampserve serve` options; each also comes from an `AMPSERVE_*` environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Directory for the SQLite database, run directories and uploaded corpora.
+    #[arg(long, env = "AMPSERVE_DATA_DIR", default_value = "./ampserve-data")]
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "AMPSERVE_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: String,
+    /// Training devices, one worker each: `cpu`, `cuda:0`, ... (comma-separated or repeated).
+    /// Default: every CUDA device when built with `cuda`, else one CPU worker.
+    #[arg(long = "devices", env = "AMPSERVE_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// Directory corpus paths must lie in (repeatable). Default: `<data-dir>/corpora` plus
+    /// `../shared/data` when it exists. `<data-dir>/corpora` is always allowed.
+    #[arg(long = "data-root", env = "AMPSERVE_DATA_ROOTS", value_delimiter = ',')]
+    pub data_roots: Vec<PathBuf>,
+    /// When set, mutating endpoints require `Authorization: Bearer <token>`.
+    #[arg(long, env = "AMPSERVE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Require the token for reads too.
+    #[arg(long, env = "AMPSERVE_PROTECT_READS")]
+    pub protect_reads: bool,
+    /// Where `config: "<name>"` in a job request finds `<name>.toml`.
+    #[arg(long, env = "AMPSERVE_CONFIGS_DIR", default_value = "configs")]
+    pub configs_dir: PathBuf,
+    /// Largest corpus upload, in MiB.
+    #[arg(long, env = "AMPSERVE_MAX_UPLOAD_MB", default_value_t = 256)]
+    pub max_upload_mb: u64,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./ampserve-data"),
+            bind: "127.0.0.1:8080".into(),
+            devices: Vec::new(),
+            data_roots: Vec::new(),
+            api_token: None,
+            protect_reads: false,
+            configs_dir: PathBuf::from("configs"),
+            max_upload_mb: 256,
+        }
+    }
+}
+
+/// JSON request bodies above this are refused with 413.
+pub const MAX_JSON_BYTES: usize = 1 << 20;
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Everything `serve` runs, exposed so tests can drive the real router on a temporary
+/// directory.
+pub struct App {
+    pub router: Router,
+    pub state: AppState,
+    pub pool: PoolHandle,
+    shutdown_tx: watch::Sender<bool>,
+    /// Exclusive lock on `<data-dir>/ampserve.lock` for the life of the app: two servers on one
+    /// data directory would re-queue each other's running jobs.
+    _lock: std::fs::File,
+}
+
+impl App {
+    /// End SSE streams (so an HTTP graceful shutdown can finish).
+    pub fn stop_streams(&self) {
+        let _ = self.shutdown_tx.send(true);
+    }
+
+    /// Graceful stop: end streams, let running jobs checkpoint and go back to `queued`, close
+    /// the database.
+    pub async fn shutdown(&self) {
+        self.stop_streams();
+        self.pool.shutdown().await;
+        self.state.store.close().await;
+    }
+}
+
+fn canonical_dir(p: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(p).with_context(|| format!("data root {} is not accessible", p.display()))
+}
+
+pub async fn build_app(args: &ServeArgs, trainer: Arc<dyn Trainer>) -> anyhow::Result<App> {
+    build_app_with(args, trainer, PoolConfig::default()).await
+}
+
+pub async fn build_app_with(
+    args: &ServeArgs,
+    trainer: Arc<dyn Trainer>,
+    pool_config: PoolConfig,
+) -> anyhow::Result<App> {
+    let devices = parse_devices(&args.devices)?;
+    let data_dir = &args.data_dir;
+    let corpora_dir = data_dir.join("corpora");
+    let runs_dir = data_dir.join("runs");
+    for d in [data_dir, &corpora_dir, &runs_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let data_dir = std::fs::canonicalize(data_dir)?;
+    let lock_path = data_dir.join("ampserve.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    lock.try_lock().map_err(|e| {
+        anyhow::anyhow!(
+            "another ampserve is using the data directory {} ({e})",
+            data_dir.display()
+        )
+    })?;
+    let corpora_dir = canonical_dir(&corpora_dir)?;
+    let runs_dir = canonical_dir(&runs_dir)?;
+    let mut roots = vec![corpora_dir.clone()];
+    if args.data_roots.is_empty() {
+        let shared = Path::new("../shared/data");
+        if shared.is_dir() {
+            roots.push(canonical_dir(shared)?);
+        }
+    } else {
+        for r in &args.data_roots {
+            roots.push(canonical_dir(r)?);
+        }
+    }
+    roots.dedup();
+
+    let db_path = data_dir.join("ampserve.db");
+    let store = Store::open(&db_path)
+        .await
+        .with_context(|| format!("cannot open the database {}", db_path.display()))?;
+    let pool = PoolHandle::start(store.clone(), trainer, devices, runs_dir, pool_config).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let settings = Settings {
+        data_dir,
+        corpora_dir,
+        data_roots: roots,
+        configs_dir: args.configs_dir.clone(),
+        api_token: args.api_token.clone().filter(|t| !t.is_empty()),
+        protect_reads: args.protect_reads,
+        max_json_bytes: MAX_JSON_BYTES,
+        max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
+        request_timeout: REQUEST_TIMEOUT,
+    };
+    let state = AppState {
+        store,
+        pool: pool.clone(),
+        settings: Arc::new(settings),
+        stats: Arc::new(HttpStats::default()),
+        shutdown: shutdown_rx,
+    };
+    let router = http::router(state.clone());
+    Ok(App {
+        router,
+        state,
+        pool,
+        shutdown_tx,
+        _lock: lock,
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Run the server until Ctrl-C / SIGTERM; running jobs then checkpoint and go back to `queued`.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let app = build_app(&args, Arc::new(CandleTrainer)).await?;
+    let listener = tokio::net::TcpListener::bind(&args.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.bind))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        data_dir = %app.state.settings.data_dir.display(),
+        devices = ?app.pool.devices().iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+        roots = ?app.state.settings.data_roots,
+        "ampserve listening on http://{addr}/ (API under http://{addr}/api/jobs)"
+    );
+    let stop = app.shutdown_tx.clone();
+    axum::serve(listener, app.router.clone())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: running jobs will checkpoint and be re-queued");
+            let _ = stop.send(true);
+        })
+        .await?;
+    app.shutdown().await;
+    tracing::info!("bye");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn serve_args_defaults_and_lists() {
+        let d = Cli::parse_from(["ampserve"]).serve;
+        assert_eq!(d.data_dir, PathBuf::from("./ampserve-data"));
+        assert_eq!(d.bind, "127.0.0.1:8080");
+        assert!(d.devices.is_empty() && d.data_roots.is_empty() && d.api_token.is_none());
+        assert!(!d.protect_reads);
+        let a = Cli::parse_from([
+            "ampserve",
+            "--devices",
+            "cpu,cpu",
+            "--data-root",
+            "/a",
+            "--data-root",
+            "/b",
+            "--api-token",
+            "t",
+            "--protect-reads",
+        ])
+        .serve;
+        assert_eq!(a.devices, ["cpu", "cpu"]);
+        assert_eq!(a.data_roots, [PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(a.api_token.as_deref(), Some("t"));
+        assert!(a.protect_reads);
+    }
+}

@@ -1,0 +1,87 @@
+//! `/api/jobs/{id}/events`: Server-Sent Events. The first event is the job's current status;
+//! then `started`, `step`, `validation`, `checkpoint`, `finished` and `status` events as they
+//! happen. The stream ends after a terminal status (or when the server shuts down).
+
+use super::jobs::load_job;
+use super::{ApiPath, ApiResult, AppState};
+use crate::worker::{JobEvent, JobEventKind};
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::routing::get;
+use axum::Router;
+use futures::Stream;
+use std::convert::Infallible;
+use tokio::sync::{broadcast, watch};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/jobs/{id}/events", get(events))
+}
+
+struct StreamState {
+    job_id: i64,
+    rx: broadcast::Receiver<JobEvent>,
+    shutdown: watch::Receiver<bool>,
+    first: Option<JobEvent>,
+    done: bool,
+}
+
+fn to_sse(ev: &JobEvent) -> Event {
+    Event::default()
+        .event(ev.kind.name())
+        .json_data(ev)
+        .unwrap_or_else(|_| Event::default().event("error").data("unserialisable event"))
+}
+
+fn is_end(ev: &JobEvent) -> bool {
+    matches!(&ev.kind, JobEventKind::Status { status, .. } if status.is_terminal())
+}
+
+async fn events(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    // Subscribe before reading the status so nothing between the two is lost.
+    let rx = state.pool.subscribe();
+    let job = load_job(&state, id).await?;
+    let first = JobEvent {
+        job_id: id,
+        kind: JobEventKind::Status {
+            status: job.status(),
+            error: job.error.clone(),
+        },
+    };
+    let st = StreamState {
+        job_id: id,
+        rx,
+        shutdown: state.shutdown.clone(),
+        first: Some(first),
+        done: false,
+    };
+    let stream = futures::stream::unfold(st, |mut st| async move {
+        if st.done || *st.shutdown.borrow() {
+            return None;
+        }
+        if let Some(ev) = st.first.take() {
+            st.done = is_end(&ev);
+            return Some((Ok(to_sse(&ev)), st));
+        }
+        loop {
+            tokio::select! {
+                r = st.rx.recv() => match r {
+                    Ok(ev) if ev.job_id == st.job_id => {
+                        st.done = is_end(&ev);
+                        return Some((Ok(to_sse(&ev)), st));
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let e = Event::default().event("lagged").data(format!("{n} events dropped"));
+                        return Some((Ok(e), st));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+                _ = st.shutdown.changed() => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,284 @@
+//! `/api/jobs`: submit, list, inspect, cancel, resume, delete.
+
+use super::spec::parse_job_request;
+use super::{ApiError, ApiPath, ApiQuery, ApiResult, AppState};
+use crate::store::{JobRow, JobStatus, NewJob};
+use crate::worker::JobEventKind;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/jobs", post(create).get(list))
+        .route("/api/jobs/{id}", get(show).delete(remove))
+        .route("/api/jobs/{id}/cancel", post(cancel))
+        .route("/api/jobs/{id}/resume", post(resume))
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: i64,
+    pub name: String,
+    pub status: JobStatus,
+    pub priority: i64,
+    pub worker: Option<String>,
+    pub device: Option<String>,
+    pub attempts: i64,
+    pub error: Option<String>,
+    pub run_dir: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub updated_at: String,
+    pub progress: ProgressView,
+    pub metrics: MetricsView,
+    pub spec: Value,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgressView {
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    /// step / total_steps, 0..=1.
+    pub fraction: Option<f64>,
+    pub epoch: i64,
+    pub resumed_from_step: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MetricsView {
+    pub loss: Option<f64>,
+    pub lr: Option<f64>,
+    pub loss_scale: Option<f64>,
+    pub skipped_steps: i64,
+    pub tokens_per_s: Option<f64>,
+    pub steps_per_s: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub bleu: Option<f64>,
+    pub chrf: Option<f64>,
+    pub best_bleu: Option<f64>,
+    pub best_bleu_step: Option<i64>,
+}
+
+impl From<JobRow> for JobView {
+    fn from(r: JobRow) -> Self {
+        let status = r.status();
+        let fraction = r
+            .total_steps
+            .filter(|t| *t > 0)
+            .map(|t| (r.current_step as f64 / t as f64).min(1.0));
+        JobView {
+            id: r.id,
+            status,
+            priority: r.priority,
+            worker: r.worker,
+            device: r.device,
+            attempts: r.attempts,
+            error: r.error,
+            run_dir: r.run_dir,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            updated_at: r.updated_at,
+            progress: ProgressView {
+                step: r.current_step,
+                total_steps: r.total_steps,
+                fraction,
+                epoch: r.current_epoch,
+                resumed_from_step: r.resumed_from_step,
+            },
+            metrics: MetricsView {
+                loss: r.current_loss,
+                lr: r.current_lr,
+                loss_scale: r.loss_scale,
+                skipped_steps: r.skipped_steps,
+                tokens_per_s: r.tokens_per_s,
+                steps_per_s: r.step_ms.filter(|ms| *ms > 0.0).map(|ms| 1000.0 / ms),
+                val_loss: r.last_val_loss,
+                bleu: r.last_bleu,
+                chrf: r.last_chrf,
+                best_bleu: r.best_bleu,
+                best_bleu_step: r.best_bleu_step,
+            },
+            spec: serde_json::from_str(&r.spec_json).unwrap_or(Value::Null),
+            name: r.name,
+        }
+    }
+}
+
+pub(super) async fn load_job(state: &AppState, id: i64) -> ApiResult<JobRow> {
+    state
+        .store
+        .get_job(id)
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(id))
+}
+
+async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl IntoResponse> {
+    let req = parse_job_request(&body, &state.settings)?;
+    let spec_json =
+        serde_json::to_string(&req.spec).map_err(|e| ApiError::internal(e.to_string()))?;
+    let row = state
+        .store
+        .insert_job(&NewJob {
+            name: req.spec.name.clone(),
+            priority: req.priority,
+            spec_json,
+        })
+        .await?;
+    tracing::info!(job = row.id, name = %row.name, priority = row.priority, "job queued");
+    state.pool.publish(
+        row.id,
+        JobEventKind::Status {
+            status: JobStatus::Queued,
+            error: None,
+        },
+    );
+    state.pool.notify_new_job();
+    Ok((StatusCode::CREATED, Json(JobView::from(row))))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct JobList {
+    jobs: Vec<JobView>,
+    total: i64,
+    limit: i64,
+    offset: i64,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Json<JobList>> {
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid(
+                "status",
+                format!(
+                    "unknown status `{s}`; one of {}",
+                    JobStatus::ALL.map(|s| s.as_str()).join(", ")
+                ),
+            )
+        })?),
+    };
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::invalid("limit", "allowed 1..=500"));
+    }
+    let offset = q.offset.unwrap_or(0);
+    if offset < 0 {
+        return Err(ApiError::invalid("offset", "must be >= 0"));
+    }
+    let (rows, total) = state.store.list_jobs(status, limit, offset).await?;
+    Ok(Json(JobList {
+        jobs: rows.into_iter().map(JobView::from).collect(),
+        total,
+        limit,
+        offset,
+    }))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<JobView>> {
+    Ok(Json(load_job(&state, id).await?.into()))
+}
+
+/// Queued jobs are cancelled at once (200); running ones move to `cancelling` (202) and the
+/// trainer checkpoints and stops at its next step.
+async fn cancel(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<impl IntoResponse> {
+    let store = &state.store;
+    let code = if store.cancel_queued_job(id).await? {
+        state.pool.publish(
+            id,
+            JobEventKind::Status {
+                status: JobStatus::Cancelled,
+                error: None,
+            },
+        );
+        StatusCode::OK
+    } else if store.mark_job_cancelling(id).await? {
+        state.pool.request_cancel(id);
+        state.pool.publish(
+            id,
+            JobEventKind::Status {
+                status: JobStatus::Cancelling,
+                error: None,
+            },
+        );
+        StatusCode::ACCEPTED
+    } else {
+        let job = load_job(&state, id).await?;
+        return Err(ApiError::conflict(format!(
+            "job {id} is {}; only queued or running jobs can be cancelled",
+            job.status
+        )));
+    };
+    tracing::info!(job = id, "cancel requested");
+    Ok((code, Json(JobView::from(load_job(&state, id).await?))))
+}
+
+/// `cancelled | failed → queued`: the worker continues from the latest valid checkpoint.
+async fn resume(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<JobView>> {
+    if !state.store.requeue_job(id).await? {
+        let job = load_job(&state, id).await?;
+        return Err(ApiError::conflict(format!(
+            "job {id} is {}; only cancelled or failed jobs can be resumed",
+            job.status
+        )));
+    }
+    tracing::info!(job = id, "job re-queued to resume");
+    state.pool.publish(
+        id,
+        JobEventKind::Status {
+            status: JobStatus::Queued,
+            error: None,
+        },
+    );
+    state.pool.notify_new_job();
+    Ok(Json(load_job(&state, id).await?.into()))
+}
+
+/// Refused (409) while the job runs; otherwise removes its rows and its run directory.
+async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
+    match state.store.delete_job(id).await? {
+        Some(row) => {
+            let dir = state.pool.runs_dir().join(row.id.to_string());
+            if dir.exists() {
+                if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                    tracing::warn!(job = id, "could not remove {}: {e}", dir.display());
+                }
+            }
+            tracing::info!(job = id, "job deleted");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => {
+            let job = load_job(&state, id).await?;
+            Err(ApiError::conflict(format!(
+                "job {id} is {}; cancel it before deleting",
+                job.status
+            )))
+        }
+    }
+}

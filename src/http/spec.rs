@@ -1,0 +1,269 @@
+//! Turn a `POST /api/jobs` body into a validated [`TrainSpec`]: optional `config` preset
+//! (a TOML file in `configs/`) deep-merged under the JSON, serde errors mapped to 400/422 with
+//! the field's dotted path, ranges checked by `TrainSpec::validate`, and corpus paths confined
+//! to the data roots.
+
+use super::{ApiError, ApiResult, Settings};
+use crate::config::TrainSpec;
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+pub const MIN_PRIORITY: i64 = -1000;
+pub const MAX_PRIORITY: i64 = 1000;
+
+/// A validated job request.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    pub spec: TrainSpec,
+    pub priority: i64,
+}
+
+pub fn parse_job_request(body: &[u8], settings: &Settings) -> ApiResult<JobRequest> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::malformed_json(
+            "empty body: expected a JSON object",
+        ));
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::malformed_json(format!("malformed JSON: {e}")))?;
+    let Value::Object(mut obj) = value else {
+        return Err(ApiError::invalid("body", "expected a JSON object"));
+    };
+    let priority = match obj.remove("priority") {
+        None | Some(Value::Null) => 0,
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(p) if (MIN_PRIORITY..=MAX_PRIORITY).contains(&p) => p,
+            _ => {
+                return Err(ApiError::invalid(
+                    "priority",
+                    format!(
+                        "{n} is out of range; allowed integers {MIN_PRIORITY}..={MAX_PRIORITY}"
+                    ),
+                ))
+            }
+        },
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "priority",
+                format!("expected an integer, got {}", kind(&other)),
+            ))
+        }
+    };
+    let base = match obj.remove("config") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) => Some(load_preset(&name, &settings.configs_dir)?),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "config",
+                format!("expected a preset name, got {}", kind(&other)),
+            ))
+        }
+    };
+    let from_preset = base.is_some();
+    let mut merged = base.unwrap_or_else(|| Value::Object(Map::new()));
+    deep_merge(&mut merged, Value::Object(obj));
+
+    let mut spec: TrainSpec =
+        serde_path_to_error::deserialize(merged).map_err(serde_field_error)?;
+    if from_preset {
+        spec.resolve_paths(&settings.configs_dir);
+    }
+    spec.validate()
+        .map_err(|e| ApiError::invalid(e.field.clone(), e.message.clone()))?;
+    spec.data.train = confine(&spec.data.train, &settings.data_roots, "data.train")?;
+    if let Some(p) = spec.data.train_tgt.take() {
+        spec.data.train_tgt = Some(confine(&p, &settings.data_roots, "data.train_tgt")?);
+    }
+    if let Some(p) = spec.data.valid.take() {
+        spec.data.valid = Some(confine(&p, &settings.data_roots, "data.valid")?);
+    }
+    Ok(JobRequest { spec, priority })
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The preset `configs/<name>.toml` as JSON.
+fn load_preset(name: &str, dir: &Path) -> ApiResult<Value> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let path = dir.join(format!("{name}.toml"));
+    if !ok || !path.is_file() {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let p = e.path();
+                        (p.extension()? == "toml")
+                            .then(|| p.file_stem()?.to_str().map(str::to_string))?
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        return Err(ApiError::invalid(
+            "config",
+            format!("unknown config `{name}`; available: {}", names.join(", ")),
+        ));
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", path.display())))?;
+    let table: toml::Value = toml::from_str(&text)
+        .map_err(|e| ApiError::internal(format!("preset {} is invalid: {e}", path.display())))?;
+    serde_json::to_value(table).map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Objects merge key by key (recursively); anything else in `over` replaces `base`.
+pub fn deep_merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) if slot.is_object() && v.is_object() => deep_merge(slot, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// 422 naming the dotted field: the unknown key itself for `deny_unknown_fields`, else the
+/// path serde was at (wrong type, bad enum variant, ...).
+fn serde_field_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+    let path = e.path().to_string();
+    let inner = e.into_inner().to_string();
+    let mut field = if path == "." { String::new() } else { path };
+    if let Some(rest) = inner.strip_prefix("unknown field `") {
+        if let Some(name) = rest.split('`').next() {
+            // serde_path_to_error stops at the parent for unknown keys.
+            if !field.ends_with(name) {
+                field = if field.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{field}.{name}")
+                };
+            }
+        }
+    }
+    if field.is_empty() {
+        field = "body".into();
+    }
+    ApiError::invalid(field, inner)
+}
+
+/// Resolve a corpus path and require it to lie inside one of the (canonical) data roots.
+/// Symlinks and `..` are resolved first, so neither can escape. Relative paths are tried
+/// against the working directory, then against each root.
+pub fn confine(path: &Path, roots: &[PathBuf], field: &str) -> ApiResult<PathBuf> {
+    let mut candidates = Vec::new();
+    if path.is_absolute() {
+        candidates.push(path.to_path_buf());
+    } else {
+        candidates.push(path.to_path_buf());
+        candidates.extend(roots.iter().map(|r| r.join(path)));
+    }
+    let mut outside = None;
+    for c in candidates {
+        let Ok(canon) = std::fs::canonicalize(&c) else {
+            continue;
+        };
+        if roots.iter().any(|r| canon.starts_with(r)) {
+            if !canon.is_file() {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("`{}` is not a file", path.display()),
+                ));
+            }
+            return Ok(canon);
+        }
+        outside.get_or_insert(canon);
+    }
+    let roots_list = roots
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(match outside {
+        Some(_) => ApiError::invalid(
+            field,
+            format!(
+                "`{}` is outside the allowed data roots ({roots_list})",
+                path.display()
+            ),
+        ),
+        None => ApiError::invalid(
+            field,
+            format!(
+                "`{}` does not exist (looked in the working directory and {roots_list})",
+                path.display()
+            ),
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn deep_merge_overrides_leaves_only() {
+        let mut base = json!({"model": {"d_model": 128, "layers": 2}, "name": "a"});
+        deep_merge(
+            &mut base,
+            json!({"model": {"layers": 1}, "train": {"lr": 0.1}}),
+        );
+        assert_eq!(
+            base,
+            json!({"model": {"d_model": 128, "layers": 1}, "name": "a", "train": {"lr": 0.1}})
+        );
+    }
+
+    #[test]
+    fn confine_rejects_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("ok.tsv"), "a\tb\n").unwrap();
+        std::fs::write(outside.join("secret.tsv"), "a\tb\n").unwrap();
+        std::os::unix::fs::symlink(outside.join("secret.tsv"), root.join("link.tsv")).unwrap();
+        let roots = vec![std::fs::canonicalize(&root).unwrap()];
+
+        let ok = confine(&root.join("ok.tsv"), &roots, "data.train").unwrap();
+        assert_eq!(ok, roots[0].join("ok.tsv"));
+        // Relative to a root.
+        assert_eq!(
+            confine(Path::new("ok.tsv"), &roots, "data.train").unwrap(),
+            ok
+        );
+        for bad in [
+            outside.join("secret.tsv"),
+            root.join("../outside/secret.tsv"),
+            root.join("link.tsv"),
+            PathBuf::from("../outside/secret.tsv"),
+        ] {
+            let e = confine(&bad, &roots, "data.train").unwrap_err();
+            assert_eq!(e.status, 422, "{}", bad.display());
+            assert_eq!(e.field.as_deref(), Some("data.train"));
+        }
+        let e = confine(&root.join("missing.tsv"), &roots, "data.valid").unwrap_err();
+        assert!(e.message.contains("does not exist"), "{}", e.message);
+        assert_eq!(e.field.as_deref(), Some("data.valid"));
+    }
+}

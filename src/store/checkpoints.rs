@@ -1,0 +1,95 @@
+//! One row per checkpoint file on disk. Retention (done by the trainer) reports the files it
+//! removed; their rows are deleted in the same transaction that records the new checkpoint.
+
+use super::{Store, StoreResult};
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct CheckpointRow {
+    pub id: i64,
+    pub job_id: i64,
+    pub step: i64,
+    pub epoch: i64,
+    pub path: String,
+    pub size_bytes: i64,
+    pub sha256: String,
+    pub val_bleu: Option<f64>,
+    pub is_best: bool,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewCheckpoint {
+    pub step: i64,
+    pub epoch: i64,
+    pub path: String,
+    pub size_bytes: i64,
+    pub sha256: String,
+    pub val_bleu: Option<f64>,
+    pub is_best: bool,
+}
+
+impl Store {
+    /// Record a checkpoint (replacing a row for the same path), clear `is_best` elsewhere when
+    /// this one is the best, and delete the rows of the files retention removed.
+    pub async fn record_checkpoint(
+        &self,
+        job_id: i64,
+        c: &NewCheckpoint,
+        removed: &[String],
+    ) -> StoreResult<()> {
+        let mut tx = self.pool().begin().await?;
+        for path in removed {
+            sqlx::query("DELETE FROM checkpoints WHERE job_id = ? AND path = ?")
+                .bind(job_id)
+                .bind(path)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if c.is_best {
+            sqlx::query("UPDATE checkpoints SET is_best = 0 WHERE job_id = ?")
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO checkpoints (job_id, step, epoch, path, size_bytes, sha256, val_bleu, is_best)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (job_id, path) DO UPDATE SET
+               step = excluded.step, epoch = excluded.epoch, size_bytes = excluded.size_bytes,
+               sha256 = excluded.sha256, val_bleu = excluded.val_bleu, is_best = excluded.is_best,
+               created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        )
+        .bind(job_id)
+        .bind(c.step)
+        .bind(c.epoch)
+        .bind(&c.path)
+        .bind(c.size_bytes)
+        .bind(&c.sha256)
+        .bind(c.val_bleu.filter(|x| x.is_finite()))
+        .bind(c.is_best)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Rows for checkpoints after the step a run resumed from: they were not valid (or are
+    /// about to be rewritten).
+    pub async fn delete_checkpoints_after(&self, job_id: i64, step: i64) -> StoreResult<u64> {
+        let r = sqlx::query("DELETE FROM checkpoints WHERE job_id = ? AND step > ?")
+            .bind(job_id)
+            .bind(step)
+            .execute(self.pool())
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn list_checkpoints(&self, job_id: i64) -> StoreResult<Vec<CheckpointRow>> {
+        Ok(sqlx::query_as::<_, CheckpointRow>(
+            "SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step, id",
+        )
+        .bind(job_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}

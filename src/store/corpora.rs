@@ -1,0 +1,66 @@
+//! Uploaded corpora (TSV files under `<data-dir>/corpora`).
+
+use super::{Store, StoreResult};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct CorpusRow {
+    pub id: i64,
+    pub name: String,
+    pub src_lang: String,
+    pub tgt_lang: String,
+    pub path: String,
+    pub size_bytes: i64,
+    pub lines: i64,
+    pub malformed_lines: i64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewCorpus {
+    pub name: String,
+    pub src_lang: String,
+    pub tgt_lang: String,
+    pub path: String,
+    pub size_bytes: i64,
+    pub lines: i64,
+    pub malformed_lines: i64,
+}
+
+impl Store {
+    /// None when a corpus with that name exists already.
+    pub async fn insert_corpus(&self, c: &NewCorpus) -> StoreResult<Option<CorpusRow>> {
+        Ok(sqlx::query_as::<_, CorpusRow>(
+            "INSERT INTO corpora (name, src_lang, tgt_lang, path, size_bytes, lines, malformed_lines)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (name) DO NOTHING
+             RETURNING *",
+        )
+        .bind(&c.name)
+        .bind(&c.src_lang)
+        .bind(&c.tgt_lang)
+        .bind(&c.path)
+        .bind(c.size_bytes)
+        .bind(c.lines)
+        .bind(c.malformed_lines)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    pub async fn get_corpus(&self, name: &str) -> StoreResult<Option<CorpusRow>> {
+        Ok(
+            sqlx::query_as::<_, CorpusRow>("SELECT * FROM corpora WHERE name = ?")
+                .bind(name)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    pub async fn list_corpora(&self) -> StoreResult<Vec<CorpusRow>> {
+        Ok(
+            sqlx::query_as::<_, CorpusRow>("SELECT * FROM corpora ORDER BY name")
+                .fetch_all(self.pool())
+                .await?,
+        )
+    }
+}

@@ -1,0 +1,632 @@
+//! Worker tasks (one per device), the trainer thread per job, and event persistence.
+
+use super::{DeviceSpec, Trainer, WorkerError};
+use crate::config::TrainSpec;
+use crate::store::checkpoints::NewCheckpoint;
+use crate::store::jobs::Progress;
+use crate::store::{JobRow, JobStatus, MetricRow, Store, ValidationRow};
+use crate::train::{
+    CheckpointRecord, RunOptions, StartInfo, StepRecord, Summary, TrainEvent, ValidationRecord,
+};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::task::JoinHandle;
+
+/// Tuning knobs; the defaults suit production and tests alike.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Flush buffered step rows at least this often...
+    pub flush_every: Duration,
+    /// ...or as soon as this many are buffered.
+    pub flush_rows: usize,
+    /// Fallback poll for queued jobs (new jobs also wake workers directly).
+    pub poll_every: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            flush_every: Duration::from_millis(250),
+            flush_rows: 200,
+            poll_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What SSE subscribers and the Prometheus endpoint see.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobEvent {
+    pub job_id: i64,
+    #[serde(flatten)]
+    pub kind: JobEventKind,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JobEventKind {
+    Status {
+        status: JobStatus,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    Started(StartInfo),
+    Step(StepRecord),
+    Validation(ValidationRecord),
+    Checkpoint(CheckpointRecord),
+    Finished(Summary),
+}
+
+impl JobEventKind {
+    /// The SSE `event:` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobEventKind::Status { .. } => "status",
+            JobEventKind::Started(_) => "started",
+            JobEventKind::Step(_) => "step",
+            JobEventKind::Validation(_) => "validation",
+            JobEventKind::Checkpoint(_) => "checkpoint",
+            JobEventKind::Finished(_) => "finished",
+        }
+    }
+}
+
+/// The latest numbers of a job running in this process.
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveJob {
+    pub worker: String,
+    pub device: String,
+    pub step: u64,
+    pub total_steps: u64,
+    pub loss: f64,
+    pub loss_scale: f64,
+    pub skipped_steps: u64,
+    pub tokens_per_s: f64,
+    pub steps_per_s: f64,
+}
+
+/// Cost of persisting step metrics, for the overhead report and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct WriteStats {
+    pub flushes: u64,
+    pub rows: u64,
+    pub seconds: f64,
+}
+
+#[derive(Default)]
+struct CancelState {
+    flag: Arc<AtomicBool>,
+    /// Set when a user asked for it (as opposed to server shutdown).
+    by_user: AtomicBool,
+}
+
+struct Inner {
+    store: Store,
+    trainer: Arc<dyn Trainer>,
+    runs_dir: PathBuf,
+    config: PoolConfig,
+    events: broadcast::Sender<JobEvent>,
+    wake: Notify,
+    shutting_down: AtomicBool,
+    cancels: Mutex<HashMap<i64, Arc<CancelState>>>,
+    live: Mutex<HashMap<i64, LiveJob>>,
+    write_stats: Mutex<WriteStats>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    devices: Vec<DeviceSpec>,
+}
+
+/// Handle on the running pool; cheap to clone.
+#[derive(Clone)]
+pub struct PoolHandle {
+    inner: Arc<Inner>,
+}
+
+impl PoolHandle {
+    /// Re-queue jobs interrupted by a crash, then start one worker per device. Devices are
+    /// opened here so a bad one fails startup with a clear error.
+    pub async fn start(
+        store: Store,
+        trainer: Arc<dyn Trainer>,
+        devices: Vec<DeviceSpec>,
+        runs_dir: PathBuf,
+        config: PoolConfig,
+    ) -> anyhow::Result<Self> {
+        if devices.is_empty() {
+            return Err(WorkerError::Empty.into());
+        }
+        let opened = devices
+            .iter()
+            .map(|d| d.open())
+            .collect::<Result<Vec<_>, _>>()?;
+        std::fs::create_dir_all(&runs_dir)?;
+        let (requeued, cancelled) = store.recover_jobs().await?;
+        if !requeued.is_empty() {
+            tracing::warn!(
+                jobs = ?requeued,
+                "re-queued jobs interrupted by a crash; they resume from their latest checkpoint"
+            );
+        }
+        if !cancelled.is_empty() {
+            tracing::info!(jobs = ?cancelled, "jobs that were being cancelled are now cancelled");
+        }
+        let (events, _) = broadcast::channel(4096);
+        let inner = Arc::new(Inner {
+            store,
+            trainer,
+            runs_dir,
+            config,
+            events,
+            wake: Notify::new(),
+            shutting_down: AtomicBool::new(false),
+            cancels: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            write_stats: Mutex::new(WriteStats::default()),
+            tasks: Mutex::new(Vec::new()),
+            devices: devices.clone(),
+        });
+        let handle = PoolHandle { inner };
+        let mut tasks = Vec::new();
+        for (i, (spec, device)) in devices.iter().zip(opened).enumerate() {
+            let worker = Worker {
+                name: format!("worker-{i}"),
+                device_name: spec.to_string(),
+                device,
+                pool: handle.clone(),
+            };
+            tracing::info!(worker = %worker.name, device = %worker.device_name, "worker started");
+            tasks.push(tokio::spawn(worker.run()));
+        }
+        *handle.inner.tasks.lock().unwrap() = tasks;
+        Ok(handle)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn devices(&self) -> &[DeviceSpec] {
+        &self.inner.devices
+    }
+
+    pub fn runs_dir(&self) -> &PathBuf {
+        &self.inner.runs_dir
+    }
+
+    /// A job was queued: wake idle workers.
+    pub fn notify_new_job(&self) {
+        self.inner.wake.notify_waiters();
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.inner.events.subscribe()
+    }
+
+    pub fn publish(&self, job_id: i64, kind: JobEventKind) {
+        // No subscribers is fine.
+        let _ = self.inner.events.send(JobEvent { job_id, kind });
+    }
+
+    /// Ask a running job to stop (the trainer checkpoints and returns). The caller has already
+    /// moved it to `cancelling` in the database.
+    pub fn request_cancel(&self, job_id: i64) {
+        let state = self
+            .inner
+            .cancels
+            .lock()
+            .unwrap()
+            .entry(job_id)
+            .or_default()
+            .clone();
+        state.by_user.store(true, Ordering::SeqCst);
+        state.flag.store(true, Ordering::SeqCst);
+    }
+
+    pub fn live_jobs(&self) -> Vec<(i64, LiveJob)> {
+        let mut v: Vec<_> = self
+            .inner
+            .live
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        v.sort_by_key(|(k, _)| *k);
+        v
+    }
+
+    pub fn write_stats(&self) -> WriteStats {
+        *self.inner.write_stats.lock().unwrap()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Graceful stop: running jobs checkpoint and go back to `queued`; returns when every
+    /// worker has persisted its job's final state.
+    pub async fn shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        for state in self.inner.cancels.lock().unwrap().values() {
+            state.flag.store(true, Ordering::SeqCst);
+        }
+        self.inner.wake.notify_waiters();
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap());
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::error!("worker task ended abnormally: {e}");
+            }
+        }
+    }
+}
+
+enum Msg {
+    Event(TrainEvent),
+    Done(Result<Summary, String>),
+}
+
+struct Worker {
+    name: String,
+    device_name: String,
+    device: candle_core::Device,
+    pool: PoolHandle,
+}
+
+impl Worker {
+    async fn run(self) {
+        let inner = &self.pool.inner;
+        loop {
+            // Register for wake-ups before looking, so a job queued in between is not missed.
+            let wake = inner.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if inner.shutting_down.load(Ordering::SeqCst) {
+                break;
+            }
+            match inner
+                .store
+                .claim_next_job(&self.name, &self.device_name)
+                .await
+            {
+                Ok(Some(job)) => {
+                    let id = job.id;
+                    if let Err(e) = self.run_job(job).await {
+                        tracing::error!(job = id, "persisting job failed: {e:#}");
+                        let _ = inner
+                            .store
+                            .finish_job(
+                                id,
+                                JobStatus::Failed,
+                                Some(&format!("server error: {e:#}")),
+                            )
+                            .await;
+                        self.pool.publish(
+                            id,
+                            JobEventKind::Status {
+                                status: JobStatus::Failed,
+                                error: Some(format!("server error: {e:#}")),
+                            },
+                        );
+                    }
+                }
+                Ok(None) => {
+                    tokio::select! {
+                        _ = &mut wake => {}
+                        _ = tokio::time::sleep(inner.config.poll_every) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(worker = %self.name, "claiming a job failed: {e}");
+                    tokio::time::sleep(inner.config.poll_every).await;
+                }
+            }
+        }
+        tracing::info!(worker = %self.name, "worker stopped");
+    }
+
+    async fn run_job(&self, job: JobRow) -> anyhow::Result<()> {
+        let inner = &self.pool.inner;
+        let id = job.id;
+        let spec: TrainSpec = match serde_json::from_str(&job.spec_json) {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!("stored spec is invalid: {e}");
+                inner
+                    .store
+                    .finish_job(id, JobStatus::Failed, Some(&msg))
+                    .await?;
+                self.pool.publish(
+                    id,
+                    JobEventKind::Status {
+                        status: JobStatus::Failed,
+                        error: Some(msg),
+                    },
+                );
+                return Ok(());
+            }
+        };
+        let run_dir = inner.runs_dir.join(id.to_string());
+        std::fs::create_dir_all(&run_dir)?;
+        inner
+            .store
+            .set_job_run_dir(id, &run_dir.to_string_lossy())
+            .await?;
+        let cancel = inner.cancels.lock().unwrap().entry(id).or_default().clone();
+        if inner.shutting_down.load(Ordering::SeqCst) {
+            cancel.flag.store(true, Ordering::SeqCst);
+        }
+        tracing::info!(job = id, worker = %self.name, device = %self.device_name, attempt = job.attempts, "job started");
+        self.pool.publish(
+            id,
+            JobEventKind::Status {
+                status: JobStatus::Running,
+                error: None,
+            },
+        );
+
+        let (tx, rx) = mpsc::unbounded_channel::<Msg>();
+        let opts = RunOptions {
+            out_dir: run_dir,
+            device: self.device.clone(),
+            resume: true,
+        };
+        let trainer = inner.trainer.clone();
+        let flag = cancel.flag.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("train-job-{id}"))
+            .spawn(move || {
+                let events = tx.clone();
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let mut sink = |ev: TrainEvent| {
+                        let _ = events.send(Msg::Event(ev));
+                    };
+                    trainer.run(&spec, &opts, &mut sink, &flag)
+                }));
+                let result = match result {
+                    Ok(Ok(summary)) => Ok(summary),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(panic) => Err(format!("trainer panicked: {}", panic_message(&*panic))),
+                };
+                let _ = tx.send(Msg::Done(result));
+            });
+        let outcome = match thread {
+            Ok(handle) => {
+                let r = self.consume(id, rx).await;
+                let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+                r?
+            }
+            Err(e) => Err(format!("cannot spawn the trainer thread: {e}")),
+        };
+        inner.cancels.lock().unwrap().remove(&id);
+        inner.live.lock().unwrap().remove(&id);
+
+        let (status, error) = match outcome {
+            Ok(s) if !s.cancelled => (JobStatus::Succeeded, None),
+            Ok(_) => {
+                if cancel.by_user.load(Ordering::SeqCst) || !self.pool.is_shutting_down() {
+                    (JobStatus::Cancelled, None)
+                } else {
+                    (JobStatus::Queued, None)
+                }
+            }
+            Err(msg) => (JobStatus::Failed, Some(msg)),
+        };
+        let changed = inner.store.finish_job(id, status, error.as_deref()).await?;
+        if changed {
+            match &error {
+                Some(e) => tracing::warn!(job = id, "job failed: {e}"),
+                None => tracing::info!(job = id, status = %status, "job ended"),
+            }
+            self.pool
+                .publish(id, JobEventKind::Status { status, error });
+        }
+        Ok(())
+    }
+
+    /// Persist the trainer's events until it is done. Step rows are buffered and written in
+    /// one transaction every `flush_every` or `flush_rows`; other events flush first so rows
+    /// stay in step order relative to them.
+    async fn consume(
+        &self,
+        id: i64,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+    ) -> anyhow::Result<Result<Summary, String>> {
+        let inner = &self.pool.inner;
+        let mut buf: Vec<MetricRow> = Vec::new();
+        let mut progress = Progress::default();
+        let mut total_steps = 0u64;
+        let mut ticker = tokio::time::interval(inner.config.flush_every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(Msg::Event(TrainEvent::Step(s))) => {
+                        if s.skipped {
+                            progress.skipped_steps += 1;
+                        }
+                        progress.step = s.step as i64;
+                        progress.epoch = s.epoch as i64;
+                        progress.loss = Some(s.loss);
+                        progress.lr = Some(s.lr);
+                        progress.loss_scale = Some(s.loss_scale);
+                        progress.tokens_per_s = Some(s.tokens_per_s);
+                        progress.step_ms = Some(s.step_ms);
+                        inner.live.lock().unwrap().insert(id, LiveJob {
+                            worker: self.name.clone(),
+                            device: self.device_name.clone(),
+                            step: s.step,
+                            total_steps,
+                            loss: s.loss,
+                            loss_scale: s.loss_scale,
+                            skipped_steps: progress.skipped_steps as u64,
+                            tokens_per_s: s.tokens_per_s,
+                            steps_per_s: if s.step_ms > 0.0 { 1000.0 / s.step_ms } else { 0.0 },
+                        });
+                        buf.push(metric_row(&s));
+                        self.pool.publish(id, JobEventKind::Step(s));
+                        if buf.len() >= inner.config.flush_rows {
+                            self.flush(id, &mut buf, &progress).await?;
+                        }
+                    }
+                    Some(Msg::Event(ev)) => {
+                        self.flush(id, &mut buf, &progress).await?;
+                        self.handle_event(id, ev, &mut progress, &mut total_steps).await?;
+                    }
+                    Some(Msg::Done(result)) => {
+                        self.flush(id, &mut buf, &progress).await?;
+                        return Ok(result);
+                    }
+                    None => {
+                        self.flush(id, &mut buf, &progress).await?;
+                        return Ok(Err("the trainer thread exited without a result".into()));
+                    }
+                },
+                _ = ticker.tick() => {
+                    self.flush(id, &mut buf, &progress).await?;
+                }
+            }
+        }
+    }
+
+    async fn flush(
+        &self,
+        id: i64,
+        buf: &mut Vec<MetricRow>,
+        progress: &Progress,
+    ) -> anyhow::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let store = &self.pool.inner.store;
+        store.insert_metrics(id, buf).await?;
+        store.set_job_progress(id, progress).await?;
+        let mut st = self.pool.inner.write_stats.lock().unwrap();
+        st.flushes += 1;
+        st.rows += buf.len() as u64;
+        st.seconds += t.elapsed().as_secs_f64();
+        buf.clear();
+        Ok(())
+    }
+
+    async fn handle_event(
+        &self,
+        id: i64,
+        ev: TrainEvent,
+        progress: &mut Progress,
+        total_steps: &mut u64,
+    ) -> anyhow::Result<()> {
+        let store = &self.pool.inner.store;
+        match ev {
+            TrainEvent::Started(info) => {
+                let from = info.resumed_from_step as i64;
+                // A resumed run rewrites everything after its checkpoint.
+                let m = store.delete_metrics_after(id, from).await?;
+                store.delete_validations_after(id, from).await?;
+                store.delete_checkpoints_after(id, from).await?;
+                let skipped = store.count_skipped_steps(id, from).await?;
+                store
+                    .set_job_started(id, info.total_steps as i64, from, skipped)
+                    .await?;
+                *progress = Progress {
+                    step: from,
+                    skipped_steps: skipped,
+                    ..Progress::default()
+                };
+                *total_steps = info.total_steps;
+                if from > 0 {
+                    tracing::info!(
+                        job = id,
+                        step = from,
+                        replaced_rows = m,
+                        "job resumed from checkpoint"
+                    );
+                }
+                self.pool.publish(id, JobEventKind::Started(info));
+            }
+            TrainEvent::Validation(v) => {
+                store
+                    .insert_validation(
+                        id,
+                        &ValidationRow {
+                            step: v.step as i64,
+                            epoch: v.epoch as i64,
+                            val_loss: Some(v.val_loss),
+                            bleu: Some(v.bleu),
+                            chrf: Some(v.chrf),
+                            cer: Some(v.cer),
+                            wer: Some(v.wer),
+                            sentences: v.sentences as i64,
+                            samples_json: serde_json::to_string(&v.samples)?,
+                            created_at: String::new(),
+                        },
+                    )
+                    .await?;
+                store
+                    .set_job_validation(id, v.step as i64, v.val_loss, v.bleu, v.chrf)
+                    .await?;
+                self.pool.publish(id, JobEventKind::Validation(v));
+            }
+            TrainEvent::Checkpoint(c) => {
+                let removed: Vec<String> = c
+                    .removed
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
+                store
+                    .record_checkpoint(
+                        id,
+                        &NewCheckpoint {
+                            step: c.step as i64,
+                            epoch: c.epoch as i64,
+                            path: c.path.to_string_lossy().into_owned(),
+                            size_bytes: c.size_bytes as i64,
+                            sha256: c.sha256.clone(),
+                            val_bleu: c.val_bleu,
+                            is_best: c.is_best,
+                        },
+                        &removed,
+                    )
+                    .await?;
+                self.pool.publish(id, JobEventKind::Checkpoint(c));
+            }
+            TrainEvent::Finished(s) => {
+                // Skipped steps are counted from the stored rows (the summary may only cover
+                // this attempt).
+                progress.loss_scale = Some(s.final_loss_scale);
+                store.set_job_progress(id, progress).await?;
+                self.pool.publish(id, JobEventKind::Finished(s));
+            }
+            TrainEvent::Step(_) => unreachable!("steps are buffered by the caller"),
+        }
+        Ok(())
+    }
+}
+
+fn metric_row(s: &StepRecord) -> MetricRow {
+    MetricRow {
+        step: s.step as i64,
+        epoch: s.epoch as i64,
+        loss: Some(s.loss),
+        lr: Some(s.lr),
+        loss_scale: Some(s.loss_scale),
+        found_inf: s.found_inf,
+        skipped: s.skipped,
+        grad_norm: Some(s.grad_norm),
+        tokens_per_s: Some(s.tokens_per_s),
+        step_ms: Some(s.step_ms),
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".into()
+    }
+}
