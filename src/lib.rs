@@ -5,4 +5,5 @@
 //! tokio, sqlx or axum; the server (`store`, `worker`, `http`) is built on top of them.
 
 pub mod config;
+pub mod kernels;
 pub mod train;
