@@ -171,7 +171,7 @@ pub fn adam_update(
 }
 
 /// The same update with candle ops (off-CPU, and the test oracle).
-pub(crate) fn reference(
+pub fn reference(
     p: &Var,
     g: &Tensor,
     m: &Var,

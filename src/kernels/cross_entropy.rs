@@ -63,12 +63,7 @@ pub fn cross_entropy_ls(
 }
 
 /// The straightforward differentiable composition (used off-CPU and as the test oracle).
-pub(crate) fn reference(
-    logits: &Tensor,
-    targets: &Tensor,
-    pad_id: u32,
-    eps: f64,
-) -> Result<Tensor> {
+pub fn reference(logits: &Tensor, targets: &Tensor, pad_id: u32, eps: f64) -> Result<Tensor> {
     let x = logits.to_dtype(DType::F32)?;
     let max = x.max_keepdim(D::Minus1)?;
     let diff = x.broadcast_sub(&max)?;

@@ -63,7 +63,7 @@ pub fn layer_norm(
 }
 
 /// The straightforward differentiable composition (used off-CPU and as the test oracle).
-pub(crate) fn reference(
+pub fn reference(
     x: &Tensor,
     alpha: &Tensor,
     beta: &Tensor,

@@ -21,8 +21,17 @@ mod softmax;
 pub use adam::{adam_update, sum_squares, AdamHp};
 pub use cross_entropy::cross_entropy_ls;
 pub use layer_norm::layer_norm;
-pub use matmul::{bf16_dot_available, matmul};
+pub use matmul::{bf16_dot_available, matmul, matmul_portable};
 pub use softmax::masked_softmax;
+
+/// The straightforward differentiable compositions of candle ops the fused kernels replace: the
+/// off-CPU fallbacks, the test oracles and the benchmark baselines.
+pub mod reference {
+    pub use super::adam::reference as adam_update;
+    pub use super::cross_entropy::reference as cross_entropy_ls;
+    pub use super::layer_norm::reference as layer_norm;
+    pub use super::softmax::reference as masked_softmax;
+}
 
 use candle_core::{CpuStorage, DType, Layout};
 use half::{bf16, f16};

@@ -56,7 +56,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) ->
 }
 
 /// The straightforward differentiable composition (used off-CPU and as the test oracle).
-pub(crate) fn reference(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) -> Result<Tensor> {
+pub fn reference(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) -> Result<Tensor> {
     let z = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(mask)?;
     let max = z.max_keepdim(candle_core::D::Minus1)?;
     let e = z.broadcast_sub(&max)?.exp()?;
