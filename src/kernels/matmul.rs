@@ -47,8 +47,23 @@ pub fn bf16_dot_available() -> bool {
 pub(crate) enum Kernel {
     /// `vdpbf16ps`; only valid when [`bf16_dot_available`].
     Avx512Bf16,
-    /// Same packed layout, f32 FMAs (any CPU).
+    /// Same packed B layout, AVX2 + FMA intrinsics with A expanded to f32 pairs; only valid
+    /// when [`avx2_fma_available`].
+    Avx2Fma,
+    /// Same packed layout, plain Rust f32 FMAs (any CPU).
     Portable,
+}
+
+/// Whether the AVX2+FMA micro-kernel can run here.
+pub(crate) fn avx2_fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// bf16 x bf16 -> bf16 matmul with f32 accumulation, batched like `Tensor::matmul`:
@@ -73,8 +88,9 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The same packed GEMM and backward with the portable f32-FMA micro-kernel (any CPU); bf16
-/// operands on the CPU only. For benchmarks and for checking the packing logic.
+/// The same packed GEMM and backward without `vdpbf16ps`: an AVX2+FMA micro-kernel where the
+/// CPU has one, plain Rust otherwise (bf16 operands on the CPU only). For CPUs without
+/// AVX512-BF16, for benchmarks and for checking the packing logic anywhere.
 pub fn matmul_portable(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.dtype() != DType::BF16 || b.dtype() != DType::BF16 || !a.device().is_cpu() {
         return Err(KernelError::UnsupportedDType {
@@ -88,7 +104,12 @@ pub fn matmul_portable(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         }
         .into());
     }
-    matmul_with(a, b, Kernel::Portable)
+    let kernel = if avx2_fma_available() {
+        Kernel::Avx2Fma
+    } else {
+        Kernel::Portable
+    };
+    matmul_with(a, b, kernel)
 }
 
 /// `matmul` with a chosen micro-kernel (inputs must be bf16 on the CPU).
@@ -337,6 +358,65 @@ unsafe fn kernel_avx512bf16(k2: usize, a: &[u32], b: &[u32], tile: &mut [f32; MR
     }
 }
 
+/// AVX2+FMA micro-kernel: B from the packed bf16-pair panel (widened with a shift and a mask),
+/// A from `af`, the micro-block expanded to f32 pairs `[p][MR][2]` (broadcast loads, no ALU work).
+///
+/// # Safety
+/// The CPU must support avx2 and fma; `af` holds `k2 * MR * 2` f32 and `b` `k2 * NR` u32s.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2fma(k2: usize, af: &[f32], b: &[u32], tile: &mut [f32; MR * NR]) {
+    use std::arch::x86_64::*;
+    const RH: usize = 4;
+    const CH: usize = 16;
+    let (ap, bp, tp) = (af.as_ptr(), b.as_ptr(), tile.as_mut_ptr());
+    let hi_mask = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    for rh in 0..MR / RH {
+        for ch in 0..NR / CH {
+            let mut acc = [[_mm256_setzero_ps(); 2]; RH];
+            for p in 0..k2 {
+                // SAFETY: p < k2; offsets stay within k2 * NR (b) and k2 * MR * 2 (af).
+                unsafe {
+                    let bq = bp.add(p * NR + ch * CH);
+                    let v0 = _mm256_loadu_si256(bq as *const __m256i);
+                    let v1 = _mm256_loadu_si256(bq.add(8) as *const __m256i);
+                    let b0lo = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+                    let b0hi = _mm256_castsi256_ps(_mm256_and_si256(v0, hi_mask));
+                    let b1lo = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+                    let b1hi = _mm256_castsi256_ps(_mm256_and_si256(v1, hi_mask));
+                    let aq = ap.add((p * MR + rh * RH) * 2);
+                    for (r, accr) in acc.iter_mut().enumerate() {
+                        let a0 = _mm256_broadcast_ss(&*aq.add(2 * r));
+                        let a1 = _mm256_broadcast_ss(&*aq.add(2 * r + 1));
+                        accr[0] = _mm256_fmadd_ps(a0, b0lo, accr[0]);
+                        accr[1] = _mm256_fmadd_ps(a0, b1lo, accr[1]);
+                        accr[0] = _mm256_fmadd_ps(a1, b0hi, accr[0]);
+                        accr[1] = _mm256_fmadd_ps(a1, b1hi, accr[1]);
+                    }
+                }
+            }
+            for (r, accr) in acc.iter().enumerate() {
+                // SAFETY: the tile holds MR * NR f32.
+                unsafe {
+                    let o = tp.add((rh * RH + r) * NR + ch * CH);
+                    _mm256_storeu_ps(o, accr[0]);
+                    _mm256_storeu_ps(o.add(8), accr[1]);
+                }
+            }
+        }
+    }
+}
+
+/// Expands a packed A micro-block of bf16 pairs into f32 pairs for the AVX2 kernel.
+fn widen_a(a: &[u32], out: &mut Vec<f32>) {
+    out.clear();
+    out.reserve(a.len() * 2);
+    for &v in a {
+        out.push(f32::from_bits(v << 16));
+        out.push(f32::from_bits(v & 0xffff_0000));
+    }
+}
+
 #[inline]
 fn run_kernel(kernel: Kernel, k2: usize, a: &[u32], b: &[u32], tile: &mut [f32; MR * NR]) {
     match kernel {
@@ -350,7 +430,27 @@ fn run_kernel(kernel: Kernel, k2: usize, a: &[u32], b: &[u32], tile: &mut [f32; 
             // SAFETY: feature presence checked above; slice lengths checked above.
             unsafe { kernel_avx512bf16(k2, a, b, tile) }
         }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2Fma => {
+            unreachable!("the AVX2 kernel takes widened A (run_kernel_avx2)")
+        }
         _ => kernel_portable(k2, a, b, tile),
+    }
+}
+
+#[inline]
+fn run_kernel_avx2(k2: usize, af: &[f32], b: &[u32], tile: &mut [f32; MR * NR]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(avx2_fma_available(), "AVX2 kernel on a CPU without it");
+        assert!(af.len() >= k2 * MR * 2 && b.len() >= k2 * NR);
+        // SAFETY: feature presence and slice lengths checked above.
+        unsafe { kernel_avx2fma(k2, af, b, tile) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (k2, af, b, tile);
+        unreachable!("Kernel::Avx2Fma is never chosen off x86_64")
     }
 }
 
@@ -408,19 +508,27 @@ fn gemm(
             cs: a_cs,
         };
         cb.par_chunks_mut(mc * n).enumerate().for_each_init(
-            || (Vec::new(), Box::new([0f32; MR * NR])),
-            |(apack, tile), (ci, cc)| {
+            || (Vec::new(), Vec::new(), Box::new([0f32; MR * NR])),
+            |(apack, awide, tile), (ci, cc)| {
                 let i0 = ci * mc;
                 let rows = cc.len() / n;
                 pack_a(a, am, i0, rows, k, apack);
+                if kernel == Kernel::Avx2Fma {
+                    widen_a(apack, awide);
+                }
                 let nblk = rows.div_ceil(MR);
                 for pi in 0..np {
                     let bpanel = &pb[pi * k2 * NR..(pi + 1) * k2 * NR];
                     let j0 = pi * NR;
                     let nj = NR.min(n - j0);
                     for blk in 0..nblk {
-                        let ablk = &apack[blk * k2 * MR..(blk + 1) * k2 * MR];
-                        run_kernel(kernel, k2, ablk, bpanel, tile);
+                        if kernel == Kernel::Avx2Fma {
+                            let ablk = &awide[blk * k2 * MR * 2..(blk + 1) * k2 * MR * 2];
+                            run_kernel_avx2(k2, ablk, bpanel, tile);
+                        } else {
+                            let ablk = &apack[blk * k2 * MR..(blk + 1) * k2 * MR];
+                            run_kernel(kernel, k2, ablk, bpanel, tile);
+                        }
                         let r_valid = MR.min(rows - blk * MR);
                         for r in 0..r_valid {
                             let o = (blk * MR + r) * n + j0;
@@ -509,6 +617,9 @@ mod tests {
 
     fn kernels() -> Vec<Kernel> {
         let mut k = vec![Kernel::Portable];
+        if avx2_fma_available() {
+            k.push(Kernel::Avx2Fma);
+        }
         if bf16_dot_available() {
             k.push(Kernel::Avx512Bf16);
         }
