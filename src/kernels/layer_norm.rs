@@ -12,7 +12,8 @@ const OP: &str = "layer_norm";
 /// `tutorial = true`: `alpha * (x - mean) / (std_unbiased + eps) + beta` (the tutorial
 /// Transformer's form); `tutorial = false`: `alpha * (x - mean) / sqrt(var_biased + eps) + beta`
 /// (torch.nn.LayerNorm). `alpha`, `beta`: (D) in any float dtype. The output has dtype `out`.
-/// Gradients flow to `x`, `alpha` and `beta`, computed in one fused pass.
+/// Gradients flow to `x`, `alpha` and `beta`, computed in one fused pass. As in PyTorch, the
+/// unbiased std of a single element (D = 1, tutorial form) is NaN.
 pub fn layer_norm(
     x: &Tensor,
     alpha: &Tensor,
