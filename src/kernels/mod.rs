@@ -9,7 +9,8 @@
 //! * [`layer_norm`]: tutorial (`alpha * (x - mean) / (std_unbiased + eps) + beta`) or standard form.
 //! * [`masked_softmax`]: `softmax(scores * scale + mask)` with a broadcast additive mask.
 //! * [`cross_entropy_ls`]: label-smoothed cross-entropy with an ignore index, fused gradient.
-//! * [`matmul`]: bf16 GEMM using AVX512-BF16 `vdpbf16ps`, with a backward through the same kernel.
+//! * [`matmul`]: packed bf16 GEMM (AVX512-BF16 `vdpbf16ps`, or an AVX2+FMA micro-kernel on CPUs
+//!   without it), with a backward through the same kernel.
 //! * [`adam_update`] / [`sum_squares`]: one-pass optimizer update and global squared norm.
 
 mod adam;
