@@ -1,8 +1,9 @@
 //! ampserve: train encoder-decoder Transformer translation models with automatic mixed
 //! precision (autocast, f32 master weights, dynamic loss scaling) and serve translations.
 //!
-//! Library modules `config`, `amp`, `ops`, `model`, `optim`, `data`, `train`, `infer` never
-//! import tokio, sqlx or axum; the server (`store`, `worker`, `http`) is built on top of them.
+//! Library modules `config`, `amp`, `ops`, `kernels`, `model`, `optim`, `data`, `train`,
+//! `infer` never import tokio, sqlx or axum; the server (`store`, `worker`, `http`) is built on
+//! top of them.
 
 pub mod amp;
 pub mod app;
@@ -11,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod http;
+pub mod kernels;
 pub mod model;
 pub mod ops;
 pub mod optim;

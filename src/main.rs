@@ -1,4 +1,10 @@
 use clap::{Parser, Subcommand};
+
+/// Training allocates and frees large activation and gradient buffers every step; glibc's
+/// malloc returns them to the kernel (munmap + page faults + zeroing on every step). mimalloc
+/// keeps them (tiny fp32 step, 2 cores: 1.9 s with glibc defaults, 1.5-1.7 s with mimalloc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 

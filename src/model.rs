@@ -674,6 +674,44 @@ mod tests {
         Ok(())
     }
 
+    /// The fused kernels give the same loss and gradients as the plain candle compositions.
+    #[test]
+    fn fused_ops_match_reference_ops_end_to_end() -> Result<()> {
+        let dev = Device::Cpu;
+        for (p, tol) in [
+            (Precision::Fp32, 1e-4f32),
+            (Precision::Bf16, 3e-2),
+            (Precision::F16, 1e-2),
+        ] {
+            let m = Transformer::new(&tiny(), 5, &dev)?;
+            let run = || -> Result<(f32, Vec<Tensor>)> {
+                let ac = Autocast::new(p);
+                let ctx = Ctx::new(&ac, true, 0.1, ops::step_rng(3, 9));
+                let (src, tin, tout) = batch(&dev);
+                let loss = m.loss(&ctx, &src, &tin, &tout, 0.1)?;
+                let g = loss.backward()?;
+                let grads = m
+                    .params
+                    .iter()
+                    .map(|(_, v)| g.get(v).unwrap().clone())
+                    .collect();
+                Ok((loss.to_scalar::<f32>()?, grads))
+            };
+            let (lf, gf) = run()?;
+            let (lr, gr) = ops::with_reference_ops(run)?;
+            assert!((lf - lr).abs() < tol * lr.abs(), "{p}: loss {lf} vs {lr}");
+            for ((n, _), (a, b)) in m.params.iter().zip(gf.iter().zip(&gr)) {
+                let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+                let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff <= tol * 10.0 * scale,
+                    "{p}: grad of {n} differs by {diff} (max {scale})"
+                );
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn autocast_dtypes() -> Result<()> {
         let dev = Device::Cpu;

@@ -3,19 +3,43 @@
 //! composition here is also the reference the fused kernels are tested against.
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward, so training
-//! never uses them.
+//! never uses them. The public functions dispatch to the fused CPU kernels in `crate::kernels`
+//! (each a candle `CustomOp` with its own backward; they fall back to candle compositions off the
+//! CPU); `reference` holds the straightforward compositions they are tested against. Set
+//! `AMPSERVE_REFERENCE_OPS=1` to train with the reference ops (for comparisons).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 use rand::{Rng, SeedableRng};
 
-/// Batched matmul (both operands already in the compute dtype).
-pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    a.matmul(b)
+thread_local! {
+    static FORCE_REFERENCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Layer norm over the last dim, computed in f32, output `out`.
-/// Tutorial form: `alpha * (x - mean) / (std_unbiased + eps) + beta`; standard form:
-/// `alpha * (x - mean) / sqrt(var_biased + eps) + beta`.
+fn use_reference() -> bool {
+    static R: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    FORCE_REFERENCE.with(|f| f.get())
+        || *R.get_or_init(|| std::env::var("AMPSERVE_REFERENCE_OPS").is_ok_and(|v| v == "1"))
+}
+
+/// Run `f` on this thread with the reference compositions instead of the fused kernels.
+pub fn with_reference_ops<T>(f: impl FnOnce() -> T) -> T {
+    FORCE_REFERENCE.with(|c| c.set(true));
+    let out = f();
+    FORCE_REFERENCE.with(|c| c.set(false));
+    out
+}
+
+/// Batched matmul (both operands already in the compute dtype). bf16 on the CPU goes through the
+/// packed bf16 GEMM (AVX512-BF16 `vdpbf16ps` where present, else AVX2+FMA); everything else
+/// through candle.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if use_reference() {
+        return reference::matmul(a, b);
+    }
+    crate::kernels::matmul(a, b)
+}
+
+/// Layer norm (see `reference::layer_norm`), fused.
 pub fn layer_norm(
     x: &Tensor,
     alpha: &Tensor,
@@ -24,63 +48,122 @@ pub fn layer_norm(
     tutorial: bool,
     out: DType,
 ) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?;
-    let d = x.dim(D::Minus1)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let sq = xc.sqr()?.sum_keepdim(D::Minus1)?;
-    let denom = if tutorial {
-        // unbiased std (N-1), eps added to the std
-        let n1 = (d.max(2) - 1) as f64;
-        (sq / n1)?.sqrt()?.affine(1.0, eps)?
-    } else {
-        ((sq / d as f64)? + eps)?.sqrt()?
-    };
-    let y = xc
-        .broadcast_div(&denom)?
-        .broadcast_mul(alpha)?
-        .broadcast_add(beta)?;
-    y.to_dtype(out)
+    if use_reference() {
+        return reference::layer_norm(x, alpha, beta, eps, tutorial, out);
+    }
+    crate::kernels::layer_norm(x, alpha, beta, eps, tutorial, out)
 }
 
-/// `softmax(scores * scale + mask)` over the last dim, in f32; `mask` is additive f32
-/// (0 or a large negative finite value, so a fully masked row is uniform, never NaN).
+/// Masked softmax (see `reference::masked_softmax`), fused.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) -> Result<Tensor> {
-    let s = scores
-        .to_dtype(DType::F32)?
-        .affine(scale, 0.0)?
-        .broadcast_add(mask)?;
-    let max = s.max_keepdim(D::Minus1)?.detach();
-    let e = s.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&sum)?.to_dtype(out)
+    if use_reference() {
+        return reference::masked_softmax(scores, mask, scale, out);
+    }
+    crate::kernels::masked_softmax(scores, mask, scale, out)
 }
 
-/// `log_softmax` over the last dim in f32.
-pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?;
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let xs = x.broadcast_sub(&max)?;
-    let lse = xs.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    xs.broadcast_sub(&lse)
-}
-
-/// torch.nn.CrossEntropyLoss(ignore_index=pad_id, label_smoothing=eps) on logits (N, V) and
-/// targets (N) u32: mean over non-pad rows of `(1-eps) * nll + eps * mean_c(-logp_c)`, f32.
+/// Label-smoothed cross-entropy (see `reference::cross_entropy_ls`), fused with its gradient.
 pub fn cross_entropy_ls(
     logits: &Tensor,
     targets: &Tensor,
     pad_id: u32,
     eps: f64,
 ) -> Result<Tensor> {
-    let logp = log_softmax(logits)?;
-    let v = logp.dim(1)?;
-    let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-    let smooth = logp.sum(1)?.neg()? / v as f64;
-    let per_row = ((nll * (1.0 - eps))? + (smooth? * eps)?)?;
-    let valid = targets.ne(pad_id)?.to_dtype(DType::F32)?;
-    let n = valid.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
-    (per_row * valid)?.sum_all()? / n
+    if use_reference() {
+        return reference::cross_entropy_ls(logits, targets, pad_id, eps);
+    }
+    crate::kernels::cross_entropy_ls(logits, targets, pad_id, eps)
+}
+
+pub use reference::log_softmax;
+
+/// The straightforward differentiable compositions of candle ops.
+pub mod reference {
+    use candle_core::{DType, Result, Tensor, D};
+
+    /// Batched matmul through candle.
+    pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if a.rank() == b.rank() {
+            a.matmul(b)
+        } else {
+            a.broadcast_matmul(b)
+        }
+    }
+
+    /// Layer norm over the last dim, computed in f32, output `out`.
+    /// Tutorial form: `alpha * (x - mean) / (std_unbiased + eps) + beta`; standard form:
+    /// `alpha * (x - mean) / sqrt(var_biased + eps) + beta`.
+    pub fn layer_norm(
+        x: &Tensor,
+        alpha: &Tensor,
+        beta: &Tensor,
+        eps: f64,
+        tutorial: bool,
+        out: DType,
+    ) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let d = x.dim(D::Minus1)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let sq = xc.sqr()?.sum_keepdim(D::Minus1)?;
+        let denom = if tutorial {
+            // unbiased std (N-1), eps added to the std
+            let n1 = (d.max(2) - 1) as f64;
+            (sq / n1)?.sqrt()?.affine(1.0, eps)?
+        } else {
+            ((sq / d as f64)? + eps)?.sqrt()?
+        };
+        let y = xc
+            .broadcast_div(&denom)?
+            .broadcast_mul(alpha)?
+            .broadcast_add(beta)?;
+        y.to_dtype(out)
+    }
+
+    /// `softmax(scores * scale + mask)` over the last dim, in f32; `mask` is additive f32
+    /// (0 or a large negative finite value, so a fully masked row is uniform, never NaN).
+    pub fn masked_softmax(
+        scores: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+        out: DType,
+    ) -> Result<Tensor> {
+        let s = scores
+            .to_dtype(DType::F32)?
+            .affine(scale, 0.0)?
+            .broadcast_add(mask)?;
+        let max = s.max_keepdim(D::Minus1)?.detach();
+        let e = s.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        e.broadcast_div(&sum)?.to_dtype(out)
+    }
+
+    /// `log_softmax` over the last dim in f32.
+    pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let xs = x.broadcast_sub(&max)?;
+        let lse = xs.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        xs.broadcast_sub(&lse)
+    }
+
+    /// torch.nn.CrossEntropyLoss(ignore_index=pad_id, label_smoothing=eps) on logits (N, V) and
+    /// targets (N) u32: mean over non-pad rows of `(1-eps) * nll + eps * mean_c(-logp_c)`, f32.
+    pub fn cross_entropy_ls(
+        logits: &Tensor,
+        targets: &Tensor,
+        pad_id: u32,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let logp = log_softmax(logits)?;
+        let v = logp.dim(1)?;
+        let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        let smooth = logp.sum(1)?.neg()? / v as f64;
+        let per_row = ((nll * (1.0 - eps))? + (smooth? * eps)?)?;
+        let valid = targets.ne(pad_id)?.to_dtype(DType::F32)?;
+        let n = valid.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+        (per_row * valid)?.sum_all()? / n
+    }
 }
 
 /// Inverted dropout with a caller-owned, seeded RNG (candle's CPU RNG cannot be seeded, and

@@ -96,27 +96,18 @@ impl Adam {
     pub fn step(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
         let c = &self.cfg;
-        let (b1, b2) = (c.beta1, c.beta2);
-        let bc1 = 1.0 - b1.powi(self.t as i32);
-        let bc2 = 1.0 - b2.powi(self.t as i32);
+        let hp = crate::kernels::AdamHp {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            decoupled: c.decoupled,
+        };
         for (i, (_, p)) in self.params.iter().enumerate() {
-            let mut g = (grads[i].to_dtype(DType::F32)? * grad_scale)?;
-            let mut pv = p.as_tensor().clone();
-            if c.weight_decay > 0.0 {
-                if c.decoupled {
-                    pv = (pv * (1.0 - lr * c.weight_decay))?;
-                } else {
-                    g = (g + (&pv * c.weight_decay)?)?;
-                }
-            }
-            let m = ((self.m[i].as_tensor() * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((self.v[i].as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            // PyTorch: denom = sqrt(v) / sqrt(bc2) + eps; p -= lr / bc1 * m / denom
-            let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
-            let upd = ((&m / &denom)? * (lr / bc1))?;
-            p.set(&(pv - upd)?)?;
-            self.m[i].set(&m)?;
-            self.v[i].set(&v)?;
+            crate::kernels::adam_update(
+                p, &grads[i], &self.m[i], &self.v[i], &hp, self.t, grad_scale,
+            )?;
         }
         Ok(())
     }
@@ -155,12 +146,8 @@ impl Adam {
 
 /// Sum of squares of all gradients (f32 in, f64 out): one reduction per tensor, one host sync.
 pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
-    let mut parts = Vec::with_capacity(grads.len());
-    for g in grads {
-        parts.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
-    }
-    let total = Tensor::stack(&parts, 0)?.to_dtype(DType::F64)?.sum_all()?;
-    total.to_scalar::<f64>()
+    let refs: Vec<&Tensor> = grads.iter().collect();
+    crate::kernels::sum_squares(&refs)
 }
 
 /// Clipping coefficient for global-norm clipping (PyTorch's clip_grad_norm_: max_norm / (norm + 1e-6),
