@@ -81,6 +81,10 @@ pub use reference::log_softmax;
 pub mod reference {
     use candle_core::{DType, Result, Tensor, D};
 
+    /// Layer norm, masked softmax and label-smoothed cross-entropy as plain candle compositions
+    /// (the kernels' test oracles and off-CPU fallbacks).
+    pub use crate::kernels::reference::{cross_entropy_ls, layer_norm, masked_softmax};
+
     /// Batched matmul through candle.
     pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         if a.rank() == b.rank() {
@@ -90,54 +94,6 @@ pub mod reference {
         }
     }
 
-    /// Layer norm over the last dim, computed in f32, output `out`.
-    /// Tutorial form: `alpha * (x - mean) / (std_unbiased + eps) + beta`; standard form:
-    /// `alpha * (x - mean) / sqrt(var_biased + eps) + beta`.
-    pub fn layer_norm(
-        x: &Tensor,
-        alpha: &Tensor,
-        beta: &Tensor,
-        eps: f64,
-        tutorial: bool,
-        out: DType,
-    ) -> Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?;
-        let d = x.dim(D::Minus1)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let sq = xc.sqr()?.sum_keepdim(D::Minus1)?;
-        let denom = if tutorial {
-            // unbiased std (N-1), eps added to the std
-            let n1 = (d.max(2) - 1) as f64;
-            (sq / n1)?.sqrt()?.affine(1.0, eps)?
-        } else {
-            ((sq / d as f64)? + eps)?.sqrt()?
-        };
-        let y = xc
-            .broadcast_div(&denom)?
-            .broadcast_mul(alpha)?
-            .broadcast_add(beta)?;
-        y.to_dtype(out)
-    }
-
-    /// `softmax(scores * scale + mask)` over the last dim, in f32; `mask` is additive f32
-    /// (0 or a large negative finite value, so a fully masked row is uniform, never NaN).
-    pub fn masked_softmax(
-        scores: &Tensor,
-        mask: &Tensor,
-        scale: f64,
-        out: DType,
-    ) -> Result<Tensor> {
-        let s = scores
-            .to_dtype(DType::F32)?
-            .affine(scale, 0.0)?
-            .broadcast_add(mask)?;
-        let max = s.max_keepdim(D::Minus1)?.detach();
-        let e = s.broadcast_sub(&max)?.exp()?;
-        let sum = e.sum_keepdim(D::Minus1)?;
-        e.broadcast_div(&sum)?.to_dtype(out)
-    }
-
     /// `log_softmax` over the last dim in f32.
     pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
@@ -145,24 +101,6 @@ pub mod reference {
         let xs = x.broadcast_sub(&max)?;
         let lse = xs.exp()?.sum_keepdim(D::Minus1)?.log()?;
         xs.broadcast_sub(&lse)
-    }
-
-    /// torch.nn.CrossEntropyLoss(ignore_index=pad_id, label_smoothing=eps) on logits (N, V) and
-    /// targets (N) u32: mean over non-pad rows of `(1-eps) * nll + eps * mean_c(-logp_c)`, f32.
-    pub fn cross_entropy_ls(
-        logits: &Tensor,
-        targets: &Tensor,
-        pad_id: u32,
-        eps: f64,
-    ) -> Result<Tensor> {
-        let logp = log_softmax(logits)?;
-        let v = logp.dim(1)?;
-        let nll = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-        let smooth = logp.sum(1)?.neg()? / v as f64;
-        let per_row = ((nll * (1.0 - eps))? + (smooth? * eps)?)?;
-        let valid = targets.ne(pad_id)?.to_dtype(DType::F32)?;
-        let n = valid.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
-        (per_row * valid)?.sum_all()? / n
     }
 }
 
