@@ -262,8 +262,7 @@ fn save_checkpoint(
     spec: &TrainSpec,
     dir: &Path,
     model: &Transformer,
-    opt: &Adam,
-    scaler: &GradScaler,
+    stepper: &Stepper,
     st: &mut RunState,
     t0: Instant,
     sink: &mut dyn FnMut(TrainEvent),
@@ -273,8 +272,8 @@ fn save_checkpoint(
         step: st.step,
         epoch: st.epoch,
         batch_pos: st.batch_pos,
-        adam_t: opt.t,
-        scaler: scaler.state(),
+        adam_t: stepper.opt.t,
+        scaler: stepper.scaler.state(),
         seed: spec.train.seed,
         spec: spec.clone(),
         model: model.cfg.clone(),
@@ -292,7 +291,7 @@ fn save_checkpoint(
         .into_iter()
         .map(|(n, t)| (format!("param.{n}"), t))
         .collect();
-    tensors.extend(opt.state_tensors());
+    tensors.extend(stepper.opt.state_tensors());
     let path = checkpoint::write(dir, &mut meta, tensors).map_err(TrainError::Checkpoint)?;
     let removed = checkpoint::retain(dir, spec.checkpoint.keep_last);
     let is_best = checkpoint::best(dir).is_some_and(|(m, _)| m.step == st.step);
@@ -384,13 +383,7 @@ pub fn run(
     );
     let dev: Device = opts.device.clone();
     let model = Transformer::new(&mcfg, spec.train.seed, &dev)?;
-    let Stepper {
-        mut opt,
-        mut scaler,
-        sched,
-        ac,
-        ..
-    } = Stepper::new(spec, &model)?;
+    let mut stepper = Stepper::new(spec, &model)?;
 
     let mut st = RunState {
         step: 0,
@@ -415,8 +408,8 @@ pub fn run(
             }
             let tensors = checkpoint::load_tensors(&path, &dev).map_err(TrainError::Checkpoint)?;
             model.load_named(&|n| tensors.get(&format!("param.{n}")).cloned())?;
-            opt.load_state(meta.adam_t, &tensors)?;
-            scaler.load_state(meta.scaler.clone());
+            stepper.opt.load_state(meta.adam_t, &tensors)?;
+            stepper.scaler.load_state(meta.scaler.clone());
             st.step = meta.step;
             st.epoch = meta.epoch;
             st.batch_pos = meta.batch_pos;
@@ -457,16 +450,6 @@ pub fn run(
         device: format!("{dev:?}"),
     }));
 
-    let mut stepper = Stepper {
-        opt,
-        scaler,
-        sched,
-        ac,
-        seed: tr.seed,
-        dropout: spec.model.dropout,
-        label_smoothing: tr.label_smoothing,
-        clip: tr.clip_grad_norm,
-    };
     let mut cancelled = false;
     let max_steps = if tr.max_steps > 0 {
         tr.max_steps as u64
@@ -516,30 +499,12 @@ pub fn run(
                 if st.last_bleu.map(|(s, _)| s) != Some(st.step) {
                     run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?;
                 }
-                save_checkpoint(
-                    spec,
-                    &ckpt_dir,
-                    &model,
-                    &stepper.opt,
-                    &stepper.scaler,
-                    &mut st,
-                    t0,
-                    sink,
-                )?;
+                save_checkpoint(spec, &ckpt_dir, &model, &stepper, &mut st, t0, sink)?;
                 continue 'epochs;
             }
             let every = spec.checkpoint.every_steps as u64;
             if every > 0 && st.step.is_multiple_of(every) {
-                save_checkpoint(
-                    spec,
-                    &ckpt_dir,
-                    &model,
-                    &stepper.opt,
-                    &stepper.scaler,
-                    &mut st,
-                    t0,
-                    sink,
-                )?;
+                save_checkpoint(spec, &ckpt_dir, &model, &stepper, &mut st, t0, sink)?;
             }
         }
         // an empty plan (or a resume exactly at an epoch boundary): next epoch
@@ -550,16 +515,7 @@ pub fn run(
         run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?;
     }
     if st.last_ckpt_step != Some(st.step) || st.step == 0 {
-        save_checkpoint(
-            spec,
-            &ckpt_dir,
-            &model,
-            &stepper.opt,
-            &stepper.scaler,
-            &mut st,
-            t0,
-            sink,
-        )?;
+        save_checkpoint(spec, &ckpt_dir, &model, &stepper, &mut st, t0, sink)?;
     }
     let best = checkpoint::best(&ckpt_dir);
     let summary = Summary {
