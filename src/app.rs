@@ -1,9 +1,11 @@
 //! Wiring: settings from the command line / environment, the store, the worker pool, the HTTP
 //! router, and graceful shutdown.
 
+use crate::config::Precision;
 use crate::http::{self, AppState, HttpStats, Settings};
+use crate::infer::{BatcherConfig, CacheConfig, ModelCache};
 use crate::store::Store;
-use crate::worker::{parse_devices, CandleTrainer, PoolConfig, PoolHandle, Trainer};
+use crate::worker::{parse_devices, CandleTrainer, DeviceSpec, PoolConfig, PoolHandle, Trainer};
 use anyhow::Context;
 use axum::Router;
 use std::path::{Path, PathBuf};
@@ -40,6 +42,20 @@ pub struct ServeArgs {
     /// Largest corpus upload, in MiB.
     #[arg(long, env = "AMPSERVE_MAX_UPLOAD_MB", default_value_t = 256)]
     pub max_upload_mb: u64,
+    /// Device for translation: `cpu`, `cuda:N`, or `auto` (the first CUDA training device,
+    /// else the CPU).
+    #[arg(long, env = "AMPSERVE_TRANSLATE_DEVICE", default_value = "auto")]
+    pub translate_device: String,
+    /// Compute dtype for translation: `auto` (f16 on CUDA, f32 on CPU), `fp32`, `f16`, `bf16`.
+    /// Weights are stored f16 either way.
+    #[arg(long, env = "AMPSERVE_TRANSLATE_COMPUTE", default_value = "auto")]
+    pub translate_compute: String,
+    /// Models kept loaded for translation (least recently used unloaded first).
+    #[arg(long, env = "AMPSERVE_MAX_LOADED_MODELS", default_value_t = 4)]
+    pub max_loaded_models: usize,
+    /// Translation requests that may wait per model before new ones get 429.
+    #[arg(long, env = "AMPSERVE_TRANSLATE_QUEUE", default_value_t = 64)]
+    pub translate_queue: usize,
 }
 
 impl Default for ServeArgs {
@@ -53,6 +69,10 @@ impl Default for ServeArgs {
             protect_reads: false,
             configs_dir: PathBuf::from("configs"),
             max_upload_mb: 256,
+            translate_device: "auto".into(),
+            translate_compute: "auto".into(),
+            max_loaded_models: 4,
+            translate_queue: 64,
         }
     }
 }
@@ -102,6 +122,7 @@ pub async fn build_app_with(
     pool_config: PoolConfig,
 ) -> anyhow::Result<App> {
     let devices = parse_devices(&args.devices)?;
+    let models = Arc::new(model_cache(args, &devices)?);
     let data_dir = &args.data_dir;
     let corpora_dir = data_dir.join("corpora");
     let runs_dir = data_dir.join("runs");
@@ -160,6 +181,7 @@ pub async fn build_app_with(
         settings: Arc::new(settings),
         stats: Arc::new(HttpStats::default()),
         shutdown: shutdown_rx,
+        models,
     };
     let router = http::router(state.clone());
     Ok(App {
@@ -169,6 +191,44 @@ pub async fn build_app_with(
         shutdown_tx,
         _lock: lock,
     })
+}
+
+/// The translation model cache on the translation device.
+fn model_cache(args: &ServeArgs, devices: &[DeviceSpec]) -> anyhow::Result<ModelCache> {
+    let spec = match args.translate_device.as_str() {
+        "auto" | "" => devices
+            .iter()
+            .find(|d| matches!(d, DeviceSpec::Cuda(_)))
+            .copied()
+            .unwrap_or(DeviceSpec::Cpu),
+        other => other
+            .parse::<DeviceSpec>()
+            .with_context(|| "--translate-device".to_string())?,
+    };
+    let device = spec.open()?;
+    let compute = match args.translate_compute.as_str() {
+        "auto" | "" => None,
+        other => Some(
+            other
+                .parse::<Precision>()
+                .map_err(|e| anyhow::anyhow!("--translate-compute: {}", e.message))?,
+        ),
+    };
+    if args.max_loaded_models == 0 || args.translate_queue == 0 {
+        anyhow::bail!("--max-loaded-models and --translate-queue must be at least 1");
+    }
+    Ok(ModelCache::new(
+        device,
+        CacheConfig {
+            max_models: args.max_loaded_models,
+            compute,
+            batcher: BatcherConfig {
+                queue_capacity: args.translate_queue,
+                ..BatcherConfig::default()
+            },
+            ..CacheConfig::default()
+        },
+    ))
 }
 
 async fn shutdown_signal() {

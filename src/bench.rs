@@ -259,3 +259,161 @@ pub fn run_train_bench(a: &BenchTrainArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Serialize)]
+pub struct DecodeBenchRecord {
+    pub kind: &'static str,
+    pub size: String,
+    pub compute: String,
+    pub device: String,
+    pub beam: usize,
+    pub batch: usize,
+    pub src_tokens: usize,
+    pub gen_tokens: usize,
+    pub iters: usize,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub sent_per_s: f64,
+    /// Sentences whose output equals the fp32 compute's (same weights, same inputs).
+    pub agree_vs_fp32: Option<f64>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchTranslateArgs {
+    /// tiny | small | tutorial (the reference's presets)
+    #[arg(long, default_value = "small")]
+    pub size: String,
+    /// Comma-separated compute dtypes (weights are stored f16 in every case)
+    #[arg(long, default_value = "fp32,f16,bf16")]
+    pub compute: String,
+    /// Comma-separated beam sizes (1 = greedy)
+    #[arg(long, default_value = "1,4")]
+    pub beam: String,
+    /// Comma-separated batch sizes
+    #[arg(long, default_value = "1,32")]
+    pub batch: String,
+    /// Words per source sentence (the reference: 20, plus SOS/EOS)
+    #[arg(long, default_value_t = 20)]
+    pub src_words: usize,
+    /// Tokens generated per sentence (EOS is never emitted, so the work is fixed, as in the reference)
+    #[arg(long, default_value_t = 20)]
+    pub gen_tokens: usize,
+    /// Timed decodes per case (after one warm-up)
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+fn percentile(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let i = ((s.len() as f64 - 1.0) * q).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+/// Time KV-cached decoding of a random model at preset size: sources of `src_words` random
+/// words, exactly `gen_tokens` generated tokens (EOS banned), per compute dtype, beam and batch.
+pub fn run_translate_bench(a: &BenchTranslateArgs) -> anyhow::Result<()> {
+    use crate::amp::Autocast;
+    use crate::infer::decode::{self, DecodeOptions};
+    let p = preset(&a.size)?;
+    let dev = crate::cli::parse_device(&a.device)?;
+    let list = |s: &str| -> anyhow::Result<Vec<usize>> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(|x| {
+                x.parse::<usize>()
+                    .map_err(|e| anyhow::anyhow!("`{x}`: {e}"))
+            })
+            .collect()
+    };
+    let (beams, batches) = (list(&a.beam)?, list(&a.batch)?);
+    let cfg = Config {
+        src_vocab: p.vocab,
+        tgt_vocab: p.vocab,
+        d_model: p.d_model,
+        layers: p.layers,
+        heads: p.heads,
+        d_ff: p.d_ff,
+        dropout: 0.1,
+        tutorial_layer_norm: true,
+        norm_eps: 1e-6,
+        max_positions: (a.src_words + 2).max(a.gen_tokens + 1) + 8,
+    };
+    let model = Transformer::new(&cfg, 0, &dev)?;
+    // weights as an export stores them: rounded to f16
+    let stored: std::collections::HashMap<String, candle_core::Tensor> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(candle_core::DType::F16)?)))
+        .collect::<candle_core::Result<_>>()?;
+    model.load_named(&|n| stored.get(n).cloned())?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let max_batch = batches.iter().copied().max().unwrap_or(1);
+    let sources: Vec<Vec<u32>> = (0..max_batch)
+        .map(|_| {
+            let mut v = vec![data::SOS_ID];
+            v.extend((0..a.src_words).map(|_| rng.gen_range(4..p.vocab as u32)));
+            v.push(data::EOS_ID);
+            v
+        })
+        .collect();
+    let mut fp32_out: std::collections::HashMap<(usize, usize), Vec<Vec<u32>>> = Default::default();
+    for name in a
+        .compute
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let prec: Precision = name.parse()?;
+        let ac = Autocast::new(prec);
+        for &beam in &beams {
+            for &batch in &batches {
+                let opts = DecodeOptions {
+                    beam_size: beam,
+                    alpha: 0.6,
+                    ban_unk: true,
+                    ignore_eos: true,
+                };
+                let src = &sources[..batch];
+                let limits = vec![a.gen_tokens; batch];
+                let mut out = decode::decode(&model, &ac, src, &limits, &opts)?;
+                let mut times = Vec::with_capacity(a.iters);
+                for _ in 0..a.iters.max(1) {
+                    let t0 = Instant::now();
+                    out = decode::decode(&model, &ac, src, &limits, &opts)?;
+                    times.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+                let toks: Vec<Vec<u32>> = out.into_iter().map(|h| h.tokens).collect();
+                let agree = if prec == Precision::Fp32 {
+                    fp32_out.insert((beam, batch), toks);
+                    Some(1.0)
+                } else {
+                    fp32_out.get(&(beam, batch)).map(|r| {
+                        r.iter().zip(&toks).filter(|(x, y)| x == y).count() as f64 / batch as f64
+                    })
+                };
+                let p50 = percentile(&times, 0.5);
+                let rec = DecodeBenchRecord {
+                    kind: "decode",
+                    size: p.name.into(),
+                    compute: prec.as_str().into(),
+                    device: format!("{dev:?}"),
+                    beam,
+                    batch,
+                    src_tokens: a.src_words + 2,
+                    gen_tokens: a.gen_tokens,
+                    iters: times.len(),
+                    p50_ms: p50,
+                    p95_ms: percentile(&times, 0.95),
+                    sent_per_s: batch as f64 * 1e3 / p50,
+                    agree_vs_fp32: agree,
+                };
+                println!("{}", serde_json::to_string(&rec)?);
+            }
+        }
+    }
+    Ok(())
+}

@@ -225,3 +225,127 @@ pub fn train(args: TrainArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// The run directory (holds `checkpoints/` and `tokenizers/`)
+    #[arg(long, value_name = "DIR")]
+    pub run: PathBuf,
+    /// best | latest | <step>
+    #[arg(long, default_value = "best")]
+    pub checkpoint: String,
+    /// Output directory (must not exist); default <run>/model-<checkpoint>
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Model name in the manifest (default: the run directory's name @ step)
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `ampserve export`: write an f16 model directory and print its manifest.
+pub fn export(a: ExportArgs) -> anyhow::Result<()> {
+    use crate::infer::{export, CheckpointChoice};
+    let choice: CheckpointChoice = a
+        .checkpoint
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let out = a
+        .out
+        .unwrap_or_else(|| a.run.join(format!("model-{choice}")));
+    let (meta, _) = export::find_checkpoint(&a.run, choice)?;
+    let name = a.name.unwrap_or_else(|| {
+        let run = a
+            .run
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("model");
+        format!("{run}@{}", meta.step)
+    });
+    let m = export::export(&a.run, choice, &out, &name, None)?;
+    eprintln!(
+        "exported step {} ({} parameters, {:.1} MB in f16) to {}",
+        m.step,
+        m.params,
+        m.total_bytes() as f64 / 1e6,
+        out.display()
+    );
+    println!("{}", serde_json::to_string_pretty(&m)?);
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TranslateArgs {
+    /// An exported model directory (from `ampserve export` or the server's `models/`)
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Sentences to translate; none: read one sentence per line from stdin
+    pub text: Vec<String>,
+    /// Beam size (1 = greedy)
+    #[arg(long, default_value_t = 1)]
+    pub beam: usize,
+    /// Length normalisation exponent for beam search
+    #[arg(long, default_value_t = 0.6)]
+    pub alpha: f64,
+    /// Longest output in tokens (default 1.5 * source words + 10)
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Sentences decoded together
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Device: cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: fp32 | f16 | bf16 (default: f32 on CPU, f16 on CUDA)
+    #[arg(long)]
+    pub compute: Option<Precision>,
+    /// Print one JSON object per sentence (text, tokens, score)
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ampserve translate`: one output line per input line (blank in, blank out), in order.
+pub fn translate(a: TranslateArgs) -> anyhow::Result<()> {
+    use crate::infer::{DecodeOptions, Translator};
+    use std::io::BufRead;
+    if !(1..=16).contains(&a.beam) {
+        anyhow::bail!("--beam must be in 1..=16");
+    }
+    let dev = parse_device(&a.device)?;
+    let t = Translator::load(&a.model, &dev, a.compute)?;
+    let opts = DecodeOptions {
+        beam_size: a.beam,
+        alpha: a.alpha,
+        ..DecodeOptions::default()
+    };
+    let lines: Vec<String> = if a.text.is_empty() {
+        std::io::stdin().lock().lines().collect::<Result<_, _>>()?
+    } else {
+        a.text.clone()
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for chunk in lines.chunks(a.batch.max(1)) {
+        let idx: Vec<usize> = (0..chunk.len())
+            .filter(|&i| !t.encode(&chunk[i]).is_empty())
+            .collect();
+        let texts: Vec<&str> = idx.iter().map(|&i| chunk[i].as_str()).collect();
+        let res = t.translate(&texts, &opts, a.max_length)?;
+        let mut results: Vec<Option<crate::infer::Translation>> = vec![None; chunk.len()];
+        for (&i, tr) in idx.iter().zip(res) {
+            results[i] = Some(tr);
+        }
+        for (src, tr) in chunk.iter().zip(results) {
+            match tr {
+                Some(tr) if a.json => writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"source": src, "text": tr.text,
+                        "source_tokens": tr.source_tokens, "tokens": tr.tokens, "score": tr.score})
+                )?,
+                Some(tr) => writeln!(out, "{}", tr.text)?,
+                None => writeln!(out)?,
+            }
+        }
+    }
+    Ok(())
+}

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod http;
+pub mod infer;
 pub mod kernels;
 pub mod model;
 pub mod ops;

@@ -25,7 +25,11 @@ enum Cmd {
     Serve(ampserve::app::ServeArgs),
     /// Train (or resume) a model from a TOML spec, e.g. `ampserve train --config configs/tiny.toml`
     Train(ampserve::cli::TrainArgs),
-    /// Benchmarks: `ampserve bench train --size tiny --precision fp32,bf16,f16`
+    /// Export a run's checkpoint as an f16 model directory for translation
+    Export(ampserve::cli::ExportArgs),
+    /// Translate sentences (arguments, or stdin lines) with an exported model
+    Translate(ampserve::cli::TranslateArgs),
+    /// Benchmarks: `ampserve bench train --size tiny --precision fp32,bf16,f16`, `ampserve bench translate`
     #[command(subcommand)]
     Bench(BenchCmd),
 }
@@ -34,6 +38,8 @@ enum Cmd {
 enum BenchCmd {
     /// Time training steps at the PyTorch reference's sizes; one JSON line per precision
     Train(ampserve::bench::BenchTrainArgs),
+    /// Time KV-cached greedy/beam decoding at the reference's sizes; one JSON line per case
+    Translate(ampserve::bench::BenchTranslateArgs),
 }
 
 fn init_tracing() {
@@ -57,6 +63,9 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(ampserve::app::serve(args)),
         Cmd::Train(a) => ampserve::cli::train(a, Arc::new(AtomicBool::new(false))),
+        Cmd::Export(a) => ampserve::cli::export(a),
+        Cmd::Translate(a) => ampserve::cli::translate(a),
         Cmd::Bench(BenchCmd::Train(a)) => ampserve::bench::run_train_bench(&a),
+        Cmd::Bench(BenchCmd::Translate(a)) => ampserve::bench::run_translate_bench(&a),
     }
 }

@@ -297,6 +297,23 @@ pub struct DecoderCache {
     pub len: usize,
 }
 
+impl DecoderCache {
+    /// Keep and reorder rows (batch entries) of every cached tensor: row `i` of the result is
+    /// row `idx[i]` of the cache. Beam search reorders hypotheses with it; batched decoding
+    /// drops finished sentences with it.
+    pub fn select(&mut self, idx: &Tensor) -> Result<()> {
+        for kv in self.self_kv.iter_mut().flatten() {
+            kv.k = kv.k.index_select(idx, 0)?;
+            kv.v = kv.v.index_select(idx, 0)?;
+        }
+        for kv in &mut self.cross_kv {
+            kv.k = kv.k.index_select(idx, 0)?;
+            kv.v = kv.v.index_select(idx, 0)?;
+        }
+        Ok(())
+    }
+}
+
 pub struct Transformer {
     pub cfg: Config,
     src_emb: Tensor,
@@ -559,56 +576,6 @@ impl Transformer {
         }
         Ok(())
     }
-}
-
-/// Batched greedy decoding with the KV cache. Returns, per sentence, the generated ids
-/// (without SOS, up to and excluding EOS).
-pub fn greedy_decode(
-    model: &Transformer,
-    ac: &Autocast,
-    src: &Tensor,
-    max_len: &[usize],
-    sos: u32,
-    eos: u32,
-) -> Result<Vec<Vec<u32>>> {
-    let ctx = Ctx::eval(ac);
-    ac.new_step();
-    let b = src.dim(0)?;
-    let sm = src_mask(src)?;
-    let memory = model.encode(&ctx, src, &sm)?;
-    let mut cache = model.start_decoding(&ctx, &memory)?;
-    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut done = vec![false; b];
-    let limit = max_len
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(0)
-        .min(model.cfg.max_positions - 1);
-    let mut cur = vec![sos; b];
-    for step in 0..limit {
-        let tok = Tensor::from_vec(cur.clone(), (b, 1), src.device())?;
-        let logp = model.decode_step(&ctx, &mut cache, &tok, &sm)?;
-        let next: Vec<u32> = logp.argmax(D::Minus1)?.to_vec1()?;
-        for i in 0..b {
-            if done[i] {
-                continue;
-            }
-            if next[i] == eos || step + 1 >= max_len[i] {
-                done[i] = true;
-                if next[i] != eos {
-                    out[i].push(next[i]);
-                }
-            } else {
-                out[i].push(next[i]);
-            }
-        }
-        cur = next;
-        if done.iter().all(|d| *d) {
-            break;
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -8,8 +8,10 @@ mod error;
 mod events;
 mod jobs;
 mod metrics;
+mod models;
 mod ops;
 pub mod spec;
+mod translate;
 
 pub use error::{ApiError, ApiPath, ApiQuery, ApiResult};
 pub use ops::HttpStats;
@@ -57,6 +59,8 @@ pub struct AppState {
     pub stats: Arc<HttpStats>,
     /// Flips to true when the server shuts down, so long-lived SSE streams end.
     pub shutdown: watch::Receiver<bool>,
+    /// Loaded translation models (one batcher thread each).
+    pub models: Arc<crate::infer::ModelCache>,
 }
 
 /// The whole API with its layers.
@@ -67,6 +71,8 @@ pub fn router(state: AppState) -> Router {
         .merge(events::router())
         .merge(checkpoints::router())
         .merge(corpora::router())
+        .merge(models::router())
+        .merge(translate::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let hard_limit = (state.settings.max_upload_bytes as usize).saturating_add(1 << 20);
     Router::new()

@@ -143,7 +143,7 @@ pub fn deep_merge(base: &mut Value, over: Value) {
 
 /// 422 naming the dotted field: the unknown key itself for `deny_unknown_fields`, else the
 /// path serde was at (wrong type, bad enum variant, ...).
-fn serde_field_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+pub(super) fn serde_field_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let path = e.path().to_string();
     let inner = e.into_inner().to_string();
     let mut field = if path == "." { String::new() } else { path };

@@ -6,6 +6,7 @@ pub mod checkpoints;
 pub mod corpora;
 pub mod jobs;
 pub mod metrics;
+pub mod models;
 pub mod validations;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -17,6 +18,7 @@ pub use checkpoints::CheckpointRow;
 pub use corpora::CorpusRow;
 pub use jobs::{JobRow, JobStatus, NewJob};
 pub use metrics::MetricRow;
+pub use models::{ModelRow, NewModel};
 pub use validations::ValidationRow;
 
 #[derive(Debug, thiserror::Error)]

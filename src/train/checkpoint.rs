@@ -33,6 +33,12 @@ pub struct CheckpointMeta {
     pub wall_s: f64,
     pub tokens_total: f64,
     pub step_time_total_s: f64,
+    /// The tokenizer files the model was trained with, relative to the run directory
+    /// (`tokenizers/tokenizer-<lang>-<hash>-min<f>.json`); needed to export the model.
+    #[serde(default)]
+    pub src_tokenizer: Option<PathBuf>,
+    #[serde(default)]
+    pub tgt_tokenizer: Option<PathBuf>,
 }
 
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {

@@ -7,6 +7,7 @@ use super::{RunOptions, TrainError};
 use crate::amp::{Autocast, GradScaler, ScalerConfig};
 use crate::config::TrainSpec;
 use crate::data::{self, Example, Pair, WordTokenizer};
+use crate::infer::decode::{self, DecodeOptions};
 use crate::model::{self, Ctx, Transformer};
 use crate::ops;
 use crate::optim::{self, Adam, AdamConfig, LrSchedule};
@@ -14,7 +15,7 @@ use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +33,9 @@ pub struct Prepared {
     pub stats: data::EncodeStats,
     pub malformed: usize,
     pub train_pairs: usize,
+    /// Tokenizer files, relative to the run directory.
+    pub src_tok_file: PathBuf,
+    pub tgt_tok_file: PathBuf,
 }
 
 pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError> {
@@ -79,7 +83,7 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
         hex::encode(h.finalize())
     };
     let tok_dir = out_dir.join("tokenizers");
-    let (src_tok, _) = data::load_or_train_tokenizer(
+    let (src_tok, src_tok_path) = data::load_or_train_tokenizer(
         &tok_dir,
         &d.src_lang,
         &key,
@@ -87,7 +91,7 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
         train_pairs.iter().map(|p| p.src.as_str()),
     )
     .map_err(data_err)?;
-    let (tgt_tok, _) = data::load_or_train_tokenizer(
+    let (tgt_tok, tgt_tok_path) = data::load_or_train_tokenizer(
         &tok_dir,
         &d.tgt_lang,
         &key,
@@ -115,7 +119,10 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
             valid.push((e, p));
         }
     }
+    let rel = |p: PathBuf| p.strip_prefix(out_dir).map(Path::to_path_buf).unwrap_or(p);
     Ok(Prepared {
+        src_tok_file: rel(src_tok_path),
+        tgt_tok_file: rel(tgt_tok_path),
         src_tok,
         tgt_tok,
         train_pairs: train.len(),
@@ -173,13 +180,12 @@ pub fn evaluate(
         tok_sum += b.n_tgt_tokens;
         let max_len: Vec<usize> = chunk
             .iter()
-            .map(|&i| {
-                ((exs[i].src.len() as f64 * 1.5) as usize + 10).min(model.cfg.max_positions - 1)
-            })
+            .map(|&i| decode::default_max_len(exs[i].src.len().saturating_sub(2)))
             .collect();
-        let out = model::greedy_decode(model, ac, &db.src, &max_len, data::SOS_ID, data::EOS_ID)?;
+        let srcs: Vec<Vec<u32>> = chunk.iter().map(|&i| exs[i].src.clone()).collect();
+        let out = decode::greedy(model, ac, &srcs, &max_len, &DecodeOptions::default())?;
         for (k, &i) in chunk.iter().enumerate() {
-            hyps[i] = tgt_tok.decode(&out[k]);
+            hyps[i] = tgt_tok.decode(&out[k].tokens);
         }
     }
     let refs: Vec<String> = set.iter().map(|(_, p)| p.tgt.clone()).collect();
@@ -255,6 +261,7 @@ struct RunState {
     tokens_total: f64,
     step_time_total: f64,
     last_loss: f64,
+    tokenizers: (PathBuf, PathBuf),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -285,6 +292,8 @@ fn save_checkpoint(
         wall_s: st.wall_prev + t0.elapsed().as_secs_f64(),
         tokens_total: st.tokens_total,
         step_time_total_s: st.step_time_total,
+        src_tokenizer: Some(st.tokenizers.0.clone()),
+        tgt_tokenizer: Some(st.tokenizers.1.clone()),
     };
     let mut tensors: Vec<(String, Tensor)> = model
         .named_tensors()
@@ -396,6 +405,7 @@ pub fn run(
         tokens_total: 0.0,
         step_time_total: 0.0,
         last_loss: f64::NAN,
+        tokenizers: (prep.src_tok_file.clone(), prep.tgt_tok_file.clone()),
     };
     if opts.resume {
         if let Some((meta, path)) = checkpoint::latest_valid(&ckpt_dir) {

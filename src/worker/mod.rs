@@ -2,8 +2,10 @@
 //! OS thread (never on tokio's threads), persists the events it streams back (batched metric
 //! inserts), honours cancellation, and re-queues interrupted jobs at start.
 
+mod export;
 mod pool;
 
+pub use export::ExportFailure;
 pub use pool::{JobEvent, JobEventKind, LiveJob, PoolConfig, PoolHandle, WriteStats};
 
 use crate::config::TrainSpec;

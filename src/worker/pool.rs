@@ -59,6 +59,11 @@ pub enum JobEventKind {
     Validation(ValidationRecord),
     Checkpoint(CheckpointRecord),
     Finished(Summary),
+    /// The succeeded job was exported for translation.
+    Model {
+        model_id: i64,
+        name: String,
+    },
 }
 
 impl JobEventKind {
@@ -71,6 +76,7 @@ impl JobEventKind {
             JobEventKind::Validation(_) => "validation",
             JobEventKind::Checkpoint(_) => "checkpoint",
             JobEventKind::Finished(_) => "finished",
+            JobEventKind::Model { .. } => "model",
         }
     }
 }
@@ -420,10 +426,43 @@ impl Worker {
                 Some(e) => tracing::warn!(job = id, "job failed: {e}"),
                 None => tracing::info!(job = id, status = %status, "job ended"),
             }
+            // export before announcing the terminal status: SSE streams end with it
+            if status == JobStatus::Succeeded {
+                self.auto_export(id).await;
+            }
             self.pool
                 .publish(id, JobEventKind::Status { status, error });
         }
         Ok(())
+    }
+
+    /// Export a succeeded job's best checkpoint for translation. A job without checkpoints (or
+    /// a failed export) stays succeeded; the reason is logged.
+    async fn auto_export(&self, id: i64) {
+        let job = match self.pool.inner.store.get_job(id).await {
+            Ok(Some(j)) => j,
+            _ => return,
+        };
+        match self
+            .pool
+            .export_job(&job, crate::infer::CheckpointChoice::Best)
+            .await
+        {
+            Ok(m) => {
+                tracing::info!(job = id, model = m.id, path = %m.path, "exported for translation");
+                self.pool.publish(
+                    id,
+                    JobEventKind::Model {
+                        model_id: m.id,
+                        name: m.name,
+                    },
+                );
+            }
+            Err(super::ExportFailure::NotFound(why)) => {
+                tracing::info!(job = id, "not exported: {why}")
+            }
+            Err(e) => tracing::warn!(job = id, "export failed: {e}"),
+        }
     }
 
     /// Persist the trainer's events until it is done. Step rows are buffered and written in

@@ -1,0 +1,162 @@
+//! `/api/models`: exported models (list, inspect, delete) and `POST /api/jobs/{id}/export`.
+
+use super::jobs::load_job;
+use super::{ApiError, ApiPath, ApiQuery, ApiResult, AppState};
+use crate::infer::cache::LoadedInfo;
+use crate::infer::CheckpointChoice;
+use crate::store::ModelRow;
+use crate::worker::ExportFailure;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/models", get(list))
+        .route("/api/models/{id}", get(show).delete(remove))
+        .route("/api/jobs/{id}/export", post(export))
+}
+
+#[derive(Serialize)]
+pub struct ModelView {
+    id: i64,
+    name: String,
+    job_id: Option<i64>,
+    step: i64,
+    checkpoint: String,
+    src_lang: String,
+    tgt_lang: String,
+    /// Storage dtype of the weights (`f16`).
+    dtype: String,
+    train_precision: String,
+    val_bleu: Option<f64>,
+    params: i64,
+    size_bytes: i64,
+    path: String,
+    created_at: String,
+    /// Loaded in the translation cache now.
+    loaded: bool,
+    /// Compute dtype, resident bytes and batcher counters while loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    runtime: Option<LoadedInfo>,
+    /// sha256 and size of every file (from the manifest).
+    files: Value,
+}
+
+fn view(state: &AppState, r: ModelRow) -> ModelView {
+    let runtime = state.models.info(r.id);
+    let files = serde_json::from_str::<Value>(&r.manifest_json)
+        .ok()
+        .and_then(|m| m.get("files").cloned())
+        .unwrap_or(Value::Null);
+    ModelView {
+        loaded: runtime.is_some(),
+        runtime,
+        files,
+        id: r.id,
+        name: r.name,
+        job_id: r.job_id,
+        step: r.step,
+        checkpoint: r.checkpoint,
+        src_lang: r.src_lang,
+        tgt_lang: r.tgt_lang,
+        dtype: r.dtype,
+        train_precision: r.train_precision,
+        val_bleu: r.val_bleu,
+        params: r.params,
+        size_bytes: r.size_bytes,
+        path: r.path,
+        created_at: r.created_at,
+    }
+}
+
+pub(super) async fn load_model(state: &AppState, id: i64) -> ApiResult<ModelRow> {
+    state
+        .store
+        .get_model(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no model with id {id}")).with_field("model"))
+}
+
+#[derive(Serialize)]
+struct ModelList {
+    models: Vec<ModelView>,
+}
+
+async fn list(State(state): State<AppState>) -> ApiResult<Json<ModelList>> {
+    let rows = state.store.list_models().await?;
+    Ok(Json(ModelList {
+        models: rows.into_iter().map(|r| view(&state, r)).collect(),
+    }))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+) -> ApiResult<Json<ModelView>> {
+    let r = load_model(&state, id).await?;
+    Ok(Json(view(&state, r)))
+}
+
+async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
+    let r = load_model(&state, id).await?;
+    state.store.delete_model(id).await?;
+    state.models.unload(id);
+    // only ever delete inside <data-dir>/models
+    let dir = Path::new(&r.path);
+    let models_dir = state.pool.models_dir();
+    if dir.starts_with(&models_dir) && dir != models_dir {
+        if let Err(e) = tokio::fs::remove_dir_all(dir).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(model = id, "cannot remove {}: {e}", dir.display());
+            }
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportQuery {
+    checkpoint: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Exported {
+    model: ModelView,
+}
+
+async fn export(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<i64>,
+    ApiQuery(q): ApiQuery<ExportQuery>,
+) -> ApiResult<impl IntoResponse> {
+    let choice: CheckpointChoice = match q.checkpoint.as_deref() {
+        None | Some("") => CheckpointChoice::Best,
+        Some(s) => s
+            .parse()
+            .map_err(|m: String| ApiError::invalid("checkpoint", m))?,
+    };
+    let job = load_job(&state, id).await?;
+    let row = state
+        .pool
+        .export_job(&job, choice)
+        .await
+        .map_err(|e| match e {
+            ExportFailure::NotFound(m) => {
+                ApiError::conflict(format!("job {id} cannot be exported: {m}"))
+            }
+            ExportFailure::Failed(m) => ApiError::internal(format!("export failed: {m}")),
+        })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Exported {
+            model: view(&state, row),
+        }),
+    ))
+}

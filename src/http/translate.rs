@@ -1,0 +1,300 @@
+//! `/api/translate`: validate a request into a typed value, queue it on the model's dynamic
+//! batcher (loading the model on first use), await the answer. A full queue is a 429 with
+//! `Retry-After`, never an unbounded wait.
+
+use super::models::load_model;
+use super::spec::serde_field_error;
+use super::{ApiError, ApiQuery, ApiResult, AppState};
+use crate::infer::{Answer, Batcher, DecodeOptions, InferError, Job, SubmitError};
+use crate::store::ModelRow;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Most texts in one request.
+pub const MAX_TEXTS: usize = 64;
+/// Most source words per text (the model's positions may allow fewer).
+pub const MAX_SOURCE_WORDS: usize = 256;
+pub const MAX_BEAM: usize = 16;
+pub const MAX_LENGTH: usize = 512;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/translate", get(translate_get).post(translate_post))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TranslateBody {
+    model: Option<i64>,
+    text: Option<String>,
+    texts: Option<Vec<String>>,
+    beam_size: Option<usize>,
+    max_length: Option<usize>,
+    alpha: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TranslateQuery {
+    model: Option<i64>,
+    text: Option<String>,
+    beam_size: Option<usize>,
+    max_length: Option<usize>,
+    alpha: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct TranslationView {
+    text: String,
+    source_tokens: usize,
+    tokens: usize,
+    score: f64,
+}
+
+#[derive(Serialize)]
+struct Timing {
+    queue_ms: f64,
+    decode_ms: f64,
+    total_ms: f64,
+    /// Sentences decoded together in this request's batch.
+    batch_size: usize,
+}
+
+#[derive(Serialize)]
+struct TranslateResponse {
+    model: i64,
+    model_name: String,
+    beam_size: usize,
+    alpha: f64,
+    translations: Vec<TranslationView>,
+    timing: Timing,
+}
+
+async fn translate_get(
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<TranslateQuery>,
+) -> ApiResult<Json<TranslateResponse>> {
+    translate(
+        state,
+        TranslateBody {
+            model: q.model,
+            text: Some(q.text.unwrap_or_default()),
+            texts: None,
+            beam_size: q.beam_size,
+            max_length: q.max_length,
+            alpha: q.alpha,
+        },
+    )
+    .await
+}
+
+async fn translate_post(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> ApiResult<Json<TranslateResponse>> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::malformed_json(
+            "empty body: expected a JSON object",
+        ));
+    }
+    let mut de = serde_json::Deserializer::from_slice(&body);
+    let req: TranslateBody = match serde_path_to_error::deserialize(&mut de) {
+        Ok(r) => r,
+        Err(e) if e.inner().is_syntax() || e.inner().is_eof() => {
+            return Err(ApiError::malformed_json(format!(
+                "malformed JSON: {}",
+                e.into_inner()
+            )))
+        }
+        Err(e) => return Err(serde_field_error(e)),
+    };
+    translate(state, req).await
+}
+
+/// A request checked against the limits that do not need the model.
+struct Checked {
+    texts: Vec<String>,
+    /// Field name of each text for errors (`text` or `texts[i]`).
+    fields: Vec<String>,
+    opts: DecodeOptions,
+    max_len: Option<usize>,
+}
+
+fn check(req: TranslateBody) -> ApiResult<Checked> {
+    let (texts, fields) = match (req.text, req.texts) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "texts",
+                "give either `text` or `texts`, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "text",
+                "missing: give `text` (a sentence) or `texts` (a list)",
+            ))
+        }
+        (Some(t), None) => (vec![t], vec!["text".to_string()]),
+        (None, Some(ts)) => {
+            if ts.is_empty() {
+                return Err(ApiError::invalid("texts", "empty list"));
+            }
+            if ts.len() > MAX_TEXTS {
+                return Err(ApiError::invalid(
+                    "texts",
+                    format!("{} texts; at most {MAX_TEXTS} per request", ts.len()),
+                ));
+            }
+            let f = (0..ts.len()).map(|i| format!("texts[{i}]")).collect();
+            (ts, f)
+        }
+    };
+    for (t, f) in texts.iter().zip(&fields) {
+        if t.trim().is_empty() {
+            return Err(ApiError::invalid(f.clone(), "empty text"));
+        }
+    }
+    let beam_size = req.beam_size.unwrap_or(1);
+    if !(1..=MAX_BEAM).contains(&beam_size) {
+        return Err(ApiError::invalid(
+            "beam_size",
+            format!("{beam_size} is out of range; allowed 1..={MAX_BEAM}"),
+        ));
+    }
+    let alpha = req.alpha.unwrap_or(0.6);
+    if !(0.0..=2.0).contains(&alpha) {
+        return Err(ApiError::invalid(
+            "alpha",
+            format!("{alpha} is out of range; allowed 0..=2"),
+        ));
+    }
+    if let Some(m) = req.max_length {
+        if !(1..=MAX_LENGTH).contains(&m) {
+            return Err(ApiError::invalid(
+                "max_length",
+                format!("{m} is out of range; allowed 1..={MAX_LENGTH}"),
+            ));
+        }
+    }
+    Ok(Checked {
+        texts,
+        fields,
+        opts: DecodeOptions {
+            beam_size,
+            alpha,
+            ..DecodeOptions::default()
+        },
+        max_len: req.max_length,
+    })
+}
+
+async fn pick_model(state: &AppState, id: Option<i64>) -> ApiResult<ModelRow> {
+    match id {
+        Some(id) => load_model(state, id).await,
+        None => state.store.newest_model().await?.ok_or_else(|| {
+            ApiError::not_found(
+                "no models yet: a job is exported when it succeeds, or POST /api/jobs/{id}/export",
+            )
+            .with_field("model")
+        }),
+    }
+}
+
+async fn batcher_for(state: &AppState, m: &ModelRow) -> ApiResult<Arc<Batcher>> {
+    if let Some(b) = state.models.get(m.id) {
+        return Ok(b);
+    }
+    let cache = state.models.clone();
+    let (id, dir) = (m.id, PathBuf::from(&m.path));
+    tokio::task::spawn_blocking(move || cache.get_or_load(id, &dir))
+        .await
+        .map_err(|e| ApiError::internal(format!("model loading task failed: {e}")))?
+        .map_err(|e| match e {
+            InferError::NotFound(msg) | InferError::Invalid(msg) => {
+                tracing::error!(model = id, "cannot load model: {msg}");
+                ApiError::internal(format!("model {id} cannot be loaded: {msg}"))
+            }
+            other => ApiError::internal(format!("model {id} cannot be loaded: {other}")),
+        })
+}
+
+async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<TranslateResponse>> {
+    let t0 = Instant::now();
+    let model_id = req.model;
+    let c = check(req)?;
+    let m = pick_model(&state, model_id).await?;
+    let batcher = batcher_for(&state, &m).await?;
+    let limit = MAX_SOURCE_WORDS.min(batcher.max_source_words());
+    let mut words = Vec::with_capacity(c.texts.len());
+    for (t, f) in c.texts.iter().zip(&c.fields) {
+        let w = batcher.encode(t);
+        if w.is_empty() {
+            return Err(ApiError::invalid(f.clone(), "no words in the text"));
+        }
+        if w.len() > limit {
+            return Err(ApiError::invalid(
+                f.clone(),
+                format!(
+                    "{} source tokens; this model takes at most {limit}",
+                    w.len()
+                ),
+            ));
+        }
+        words.push(w);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<Result<Answer, InferError>>();
+    let beam_size = c.opts.beam_size;
+    let alpha = c.opts.alpha;
+    batcher
+        .submit(Job {
+            words,
+            opts: c.opts,
+            max_len: c.max_len,
+            reply: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        })
+        .map_err(|e| match e {
+            SubmitError::QueueFull(_) => ApiError::too_many_requests(e.to_string(), 1),
+            SubmitError::Closed => {
+                let mut err = ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "not_ready",
+                    e.to_string(),
+                );
+                err.retry_after = Some(1);
+                err
+            }
+        })?;
+    let answer = rx
+        .await
+        .map_err(|_| ApiError::internal("the batcher dropped the request"))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(TranslateResponse {
+        model: m.id,
+        model_name: m.name,
+        beam_size,
+        alpha,
+        translations: answer
+            .translations
+            .into_iter()
+            .map(|t| TranslationView {
+                text: t.text,
+                source_tokens: t.source_tokens,
+                tokens: t.tokens,
+                score: t.score,
+            })
+            .collect(),
+        timing: Timing {
+            queue_ms: answer.queue_ms,
+            decode_ms: answer.decode_ms,
+            total_ms: t0.elapsed().as_secs_f64() * 1e3,
+            batch_size: answer.batch_sentences,
+        },
+    }))
+}

@@ -1,0 +1,314 @@
+//! Dynamic batching: one thread per loaded model owns the [`Translator`]; requests wait in a
+//! bounded queue; the thread takes the first, then keeps collecting for at most `max_wait` or
+//! until the token budget is reached, decodes what it collected in as few batches as the
+//! decoding options allow (requests with the same beam size / alpha share a batch), and answers
+//! each request through its own callback. A full queue is refused at once (back-pressure), never
+//! grown.
+//!
+//! No tokio here: the server passes a callback that completes its own future.
+
+use super::decode::DecodeOptions;
+use super::export::Manifest;
+use super::translator::{Translation, Translator};
+use super::InferError;
+use crate::config::Precision;
+use crate::data::WordTokenizer;
+use serde::Serialize;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct BatcherConfig {
+    /// Requests that may wait (beyond the batch being decoded). Full → refused.
+    pub queue_capacity: usize,
+    /// Budget of one batch: source words times beam size, summed.
+    pub max_batch_tokens: usize,
+    /// Most sentences decoded together.
+    pub max_batch_sentences: usize,
+    /// How long the first request of a batch waits for company.
+    pub max_wait: Duration,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 64,
+            max_batch_tokens: 8192,
+            max_batch_sentences: 128,
+            max_wait: Duration::from_millis(5),
+        }
+    }
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub translations: Vec<Translation>,
+    /// From submission to the start of its batch's decode.
+    pub queue_ms: f64,
+    /// The decode of its batch.
+    pub decode_ms: f64,
+    /// Sentences decoded in that batch (its own and others').
+    pub batch_sentences: usize,
+}
+
+pub type Reply = Box<dyn FnOnce(Result<Answer, InferError>) + Send>;
+
+/// One request: source word ids (from [`Batcher::encode`]), options, and where to answer.
+pub struct Job {
+    pub words: Vec<Vec<u32>>,
+    pub opts: DecodeOptions,
+    pub max_len: Option<usize>,
+    pub reply: Reply,
+}
+
+struct Queued {
+    job: Job,
+    at: Instant,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the model's translation queue is full ({0} waiting); retry shortly")]
+    QueueFull(usize),
+    #[error("the model's batcher has stopped")]
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    sentences: AtomicU64,
+    batches: AtomicU64,
+    rejected: AtomicU64,
+    decode_us: AtomicU64,
+    waiting: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct BatcherStats {
+    /// Requests answered.
+    pub requests: u64,
+    pub sentences: u64,
+    /// Decode calls (one per batch).
+    pub batches: u64,
+    /// Requests refused because the queue was full.
+    pub rejected: u64,
+    pub decode_ms_total: f64,
+    /// Requests waiting now.
+    pub waiting: u64,
+}
+
+/// The handle to a model's batching thread. Dropping the last handle stops the thread once
+/// the queued requests are answered.
+pub struct Batcher {
+    tx: SyncSender<Queued>,
+    counters: Arc<Counters>,
+    capacity: usize,
+    pub manifest: Manifest,
+    pub compute: Precision,
+    src_tok: WordTokenizer,
+    max_source_words: usize,
+    max_output_tokens: usize,
+    resident_bytes: usize,
+}
+
+impl Batcher {
+    pub fn spawn(translator: Translator, cfg: BatcherConfig) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<Queued>(cfg.queue_capacity.max(1));
+        let counters = Arc::new(Counters::default());
+        let me = Self {
+            tx,
+            counters: counters.clone(),
+            capacity: cfg.queue_capacity.max(1),
+            manifest: translator.manifest.clone(),
+            compute: translator.compute,
+            src_tok: translator.src_tokenizer().clone(),
+            max_source_words: translator.max_source_words(),
+            max_output_tokens: translator.max_output_tokens(),
+            resident_bytes: translator.resident_bytes(),
+        };
+        let name = format!("translate-{}", me.manifest.name);
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run(translator, rx, cfg, counters))
+            .expect("spawn the batcher thread");
+        me
+    }
+
+    /// Source word ids of `text` (what [`Job::words`] holds).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.src_tok.encode(text)
+    }
+
+    pub fn max_source_words(&self) -> usize {
+        self.max_source_words
+    }
+
+    pub fn max_output_tokens(&self) -> usize {
+        self.max_output_tokens
+    }
+
+    pub fn resident_bytes(&self) -> usize {
+        self.resident_bytes
+    }
+
+    /// Queue a request; refused at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        self.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Queued {
+            job,
+            at: Instant::now(),
+        }) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+                match e {
+                    TrySendError::Full(_) => {
+                        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        Err(SubmitError::QueueFull(self.capacity))
+                    }
+                    TrySendError::Disconnected(_) => Err(SubmitError::Closed),
+                }
+            }
+        }
+    }
+
+    pub fn stats(&self) -> BatcherStats {
+        let c = &self.counters;
+        BatcherStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            sentences: c.sentences.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            decode_ms_total: c.decode_us.load(Ordering::Relaxed) as f64 / 1e3,
+            waiting: c.waiting.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn cost(job: &Job) -> usize {
+    let beam = job.opts.beam_size.max(1);
+    job.words.iter().map(|w| (w.len() + 2) * beam).sum()
+}
+
+/// Requests that can share one decode call.
+fn same_kind(a: &DecodeOptions, b: &DecodeOptions) -> bool {
+    a.beam_size == b.beam_size
+        && a.alpha.to_bits() == b.alpha.to_bits()
+        && a.ban_unk == b.ban_unk
+        && a.ignore_eos == b.ignore_eos
+}
+
+fn run(
+    translator: Translator,
+    rx: mpsc::Receiver<Queued>,
+    cfg: BatcherConfig,
+    counters: Arc<Counters>,
+) {
+    while let Ok(first) = rx.recv() {
+        counters.waiting.fetch_sub(1, Ordering::Relaxed);
+        let deadline = Instant::now() + cfg.max_wait;
+        let mut tokens = cost(&first.job);
+        let mut sentences = first.job.words.len();
+        let mut group = vec![first];
+        while tokens < cfg.max_batch_tokens && sentences < cfg.max_batch_sentences {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok(q) => {
+                    counters.waiting.fetch_sub(1, Ordering::Relaxed);
+                    tokens += cost(&q.job);
+                    sentences += q.job.words.len();
+                    group.push(q);
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // one decode call per kind of options, in arrival order of the kinds
+        while !group.is_empty() {
+            let opts = group[0].job.opts.clone();
+            let (batch, rest): (Vec<Queued>, Vec<Queued>) = group
+                .into_iter()
+                .partition(|q| same_kind(&q.job.opts, &opts));
+            group = rest;
+            decode_batch(&translator, batch, &opts, &counters);
+        }
+    }
+}
+
+fn decode_batch(
+    translator: &Translator,
+    batch: Vec<Queued>,
+    opts: &DecodeOptions,
+    counters: &Counters,
+) {
+    let start = Instant::now();
+    let mut words = Vec::new();
+    let mut limits = Vec::new();
+    for q in &batch {
+        for w in &q.job.words {
+            limits.push(translator.limit(w.len(), q.job.max_len));
+            words.push(w.clone());
+        }
+    }
+    let n = words.len();
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        translator.decode_words(&words, &limits, opts)
+    }))
+    .unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        Err(InferError::Decode(format!("decoding panicked: {msg}")))
+    });
+    let decode_ms = start.elapsed().as_secs_f64() * 1e3;
+    counters.batches.fetch_add(1, Ordering::Relaxed);
+    counters
+        .decode_us
+        .fetch_add((decode_ms * 1e3) as u64, Ordering::Relaxed);
+    match result {
+        Ok(hyps) => {
+            let mut hyps = hyps.into_iter();
+            for q in batch {
+                let translations = q
+                    .job
+                    .words
+                    .iter()
+                    .zip(hyps.by_ref())
+                    .map(|(w, h)| Translation {
+                        text: translator.detokenize(&h),
+                        source_tokens: w.len(),
+                        tokens: h.tokens.len(),
+                        score: h.score,
+                    })
+                    .collect::<Vec<_>>();
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .sentences
+                    .fetch_add(translations.len() as u64, Ordering::Relaxed);
+                let answer = Answer {
+                    translations,
+                    queue_ms: start.duration_since(q.at).as_secs_f64() * 1e3,
+                    decode_ms,
+                    batch_sentences: n,
+                };
+                (q.job.reply)(Ok(answer));
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for q in batch {
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+                (q.job.reply)(Err(InferError::Decode(msg.clone())));
+            }
+        }
+    }
+}

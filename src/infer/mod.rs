@@ -1,0 +1,34 @@
+//! Translation from exported models: export (f16 model directories with checksums), decoding
+//! with the KV cache (batched greedy and beam search), the loaded [`Translator`], the dynamic
+//! [`Batcher`] (one thread per model) and the [`ModelCache`] of loaded models.
+//!
+//! No tokio/sqlx/axum here: the server wraps these in its handlers.
+
+pub mod batcher;
+pub mod cache;
+pub mod decode;
+pub mod export;
+pub mod translator;
+
+pub use batcher::{Answer, Batcher, BatcherConfig, BatcherStats, Job, SubmitError};
+pub use cache::{CacheConfig, ModelCache};
+pub use decode::{DecodeOptions, Hypothesis};
+pub use export::{CheckpointChoice, Manifest, ModelConfig};
+pub use translator::{default_compute, Translation, Translator};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    /// Something asked for does not exist (no checkpoint, missing file).
+    #[error("{0}")]
+    NotFound(String),
+    /// A model directory or checkpoint is unusable (bad manifest, checksum mismatch, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// Decoding failed.
+    #[error("decoding failed: {0}")]
+    Decode(String),
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}

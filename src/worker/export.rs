@@ -1,0 +1,83 @@
+//! Export a job's checkpoint as an f16 model directory under `<data-dir>/models/` and record it
+//! in the `models` table. Used when a job succeeds and by `POST /api/jobs/{id}/export`.
+
+use super::PoolHandle;
+use crate::infer::{self, CheckpointChoice, InferError};
+use crate::store::{JobRow, ModelRow, NewModel};
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportFailure {
+    /// The job has no checkpoint of the kind asked for.
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl PoolHandle {
+    /// `<data-dir>/models`: exported model directories.
+    pub fn models_dir(&self) -> PathBuf {
+        self.runs_dir()
+            .parent()
+            .map(|p| p.join("models"))
+            .unwrap_or_else(|| self.runs_dir().join("models"))
+    }
+
+    /// Export checkpoint `choice` of `job` and insert its `models` row.
+    pub async fn export_job(
+        &self,
+        job: &JobRow,
+        choice: CheckpointChoice,
+    ) -> Result<ModelRow, ExportFailure> {
+        let run_dir = job
+            .run_dir
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.runs_dir().join(job.id.to_string()));
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let out = self
+            .models_dir()
+            .join(format!("job{}-{choice}-{millis}", job.id));
+        let (job_id, job_name) = (job.id, job.name.clone());
+        let out2 = out.clone();
+        let manifest = tokio::task::spawn_blocking(move || {
+            let (meta, _) = infer::export::find_checkpoint(&run_dir, choice)?;
+            let name = format!("{job_name}@{}", meta.step);
+            infer::export::export(&run_dir, choice, &out2, &name, Some(job_id))
+        })
+        .await
+        .map_err(|e| ExportFailure::Failed(format!("export task failed: {e}")))?
+        .map_err(|e| match e {
+            InferError::NotFound(m) => ExportFailure::NotFound(m),
+            other => ExportFailure::Failed(other.to_string()),
+        })?;
+        let row = NewModel {
+            name: manifest.name.clone(),
+            job_id: Some(job.id),
+            step: manifest.step as i64,
+            checkpoint: manifest.checkpoint.clone(),
+            path: out.to_string_lossy().into_owned(),
+            src_lang: manifest.src_lang.clone(),
+            tgt_lang: manifest.tgt_lang.clone(),
+            dtype: manifest.dtype.clone(),
+            train_precision: manifest.train_precision.clone(),
+            val_bleu: manifest.val_bleu,
+            params: manifest.params as i64,
+            size_bytes: manifest.total_bytes() as i64,
+            manifest_json: serde_json::to_string(&manifest).unwrap_or_default(),
+        };
+        match self.store().insert_model(&row).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&out);
+                Err(ExportFailure::Failed(format!(
+                    "cannot record the model: {e}"
+                )))
+            }
+        }
+    }
+}
