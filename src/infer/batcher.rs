@@ -312,3 +312,107 @@ fn decode_batch(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::export::{Manifest, ModelConfig};
+    use crate::model::{Config, Transformer};
+    use candle_core::Device;
+    use std::sync::mpsc::channel;
+
+    fn translator() -> Translator {
+        let texts = ["a b c d", "a b c", "b c d", "c d a", "d a b"];
+        let tok = WordTokenizer::train(texts.iter().copied(), 1).unwrap();
+        let cfg = Config {
+            src_vocab: tok.vocab_size(),
+            tgt_vocab: tok.vocab_size(),
+            d_model: 16,
+            layers: 1,
+            heads: 2,
+            d_ff: 32,
+            dropout: 0.0,
+            tutorial_layer_norm: true,
+            norm_eps: 1e-6,
+            max_positions: 32,
+        };
+        let model = Transformer::new(&cfg, 1, &Device::Cpu).unwrap();
+        let manifest = Manifest {
+            format: crate::infer::export::FORMAT.into(),
+            name: "unit".into(),
+            job_id: None,
+            run_dir: "/nonexistent".into(),
+            checkpoint: "latest".into(),
+            step: 0,
+            epoch: 0,
+            checkpoint_sha256: String::new(),
+            val_bleu: None,
+            src_lang: "x".into(),
+            tgt_lang: "y".into(),
+            train_precision: "fp32".into(),
+            dtype: "f16".into(),
+            params: model.num_parameters(),
+            created_unix: 0,
+            files: Default::default(),
+        };
+        let config = ModelConfig {
+            model: cfg,
+            src_lang: "x".into(),
+            tgt_lang: "y".into(),
+            train_max_len: 30,
+        };
+        Translator::from_parts(manifest, config, model, Precision::Fp32, tok.clone(), tok)
+    }
+
+    /// The batcher thread answers through the reply callback; a reply that blocks keeps the
+    /// thread busy, so the queue fills deterministically.
+    #[test]
+    fn a_full_queue_refuses_and_every_accepted_request_is_answered() {
+        let b = Batcher::spawn(
+            translator(),
+            BatcherConfig {
+                queue_capacity: 2,
+                max_wait: Duration::from_millis(0),
+                ..BatcherConfig::default()
+            },
+        );
+        let (release_tx, release_rx) = channel::<()>();
+        let (done_tx, done_rx) = channel::<usize>();
+        let job = |n: usize, block: Option<mpsc::Receiver<()>>| {
+            let done = done_tx.clone();
+            Job {
+                words: vec![b.encode("a b c")],
+                opts: DecodeOptions::default(),
+                max_len: Some(4),
+                reply: Box::new(move |r| {
+                    assert!(r.is_ok());
+                    if let Some(rx) = block {
+                        let _ = rx.recv();
+                    }
+                    let _ = done.send(n);
+                }),
+            }
+        };
+        b.submit(job(0, Some(release_rx))).unwrap();
+        // wait until the thread took job 0 (it then blocks in its reply)
+        while b.stats().waiting > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        b.submit(job(1, None)).unwrap();
+        b.submit(job(2, None)).unwrap();
+        match b.submit(job(3, None)) {
+            Err(SubmitError::QueueFull(2)) => {}
+            other => panic!("expected a full queue, got {:?}", other.err()),
+        }
+        assert_eq!(b.stats().rejected, 1);
+        release_tx.send(()).unwrap();
+        let mut answered: Vec<usize> = (0..3)
+            .map(|_| done_rx.recv_timeout(Duration::from_secs(120)).unwrap())
+            .collect();
+        answered.sort();
+        assert_eq!(answered, vec![0, 1, 2]);
+        let s = b.stats();
+        assert_eq!(s.requests, 3);
+        assert!(s.batches <= 3);
+    }
+}
