@@ -1,0 +1,326 @@
+// The status page in a real browser: Debian's headless Chromium driven by playwright-core,
+// against the real `ampserve serve` binary training real (tiny) models on Tatoeba en-it.
+//
+//   cargo build && node tests/browser/page.test.mjs      (scripts/test.sh does both)
+//
+// Steps: two tiny jobs (fp32 and f16, the same preset) run to `succeeded` while the jobs table
+// updates; the job detail shows a loss chart with one point per step, validation curves and
+// sample translations; the compare view overlays both runs with a throughput ratio; the new-job
+// form shows the API's error next to the batch-size field; the page works at 390 px without
+// sideways scrolling; with --api-token the page asks for the token once and keeps it for the tab;
+// the translate box translates a sentence. Screenshots go to target/screenshots/.
+//
+// Environment: AMPSERVE_BIN (default <target>/debug/ampserve), CHROMIUM (default
+// /usr/bin/chromium), AMPSERVE_BROWSER_TRANSLATE=1 to run the translation step (it needs the
+// models/translate endpoints); without it the step checks that the page copes with a server
+// that has none.
+import { chromium } from "playwright-core";
+import { spawn } from "node:child_process";
+import { mkdtempSync, mkdirSync, rmSync, existsSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import assert from "node:assert/strict";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+const TARGET = process.env.CARGO_TARGET_DIR ? resolve(ROOT, process.env.CARGO_TARGET_DIR) : join(ROOT, "target");
+const BIN = process.env.AMPSERVE_BIN || join(TARGET, "debug", "ampserve");
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const SHOTS = join(ROOT, "target", "screenshots");
+const TRANSLATE = process.env.AMPSERVE_BROWSER_TRANSLATE === "1";
+// Deadlines only keep a broken run from hanging; nothing asserts on time.
+const LONG = 240_000;
+
+const cleanup = [];
+const servers = [];
+
+function log(msg) {
+  process.stdout.write(msg + "\n");
+}
+
+/** Start `ampserve serve` on a free port; resolves with its base URL once it logs it. */
+function startServer(extraArgs = []) {
+  const dataDir = mkdtempSync(join(tmpdir(), "ampserve-browser-"));
+  cleanup.push(dataDir);
+  const child = spawn(BIN, ["serve", "--data-dir", dataDir, "--bind", "127.0.0.1:0", "--devices", "cpu", ...extraArgs], {
+    cwd: ROOT,
+    env: { ...process.env, NO_COLOR: "1", RUST_LOG: "info" },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  const srv = { child, log: "", base: null };
+  servers.push(srv);
+  return new Promise((res, rej) => {
+    const timer = setTimeout(() => rej(new Error("server did not start:\n" + srv.log)), 60_000);
+    child.stderr.setEncoding("utf8");
+    child.stderr.on("data", (chunk) => {
+      srv.log += chunk;
+      if (srv.log.length > 200_000) srv.log = srv.log.slice(-100_000);
+      const m = !srv.base && srv.log.match(/listening on (http:\/\/[0-9.]+:[0-9]+)\//);
+      if (m) {
+        srv.base = m[1];
+        clearTimeout(timer);
+        res(srv);
+      }
+    });
+    child.on("exit", (code) => {
+      if (!srv.base) {
+        clearTimeout(timer);
+        rej(new Error(`server exited (${code}) before listening:\n${srv.log}`));
+      }
+    });
+  });
+}
+
+async function stopServer(srv) {
+  if (srv.child.exitCode !== null) return;
+  const done = new Promise((r) => srv.child.once("exit", r));
+  srv.child.kill("SIGINT");
+  const t = setTimeout(() => srv.child.kill("SIGKILL"), 20_000);
+  await done;
+  clearTimeout(t);
+}
+
+async function post(base, path, body) {
+  const r = await fetch(base + path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+  const v = await r.json();
+  assert.equal(r.status, 201, JSON.stringify(v));
+  return v;
+}
+
+/** A job that trains in seconds in a debug build on 2 cores: 40 steps of a 32-wide model. */
+function tinyJob(name, precision) {
+  return {
+    config: "tiny",
+    name,
+    data: { max_train_pairs: 400 },
+    model: { d_model: 32, layers: 1, heads: 2, d_ff: 64 },
+    train: {
+      precision, max_steps: 40, epochs: 1000, batch_size: 16, lr: 3e-3, warmup_steps: 10,
+      valid_every: 20, valid_max_sentences: 16, valid_samples: 3,
+    },
+    checkpoint: { every_steps: 20, keep_last: 2 },
+  };
+}
+
+let page;
+let stepNo = 0;
+async function step(name, fn) {
+  stepNo++;
+  const t0 = Date.now();
+  try {
+    await fn();
+    log(`ok ${stepNo} - ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+  } catch (e) {
+    log(`not ok ${stepNo} - ${name}`);
+    if (page) await page.screenshot({ path: join(SHOTS, `failed-step-${stepNo}.png`), fullPage: true }).catch(() => {});
+    throw e;
+  }
+}
+
+async function shot(name, opts = {}) {
+  await page.screenshot({ path: join(SHOTS, name), fullPage: true, ...opts });
+}
+
+async function main() {
+  assert.ok(existsSync(BIN), `${BIN} is missing: run cargo build first`);
+  assert.ok(existsSync(CHROMIUM), `${CHROMIUM} is missing: run scripts/setup-test-deps.sh`);
+  rmSync(SHOTS, { recursive: true, force: true });
+  mkdirSync(SHOTS, { recursive: true });
+
+  const srv = await startServer();
+  log(`# server at ${srv.base}`);
+  const a = await post(srv.base, "/api/jobs", tinyJob("tatoeba-fp32", "fp32"));
+  const b = await post(srv.base, "/api/jobs", tinyJob("tatoeba-f16", "f16"));
+
+  const profile = mkdtempSync(join(tmpdir(), "ampserve-chromium-"));
+  cleanup.push(profile);
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    viewport: { width: 1280, height: 900 },
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+      "--disable-component-update", "--disable-sync", "--disable-quic",
+    ],
+  });
+  cleanup.push(() => context.close());
+  page = context.pages()[0] || (await context.newPage());
+  page.setDefaultTimeout(30_000);
+  const problems = [];
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("console", (m) => {
+    // Chromium logs every non-2xx fetch as "Failed to load resource"; the page handles those.
+    if (m.type() === "error" && !/Failed to load resource/.test(m.text())) problems.push(`console: ${m.text()}`);
+  });
+
+  await step("jobs table: a job runs live with a tqdm-style progress line", async () => {
+    await page.goto(srv.base + "/");
+    const row = page.locator(`#job-row-${a.id}`);
+    await row.locator('.badge[data-status="running"]').waitFor({ timeout: LONG });
+    // Wait for a few steps so the progress line has a rate.
+    await page.waitForFunction((id) => {
+      const t = document.querySelector(`#job-row-${id} .progress-text`);
+      const m = t && t.textContent.match(/^(\d+)\/40 /);
+      return m && Number(m[1]) >= 3;
+    }, a.id, { timeout: LONG });
+    const text = await row.locator(".progress-text").textContent();
+    assert.match(text, /^\d+\/40 \d+% \[\d\d:\d\d<(\d\d:\d\d|\?), (\d+\.\d\d(it\/s|s\/it)|\?it\/s)\]$/, text);
+    await page.locator(`#job-row-${b.id} .badge[data-status="queued"]`).waitFor();
+    await shot("01-jobs-running.png");
+  });
+
+  await step("jobs table: both jobs reach succeeded", async () => {
+    for (const id of [a.id, b.id]) {
+      await page.locator(`#job-row-${id} .badge[data-status="succeeded"]`).waitFor({ timeout: LONG });
+    }
+    const row = page.locator(`#job-row-${a.id}`);
+    assert.match(await row.locator(".progress-text").textContent(), /^40\/40 100% \[/);
+    assert.match(await row.locator(".loss-cell").textContent(), /^\d+\.\d{3}$/);
+    assert.equal(await row.locator(".prec-cell").textContent(), "fp32");
+    assert.equal(await page.locator(`#job-row-${b.id} .prec-cell`).textContent(), "f16");
+    // Finished jobs offer export and delete, not cancel.
+    const labels = await row.locator(".row-actions button").allTextContents();
+    assert.deepEqual(labels, ["Export", "Delete"]);
+    await shot("02-jobs.png");
+  });
+
+  await step("job detail: loss chart with one point per step, validations, samples", async () => {
+    await page.click(`#job-row-${a.id} a.name`);
+    await page.waitForFunction(() => {
+      const svg = document.querySelector("#chart-loss svg");
+      return svg && Number(svg.dataset.points) === 40;
+    });
+    const d = await page.locator("#chart-loss path.line").getAttribute("d");
+    assert.equal((d.match(/L/g) || []).length, 39, d);
+    // Validation at steps 20 and 40: two points per curve, samples from the latest.
+    await page.waitForFunction(() => Number(document.querySelector("#chart-val svg")?.dataset.points) === 2);
+    assert.equal(await page.locator("#chart-bleu path.line").count(), 2); // BLEU and chrF
+    assert.equal(await page.locator("#samples tbody tr").count(), 3);
+    assert.equal(await page.locator("#samples-step").inputValue(), "40");
+    // fp32: the loss-scale chart says scaling is off instead of drawing a flat line.
+    assert.match(await page.locator("#chart-scale .nodata").textContent(), /off for this run \(fp32\)/);
+    // Hover reads out values.
+    const box = await page.locator("#chart-loss svg").boundingBox();
+    await page.mouse.move(box.x + box.width * 0.6, box.y + box.height * 0.5);
+    await page.locator("#chart-loss .tip").waitFor();
+    assert.match(await page.locator("#chart-loss .tip").textContent(), /^step \d+loss: \d/);
+    await shot("03-detail.png");
+    await page.mouse.move(0, 0);
+  });
+
+  await step("job detail (f16): loss scale on a log axis", async () => {
+    await page.goto(`${srv.base}/#/jobs/${b.id}`);
+    await page.waitForFunction(() => Number(document.querySelector("#chart-scale svg")?.dataset.points) === 40);
+    assert.equal(await page.locator("#chart-scale .nodata").count(), 0);
+    assert.match(await page.locator("#chart-scale .axis-label").last().textContent(), /\(log\)/);
+    await shot("03b-detail-f16.png");
+  });
+
+  await step("compare: loss curves overlaid, throughput ratio", async () => {
+    await page.goto(`${srv.base}/#/compare?a=${a.id}&b=${b.id}`);
+    await page.waitForFunction(() => /^\d+\.\d\d×$/.test(document.querySelector("#cmp-ratio .big")?.textContent || ""));
+    assert.equal(await page.locator("#chart-compare path.line").count(), 2);
+    assert.equal(await page.locator("#cmp-a").inputValue(), String(a.id));
+    assert.equal(await page.locator("#cmp-b").inputValue(), String(b.id));
+    await shot("04-compare.png");
+  });
+
+  await step("new-job form: the API's error shows next to the field it names", async () => {
+    await page.goto(`${srv.base}/#/new`);
+    await page.locator('#f-config option[value="tiny"]').waitFor({ state: "attached" });
+    assert.equal(await page.locator("#f-batch").inputValue(), "32"); // from the preset
+    await page.fill("#f-batch", "0");
+    await page.click("#f-submit");
+    const err = page.locator('[id="err-train.batch_size"]');
+    await page.waitForFunction(() => document.getElementById("err-train.batch_size").textContent.length > 0);
+    assert.match(await err.textContent(), /out of range/);
+    assert.equal(await page.locator("#f-batch").getAttribute("aria-invalid"), "true");
+    assert.ok(await page.locator("#form-error").isHidden());
+    const jobs = await (await fetch(srv.base + "/api/jobs")).json();
+    assert.equal(jobs.total, 2, "the bad form must not create a job");
+    await shot("05-form-error.png");
+  });
+
+  await step("phone width (390 px): no sideways scrolling, jobs as cards", async () => {
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.goto(`${srv.base}/#/jobs`);
+    await page.locator(`#job-row-${a.id} .badge[data-status="succeeded"]`).waitFor();
+    const width = await page.evaluate(() => document.documentElement.scrollWidth);
+    assert.ok(width <= 390, `page is ${width}px wide at 390px`);
+    await shot("07-phone-jobs.png");
+    await page.goto(`${srv.base}/#/jobs/${b.id}`);
+    await page.waitForFunction(() => Number(document.querySelector("#chart-loss svg")?.dataset.points) === 40);
+    const w2 = await page.evaluate(() => document.documentElement.scrollWidth);
+    assert.ok(w2 <= 390, `detail is ${w2}px wide at 390px`);
+    await shot("08-phone-detail.png");
+    await page.setViewportSize({ width: 1280, height: 900 });
+  });
+
+  await step("API token: asked once, kept for the tab", async () => {
+    const locked = await startServer(["--api-token", "browser-secret", "--protect-reads"]);
+    const p2 = await context.newPage();
+    try {
+      await p2.goto(locked.base + "/");
+      await p2.locator("#token-dialog[open]").waitFor();
+      await p2.fill("#token-input", "wrong");
+      await p2.click("#token-save");
+      await p2.waitForFunction(() => /not accepted/.test(document.getElementById("token-error").textContent));
+      await p2.fill("#token-input", "browser-secret");
+      await p2.click("#token-save");
+      await p2.locator("#jobs-empty").waitFor();
+      assert.equal(await p2.evaluate(() => sessionStorage.getItem("ampserve.token")), "browser-secret");
+      await p2.reload();
+      await p2.locator("#jobs-empty").waitFor();
+      assert.equal(await p2.locator("#token-dialog[open]").count(), 0);
+      // Reads need the token, so EventSource (which cannot send it) is not used.
+      assert.equal(await p2.locator("#conn").getAttribute("data-state"), "polling");
+    } finally {
+      await p2.close();
+      await stopServer(locked);
+    }
+  });
+
+  await step(TRANSLATE ? "translate: a sentence, with the time it took" : "translate: the page copes with a server without models", async () => {
+    await page.goto(`${srv.base}/#/translate`);
+    if (TRANSLATE) {
+      await page.locator("#tr-model option").first().waitFor({ state: "attached", timeout: LONG });
+      await page.fill("#tr-text", "I love you.");
+      await page.click("#tr-submit");
+      await page.locator("#tr-out").waitFor();
+      assert.ok((await page.locator("#tr-result").textContent()).trim().length > 0);
+      assert.match(await page.locator("#tr-timing").textContent(), /\d ms on the server/);
+    } else {
+      const r = await fetch(srv.base + "/api/models");
+      if (r.status === 404) {
+        await page.locator("#tr-none").waitFor();
+        assert.match(await page.locator("#tr-none").textContent(), /No models yet/);
+        assert.ok(await page.locator("#tr-submit").isDisabled());
+      } else {
+        log("# /api/models exists: set AMPSERVE_BROWSER_TRANSLATE=1 to run the translation step");
+        await page.locator("#tr-model option, #tr-none:not([hidden])").first().waitFor({ state: "attached" });
+      }
+    }
+    await shot("06-translate.png");
+  });
+
+  assert.deepEqual(problems, [], "the page logged errors");
+}
+
+let failed = false;
+try {
+  await main();
+  log("# all steps passed; screenshots in " + SHOTS);
+} catch (e) {
+  failed = true;
+  console.error(e);
+  for (const s of servers) console.error(`--- server log (${s.base || "not started"}) ---\n` + s.log.slice(-4000));
+} finally {
+  for (const c of cleanup.reverse()) {
+    try {
+      if (typeof c === "function") await c();
+    } catch (_) {}
+  }
+  for (const s of servers) await stopServer(s).catch(() => {});
+  for (const c of cleanup) if (typeof c === "string") rmSync(c, { recursive: true, force: true });
+}
+process.exit(failed ? 1 : 0);
