@@ -107,7 +107,25 @@
   function connMode() {
     if (state.offline) return "offline";
     if (state.readsProtected || typeof EventSource !== "function") return "polling";
-    return state.streams.size ? "live" : "idle";
+    if (state.streams.size) return "live";
+    // A running job on screen without a stream (it failed): the tick polls it.
+    const shown = state.view === "job" && state.detail ? [state.detail.id] : state.view === "jobs" ? state.order : [];
+    return shown.some((id) => STREAMING.has((state.jobs.get(id) || {}).status)) ? "polling" : "idle";
+  }
+
+  /** With a stored token, find out once whether reads need it (EventSource cannot send it). */
+  async function probeReads() {
+    if (!state.token) return;
+    try {
+      await api("/api/jobs?limit=1", { anonymous: true, noAuthRetry: true });
+    } catch (e) {
+      if (e.status === 401) {
+        state.readsProtected = true;
+        state.tokenNeeded = true;
+        closeAllStreams();
+        setConn(connMode());
+      }
+    }
   }
 
   /* ---------------- API ---------------- */
@@ -139,7 +157,7 @@
     const method = opts.method || "GET";
     const headers = { accept: "application/json" };
     if (opts.body !== undefined) headers["content-type"] = "application/json";
-    if (state.token) headers.authorization = "Bearer " + state.token;
+    if (state.token && !opts.anonymous) headers.authorization = "Bearer " + state.token;
     let resp;
     try {
       resp = await fetch(path, { method, headers, body: opts.body === undefined ? undefined : JSON.stringify(opts.body) });
@@ -363,18 +381,21 @@
     for (const id of Array.from(state.streams.keys())) closeStream(id);
   }
 
-  /** Which jobs get an EventSource: running ones on screen, the open detail job first. */
+  /** Which jobs get an EventSource: the open detail job, then running jobs on screen, then
+   * queued ones (so the switch to running and the `started` event arrive as they happen). */
   function syncStreams() {
     if (state.readsProtected || typeof EventSource !== "function") { setConn(connMode()); return; }
     const want = [];
     if (state.view === "job" && state.detail) {
       const j = state.jobs.get(state.detail.id);
-      if (j && STREAMING.has(j.status)) want.push(j.id);
+      if (j && ACTIVE.has(j.status)) want.push(j.id);
     }
     if (state.view === "jobs") {
-      for (const id of state.order) {
-        const j = state.jobs.get(id);
-        if (j && STREAMING.has(j.status) && !want.includes(id)) want.push(id);
+      for (const pass of [STREAMING, new Set(["queued"])]) {
+        for (const id of state.order) {
+          const j = state.jobs.get(id);
+          if (j && pass.has(j.status) && !want.includes(id)) want.push(id);
+        }
       }
     }
     const keep = new Set(want.slice(0, MAX_STREAMS));
@@ -398,6 +419,8 @@
         if (d.error) job.error = d.error;
         onStatusChange(job);
       }
+      // Fetch started_at and the other fields a status event does not carry.
+      if (d.status === "running") debounce("one-" + id, () => refreshOne(id), 300);
       if (TERMINAL.has(d.status)) {
         // The server ends the stream here; stop EventSource from reconnecting.
         closeStream(id);
@@ -561,7 +584,8 @@
     }
     if (row.dataset.status !== job.status) {
       row.dataset.status = job.status;
-      c[2].replaceChildren(badge(job.status), job.status === "failed" && job.error ? h("span", { class: "sub", text: job.error.slice(0, 80) }) : null);
+      c[2].replaceChildren(badge(job.status));
+      if (job.status === "failed" && job.error) c[2].append(h("span", { class: "sub", title: job.error, text: job.error.slice(0, 80) }));
       c[9].replaceChildren(h("div", { class: "row-actions" }, actionButtons(job, { small: true })));
     }
     c[3].replaceChildren(h("span", { class: "tag", text: precisionOf(job) }));
@@ -715,7 +739,7 @@
     Chart.line($("chart-scale"), {
       label: "Loss scale by step, log axis", xLabel: "step", yLabel: "scale", log: true,
       series: [{ name: "loss scale", points: on ? scalePts : [] }],
-      yFormat: (v) => Chart.compact(v),
+      yFormat: (v) => fmt.scale(v),
       empty: job && !on ? `Loss scaling is off for this run (${precisionOf(job)})` : "No steps recorded yet",
     });
     Chart.line($("chart-tps"), {
@@ -1006,6 +1030,9 @@
       $("f-status").textContent = "";
       mergeJob(job);
       toast(`Job ${job.id} (${job.name}) queued`);
+      // Next time the form starts from the preset again.
+      $("f-name").value = "";
+      fillFromPreset();
       location.hash = `#/jobs/${job.id}`;
     } catch (e) {
       $("f-status").textContent = "";
@@ -1104,7 +1131,7 @@
     if (state.view === "jobs") {
       const active = state.order.some((id) => ACTIVE.has((state.jobs.get(id) || {}).status));
       const unstreamed = state.order.some((id) => STREAMING.has((state.jobs.get(id) || {}).status) && !state.streams.has(id));
-      const every = unstreamed ? 2000 : active ? 4000 : 10000;
+      const every = unstreamed ? 2000 : active ? 4000 : 5000;
       if (now - state.lastJobsFetch >= every) refreshJobs();
       else for (const id of state.order) { const j = state.jobs.get(id); if (j && j.status === "running") renderJobRow(j); }
     } else if (state.view === "job" && state.detail) {
@@ -1132,8 +1159,10 @@
       if (await askToken("")) { toast("Token saved for this tab"); route(); }
     });
     setConn("idle");
-    route();
-    setInterval(tick, 1000);
+    probeReads().finally(() => {
+      route();
+      setInterval(tick, 1000);
+    });
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);

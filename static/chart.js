@@ -45,9 +45,10 @@
   }
   function linearTicks(lo, hi, count) {
     const step = niceStep(hi - lo, count);
+    const a = Math.floor(lo / step + 1e-9) * step, b = Math.ceil(hi / step - 1e-9) * step;
     const out = [];
-    for (let t = Math.ceil(lo / step - 1e-9) * step; t <= hi + step * 1e-9; t += step) out.push(+t.toPrecision(12));
-    return { ticks: out, lo: Math.min(lo, Math.floor(lo / step) * step), hi: Math.max(hi, Math.ceil(hi / step) * step) };
+    for (let i = 0, t = a; t <= b + step * 1e-9; i++, t = a + i * step) out.push(+t.toPrecision(12));
+    return { ticks: out, lo: a, hi: b };
   }
   /** Powers of 2 when the range is narrow (loss scales are powers of 2), else of 10. */
   function logTicks(lo, hi, count) {
@@ -82,8 +83,9 @@
       host.appendChild(d);
       return;
     }
+    const yf = o.yFormat || fmtDefault, xf = o.xFormat || ((v) => compact(v));
     const m = { l: 56, r: 14, t: 12, b: 38 };
-    const pw = width - m.l - m.r, ph = height - m.t - m.b;
+    const ph = height - m.t - m.b;
     let x0 = Math.min(...all.map((p) => p.x)), x1 = Math.max(...all.map((p) => p.x));
     if (x0 === x1) { x0 -= 1; x1 += 1; }
     const ys = all.flatMap((p) => [p.y, p.lo, p.hi]).filter((v) => v !== undefined && v !== null && isFinite(v) && (!o.log || v > 0));
@@ -92,12 +94,14 @@
     if (y0 === y1) { const pad = Math.abs(y0) * 0.1 || 1; y0 -= pad; y1 += pad; }
     const yt = o.log ? logTicks(y0, y1, 6) : linearTicks(y0, y1, Math.max(3, Math.round(ph / 45)));
     y0 = yt.lo; y1 = yt.hi;
+    // Room for the widest y tick label (about 6.5 px a character at 11 px) and the axis title.
+    m.l = Math.max(44, Math.max(...yt.ticks.map((t) => String(yf(t)).length)) * 6.5 + 26);
+    const pw = width - m.l - m.r;
     const xt = linearTicks(x0, x1, Math.max(2, Math.round(pw / 90)));
     const sx = (x) => m.l + ((x - x0) / (x1 - x0)) * pw;
     const sy = o.log
       ? (y) => m.t + ph - ((Math.log(y) - Math.log(y0)) / (Math.log(y1) - Math.log(y0))) * ph
       : (y) => m.t + ph - ((y - y0) / (y1 - y0)) * ph;
-    const yf = o.yFormat || fmtDefault, xf = o.xFormat || ((v) => compact(v));
 
     const svg = el("svg", { viewBox: `0 0 ${width} ${height}`, height, role: "img", tabindex: 0 }, host);
     const last = series[0].points[series[0].points.length - 1];

@@ -117,8 +117,10 @@ async function step(name, fn) {
   }
 }
 
-async function shot(name, opts = {}) {
-  await page.screenshot({ path: join(SHOTS, name), fullPage: true, ...opts });
+/** Full-page screenshot; toasts from earlier steps are cleared unless `keepToasts`. */
+async function shot(name, { keepToasts = false } = {}) {
+  if (!keepToasts) await page.evaluate(() => document.getElementById("toasts").replaceChildren());
+  await page.screenshot({ path: join(SHOTS, name), fullPage: true });
 }
 
 async function main() {
@@ -153,35 +155,78 @@ async function main() {
     if (m.type() === "error" && !/Failed to load resource/.test(m.text())) problems.push(`console: ${m.text()}`);
   });
 
-  await step("jobs table: a job runs live with a tqdm-style progress line", async () => {
-    await page.goto(srv.base + "/");
-    const row = page.locator(`#job-row-${a.id}`);
-    await row.locator('.badge[data-status="running"]').waitFor({ timeout: LONG });
-    // Wait for a few steps so the progress line has a rate.
-    await page.waitForFunction((id) => {
-      const t = document.querySelector(`#job-row-${id} .progress-text`);
-      const m = t && t.textContent.match(/^(\d+)\/40 /);
-      return m && Number(m[1]) >= 3;
-    }, a.id, { timeout: LONG });
-    const text = await row.locator(".progress-text").textContent();
-    assert.match(text, /^\d+\/40 \d+% \[\d\d:\d\d<(\d\d:\d\d|\?), (\d+\.\d\d(it\/s|s\/it)|\?it\/s)\]$/, text);
-    await page.locator(`#job-row-${b.id} .badge[data-status="queued"]`).waitFor();
-    await shot("01-jobs-running.png");
-  });
-
   await step("jobs table: both jobs reach succeeded", async () => {
+    await page.goto(srv.base + "/");
     for (const id of [a.id, b.id]) {
       await page.locator(`#job-row-${id} .badge[data-status="succeeded"]`).waitFor({ timeout: LONG });
     }
     const row = page.locator(`#job-row-${a.id}`);
-    assert.match(await row.locator(".progress-text").textContent(), /^40\/40 100% \[/);
+    assert.match(await row.locator(".progress-text").textContent(), /^40\/40 100% \[\d\d:\d\d<00:00, /);
     assert.match(await row.locator(".loss-cell").textContent(), /^\d+\.\d{3}$/);
     assert.equal(await row.locator(".prec-cell").textContent(), "fp32");
     assert.equal(await page.locator(`#job-row-${b.id} .prec-cell`).textContent(), "f16");
     // Finished jobs offer export and delete, not cancel.
     const labels = await row.locator(".row-actions button").allTextContents();
     assert.deepEqual(labels, ["Export", "Delete"]);
-    await shot("02-jobs.png");
+  });
+
+  let c;
+  await step("new-job form: a valid job starts and its detail page follows it live", async () => {
+    await page.goto(`${srv.base}/#/new`);
+    await page.locator('#f-config option[value="tiny"]').waitFor({ state: "attached" });
+    await page.selectOption("#f-config", "tiny");
+    await page.fill("#f-name", "long-run");
+    await page.fill("#f-epochs", "100");
+    await page.fill("#f-batch", "8");
+    await page.fill("#f-steps", "20000");
+    await page.click("#f-submit");
+    await page.waitForURL(/#\/jobs\/\d+$/);
+    const id = Number(page.url().split("/").pop());
+    c = await (await fetch(`${srv.base}/api/jobs/${id}`)).json();
+    assert.equal(c.name, "long-run");
+    assert.equal(c.spec.train.batch_size, 8);
+    assert.equal(c.spec.train.max_steps, 20000);
+    assert.equal(c.spec.model.d_model, 128); // the rest comes from the preset
+    await page.locator('#job-progress .badge[data-status="running"]').waitFor({ timeout: LONG });
+    // Points arrive over SSE and extend the loss curve without a reload.
+    await page.waitForFunction(() => Number(document.querySelector("#chart-loss svg")?.dataset.points) >= 4, null, { timeout: LONG });
+    await page.locator('#conn[data-state="live"]').waitFor();
+    await shot("03a-detail-running.png");
+  });
+
+  await step("jobs table: a running job updates live over SSE; Cancel stops it", async () => {
+    await page.click("text=← Jobs");
+    const row = page.locator(`#job-row-${c.id}`);
+    await row.locator('.badge[data-status="running"]').waitFor({ timeout: LONG });
+    await page.locator('#conn[data-state="live"]').waitFor();
+    // The row follows the steps as they happen.
+    const first = Number((await row.locator(".progress-text").textContent()).split("/")[0]);
+    await page.waitForFunction(([id, n]) => {
+      const m = document.querySelector(`#job-row-${id} .progress-text`)?.textContent.match(/^(\d+)\/20000 /);
+      return m && Number(m[1]) >= n + 2;
+    }, [c.id, first], { timeout: LONG });
+    const text = await row.locator(".progress-text").textContent();
+    assert.match(text, /^\d+\/20000 \d+% \[\d\d:\d\d<(\d+:)?\d\d:\d\d, \d+\.\d\d(it\/s|s\/it)\]$/, text);
+    await shot("01-jobs-running.png");
+    await row.getByRole("button", { name: `Cancel job ${c.id} (long-run)` }).click();
+    await row.locator('.badge[data-status="cancelled"]').waitFor({ timeout: LONG });
+    assert.deepEqual(await row.locator(".row-actions button").allTextContents(), ["Resume", "Export", "Delete"]);
+  });
+
+  await step("jobs table: Delete asks first", async () => {
+    const row = page.locator(`#job-row-${c.id}`);
+    await row.getByRole("button", { name: /^Delete job/ }).click();
+    await page.locator("#confirm-dialog[open]").waitFor();
+    await shot("02b-delete-confirm.png");
+    await page.click("#confirm-no");
+    assert.equal(await page.locator("#confirm-dialog[open]").count(), 0);
+    assert.equal(await row.count(), 1);
+    assert.equal((await fetch(`${srv.base}/api/jobs/${c.id}`)).status, 200);
+    await row.getByRole("button", { name: /^Delete job/ }).click();
+    await page.click("#confirm-yes");
+    await row.waitFor({ state: "detached" });
+    assert.equal((await fetch(`${srv.base}/api/jobs/${c.id}`)).status, 404);
+    await shot("02-jobs.png", { keepToasts: true });
   });
 
   await step("job detail: loss chart with one point per step, validations, samples", async () => {
@@ -192,8 +237,11 @@ async function main() {
     });
     const d = await page.locator("#chart-loss path.line").getAttribute("d");
     assert.equal((d.match(/L/g) || []).length, 39, d);
-    // Validation at steps 20 and 40: two points per curve, samples from the latest.
-    await page.waitForFunction(() => Number(document.querySelector("#chart-val svg")?.dataset.points) === 2);
+    // Validation every 20 steps and at each epoch's end: one point per validation, samples
+    // from the latest.
+    const vals = (await (await fetch(`${srv.base}/api/jobs/${a.id}/validations`)).json()).validations;
+    assert.ok(vals.length >= 2, JSON.stringify(vals));
+    await page.waitForFunction((n) => Number(document.querySelector("#chart-val svg")?.dataset.points) === n, vals.length);
     assert.equal(await page.locator("#chart-bleu path.line").count(), 2); // BLEU and chrF
     assert.equal(await page.locator("#samples tbody tr").count(), 3);
     assert.equal(await page.locator("#samples-step").inputValue(), "40");
@@ -272,8 +320,19 @@ async function main() {
       await p2.reload();
       await p2.locator("#jobs-empty").waitFor();
       assert.equal(await p2.locator("#token-dialog[open]").count(), 0);
-      // Reads need the token, so EventSource (which cannot send it) is not used.
+      // Reads need the token, so EventSource (which cannot send it) is not used: the table
+      // follows a job by polling.
       assert.equal(await p2.locator("#conn").getAttribute("data-state"), "polling");
+      const r = await fetch(locked.base + "/api/jobs", {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: "Bearer browser-secret" },
+        body: JSON.stringify(tinyJob("polled", "fp32")),
+      });
+      assert.equal(r.status, 201);
+      const polled = await r.json();
+      await p2.locator(`#job-row-${polled.id} .badge[data-status="succeeded"]`).waitFor({ timeout: LONG });
+      assert.match(await p2.locator(`#job-row-${polled.id} .progress-text`).textContent(), /^40\/40 100% /);
+      assert.equal(await p2.evaluate(() => typeof window.EventSource), "function");
     } finally {
       await p2.close();
       await stopServer(locked);
