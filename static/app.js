@@ -85,7 +85,11 @@
     },
   };
 
+  const recentToasts = new Map(); // message -> time, so polling does not repeat itself
   function toast(message, kind) {
+    const now = Date.now();
+    if (now - (recentToasts.get(message) || 0) < 30000) return;
+    recentToasts.set(message, now);
     const t = h("div", { class: "toast" + (kind ? " " + kind : "") , text: message });
     $("toasts").append(t);
     setTimeout(() => t.remove(), kind === "error" ? 8000 : 5000);
@@ -172,7 +176,7 @@
     if (text) {
       try { data = JSON.parse(text); } catch (_) { data = undefined; }
     }
-    if (resp.status === 401 && !opts.noAuthRetry) {
+    if (resp.status === 401 && !opts.noAuthRetry && !state.tokenDeclined) {
       state.tokenNeeded = true;
       $("token-btn").hidden = false;
       if (method === "GET" && !state.readsProtected) {
@@ -212,9 +216,12 @@
         const v = $("token-input").value.trim();
         if (dlg.returnValue === "ok" && v) {
           state.token = v;
+          state.tokenDeclined = false;
           sessionStorage.setItem(TOKEN_KEY, v);
           resolve(true);
         } else {
+          // Do not ask again on every poll; the header's "API token" button asks again.
+          state.tokenDeclined = true;
           resolve(false);
         }
       };
@@ -786,7 +793,7 @@
     const out = $("samples");
     const step = Number($("samples-step").value);
     const v = d && d.validations.find((x) => x.step === step);
-    $("samples-step").disabled = !d || !d.validations.length;
+    $("samples-step").closest("label").hidden = !d || !d.validations.length;
     if (!v) {
       out.replaceChildren(h("p", { class: "muted", text: "Samples appear after the first validation (train.valid_every, or at the end of each epoch)." }));
       return;
@@ -1156,6 +1163,7 @@
     $("tr-form").addEventListener("submit", submitTranslate);
     $("token-btn").hidden = !state.token;
     $("token-btn").addEventListener("click", async () => {
+      state.tokenDeclined = false;
       if (await askToken("")) { toast("Token saved for this tab"); route(); }
     });
     setConn("idle");

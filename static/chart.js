@@ -5,7 +5,7 @@
  *     series: [{name, points: [{x, y, lo?, hi?, mark?, note?}], band?: bool}],
  *     xLabel, yLabel, log?: bool, yFormat?: fn, xFormat?: fn, height?: px,
  *     empty?: "text when there is no data", label: "what the chart shows (for screen readers)",
- *     zero?: bool (include 0 on the y axis)
+ *     zero?: bool (include 0 on the y axis), xInteger?: bool (default true: whole-number x ticks)
  *   })
  * Calling it again on the same element redraws with the new options. */
 (function () {
@@ -43,8 +43,8 @@
     const n = raw / mag;
     return (n >= 5 ? 10 : n >= 2 ? 5 : n >= 1 ? 2 : 1) * mag;
   }
-  function linearTicks(lo, hi, count) {
-    const step = niceStep(hi - lo, count);
+  function linearTicks(lo, hi, count, integer) {
+    const step = integer ? Math.max(1, niceStep(hi - lo, count)) : niceStep(hi - lo, count);
     const a = Math.floor(lo / step + 1e-9) * step, b = Math.ceil(hi / step - 1e-9) * step;
     const out = [];
     for (let i = 0, t = a; t <= b + step * 1e-9; i++, t = a + i * step) out.push(+t.toPrecision(12));
@@ -97,7 +97,8 @@
     // Room for the widest y tick label (about 6.5 px a character at 11 px) and the axis title.
     m.l = Math.max(44, Math.max(...yt.ticks.map((t) => String(yf(t)).length)) * 6.5 + 26);
     const pw = width - m.l - m.r;
-    const xt = linearTicks(x0, x1, Math.max(2, Math.round(pw / 90)));
+    // x is a step count unless told otherwise: whole-number ticks.
+    const xt = linearTicks(x0, x1, Math.max(2, Math.round(pw / 90)), o.xInteger !== false);
     const sx = (x) => m.l + ((x - x0) / (x1 - x0)) * pw;
     const sy = o.log
       ? (y) => m.t + ph - ((Math.log(y) - Math.log(y0)) / (Math.log(y1) - Math.log(y0))) * ph
