@@ -5,13 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x /usr/bin/chromium ]; then
-  echo "setup: installing chromium (apt-get)" >&2
+# Fonts are only a "Recommends" of chromium: without one, screenshots show boxes for text.
+if [ ! -x /usr/bin/chromium ] || [ ! -d /usr/share/fonts/truetype/dejavu ]; then
+  echo "setup: installing chromium and fonts-dejavu-core (apt-get)" >&2
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo); fi
-  if ! "${SUDO[@]}" apt-get install -y --no-install-recommends chromium; then
+  pkgs=(chromium fonts-dejavu-core)
+  if ! "${SUDO[@]}" apt-get install -y --no-install-recommends "${pkgs[@]}"; then
     "${SUDO[@]}" apt-get update
-    "${SUDO[@]}" apt-get install -y --no-install-recommends chromium
+    "${SUDO[@]}" apt-get install -y --no-install-recommends "${pkgs[@]}"
   fi
 fi
 

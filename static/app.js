@@ -54,8 +54,12 @@
       if (v === null || v === undefined || !isFinite(v)) return "–";
       return Math.round(v).toLocaleString("en-US");
     },
+    /** Loss scales: 65,536 up to 7 digits, then powers of two as 2ⁿ. */
     scale(v) {
       if (v === null || v === undefined || !isFinite(v)) return "–";
+      const k = Math.log2(v);
+      if (v >= 1e7 && Number.isInteger(k)) return "2" + String(k).replace(/\d/g, (d) => "⁰¹²³⁴⁵⁶⁷⁸⁹"[d]);
+      if (v >= 1e7) return v.toExponential(2);
       return v >= 1e4 ? Math.round(v).toLocaleString("en-US") : String(Number(v.toPrecision(4)));
     },
     bytes(n) {
@@ -672,10 +676,8 @@
       ["Tokens/s", fmt.int(mt.tokens_per_s)],
       ["Loss scale", fmt.scale(mt.loss_scale)],
       ["Skipped steps", fmt.int(mt.skipped_steps)],
-      ["Created", fmt.time(job.created_at)],
-      ["Started", fmt.time(job.started_at)],
+      ["Started", fmt.time(job.started_at) + (job.attempts > 1 ? ` (attempt ${job.attempts})` : "")],
       ["Finished", fmt.time(job.finished_at)],
-      ["Attempts", String(job.attempts ?? "–")],
     ];
     $("job-facts").replaceChildren(...facts.map(([k, v]) => h("div", null, h("dt", { text: k }), h("dd", { text: v }))));
   }

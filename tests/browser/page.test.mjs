@@ -3,17 +3,22 @@
 //
 //   cargo build && node tests/browser/page.test.mjs      (scripts/test.sh does both)
 //
-// Steps: two tiny jobs (fp32 and f16, the same preset) run to `succeeded` while the jobs table
-// updates; the job detail shows a loss chart with one point per step, validation curves and
-// sample translations; the compare view overlays both runs with a throughput ratio; the new-job
-// form shows the API's error next to the batch-size field; the page works at 390 px without
-// sideways scrolling; with --api-token the page asks for the token once and keeps it for the tab;
-// the translate box translates a sentence. Screenshots go to target/screenshots/.
+// Steps: two tiny jobs (fp32, and f16 starting from a loss scale that overflows) reach
+// `succeeded` in the jobs table; a job started from the new-job form is followed live over SSE
+// on its detail page and in the table (tqdm-style progress line), cancelled with its button and
+// deleted through the confirmation dialog; the job detail shows a loss chart with one point per
+// step, validation curves, sample translations and (f16) the loss scale on a log axis with every
+// skipped step marked; the compare view overlays both runs with a throughput ratio; the form
+// shows the API's error next to the batch-size field; the page works at 390 px without
+// sideways scrolling; with --api-token --protect-reads the page asks for the token once, keeps
+// it for the tab and follows jobs by polling; the translate box translates a sentence.
+// Screenshots go to target/screenshots/.
 //
-// Environment: AMPSERVE_BIN (default <target>/debug/ampserve), CHROMIUM (default
-// /usr/bin/chromium), AMPSERVE_BROWSER_TRANSLATE=1 to run the translation step (it needs the
-// models/translate endpoints); without it the step checks that the page copes with a server
-// that has none.
+// Translation: runs for real when the server has /api/models. Until then (404) the step checks
+// the "no models yet" state, then the page against the models/translate contract in
+// docs/API.md with the browser answering those two routes itself.
+// AMPSERVE_BROWSER_TRANSLATE=1 insists on the real step (it fails without the endpoints).
+// Also: AMPSERVE_BIN (default <target>/debug/ampserve), CHROMIUM (default /usr/bin/chromium).
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
 import { mkdtempSync, mkdirSync, rmSync, existsSync } from "node:fs";
@@ -132,7 +137,9 @@ async function main() {
   const srv = await startServer();
   log(`# server at ${srv.base}`);
   const a = await post(srv.base, "/api/jobs", tinyJob("tatoeba-fp32", "fp32"));
-  const b = await post(srv.base, "/api/jobs", tinyJob("tatoeba-f16", "f16"));
+  // f16 starting from a loss scale far too high: the first steps overflow and are skipped while
+  // the scaler backs off, as GradScaler runs usually begin.
+  const b = await post(srv.base, "/api/jobs", { ...tinyJob("tatoeba-f16", "f16"), amp: { init_scale: 2 ** 32 } });
 
   const profile = mkdtempSync(join(tmpdir(), "ampserve-chromium-"));
   cleanup.push(profile);
@@ -260,6 +267,12 @@ async function main() {
     await page.goto(`${srv.base}/#/jobs/${b.id}`);
     await page.waitForFunction(() => Number(document.querySelector("#chart-scale svg")?.dataset.points) === 40);
     assert.equal(await page.locator("#chart-scale .nodata").count(), 0);
+    // Every skipped step is marked on the loss-scale chart.
+    const job = await (await fetch(`${srv.base}/api/jobs/${b.id}`)).json();
+    const skipped = job.metrics.skipped_steps;
+    assert.ok(skipped > 0, "the f16 run should have skipped steps");
+    assert.equal(await page.locator("#chart-scale path.marker").count(), skipped);
+    assert.equal(await page.locator("#job-facts div", { has: page.locator("dt", { hasText: "Skipped steps" }) }).locator("dd").textContent(), String(skipped));
     assert.match(await page.locator("#chart-scale .axis-label").last().textContent(), /\(log\)/);
     await shot("03b-detail-f16.png");
   });
@@ -304,6 +317,17 @@ async function main() {
     await page.setViewportSize({ width: 1280, height: 900 });
   });
 
+  await step("dark colour scheme", async () => {
+    await page.emulateMedia({ colorScheme: "dark" });
+    await page.goto(`${srv.base}/#/jobs/${b.id}`);
+    await page.waitForFunction(() => Number(document.querySelector("#chart-scale svg")?.dataset.points) === 40);
+    const bg = await page.evaluate(() => getComputedStyle(document.documentElement).backgroundColor);
+    const [r, g, bl] = bg.match(/\d+/g).map(Number);
+    assert.ok(r + g + bl < 150, `background ${bg} is not dark`);
+    await shot("09-dark-detail.png");
+    await page.emulateMedia({ colorScheme: "light" });
+  });
+
   await step("API token: asked once, kept for the tab", async () => {
     const locked = await startServer(["--api-token", "browser-secret", "--protect-reads"]);
     const p2 = await context.newPage();
@@ -339,25 +363,72 @@ async function main() {
     }
   });
 
-  await step(TRANSLATE ? "translate: a sentence, with the time it took" : "translate: the page copes with a server without models", async () => {
+  // The real translation runs when the server has /api/models (or AMPSERVE_BROWSER_TRANSLATE=1
+  // insists on it); a server without it gets the no-models check and the contract check.
+  const hasModels = (await fetch(srv.base + "/api/models")).status !== 404;
+  const realTranslate = TRANSLATE || hasModels;
+  await step(realTranslate ? "translate: a sentence, with the time it took" : "translate: no models yet; the page against the API contract", async () => {
     await page.goto(`${srv.base}/#/translate`);
-    if (TRANSLATE) {
-      await page.locator("#tr-model option").first().waitFor({ state: "attached", timeout: LONG });
+    if (realTranslate) {
+      // Succeeded jobs are exported automatically; wait for the first model to be listed.
+      const deadline = Date.now() + LONG;
+      for (;;) {
+        const r = await fetch(srv.base + "/api/models");
+        assert.notEqual(r.status, 404, "the server has no /api/models");
+        if (r.ok && (await r.json()).models.length > 0) break;
+        assert.ok(Date.now() < deadline, "no model was exported");
+        await new Promise((res) => setTimeout(res, 200));
+      }
+      await page.goto(`${srv.base}/#/jobs`);
+      await page.goto(`${srv.base}/#/translate`);
+      await page.locator("#tr-model option").first().waitFor({ state: "attached" });
       await page.fill("#tr-text", "I love you.");
       await page.click("#tr-submit");
       await page.locator("#tr-out").waitFor();
       assert.ok((await page.locator("#tr-result").textContent()).trim().length > 0);
       assert.match(await page.locator("#tr-timing").textContent(), /\d ms on the server/);
     } else {
-      const r = await fetch(srv.base + "/api/models");
-      if (r.status === 404) {
-        await page.locator("#tr-none").waitFor();
-        assert.match(await page.locator("#tr-none").textContent(), /No models yet/);
-        assert.ok(await page.locator("#tr-submit").isDisabled());
-      } else {
-        log("# /api/models exists: set AMPSERVE_BROWSER_TRANSLATE=1 to run the translation step");
-        await page.locator("#tr-model option, #tr-none:not([hidden])").first().waitFor({ state: "attached" });
-      }
+      await page.locator("#tr-none").waitFor();
+      assert.match(await page.locator("#tr-none").textContent(), /No models yet/);
+      assert.ok(await page.locator("#tr-submit").isDisabled());
+      await shot("06-translate.png");
+      // Until the server has the endpoints: the page against the contract in docs/API.md,
+      // with the browser answering /api/models and /api/translate itself. This checks the
+      // request the page sends and what it shows, not the server.
+      const sent = [];
+      await page.route("**/api/models", (route) => route.fulfill({
+        status: 200, contentType: "application/json",
+        body: JSON.stringify({ models: [{ id: 3, name: "tatoeba-fp32@40", job_id: a.id, step: 40, checkpoint: "best", src_lang: "en", tgt_lang: "it", dtype: "f16", val_bleu: 1.33, params: 123456, size_bytes: 250000, path: "/x", created_at: "2026-01-01T00:00:00.000Z", loaded: false }] }),
+      }));
+      await page.route("**/api/translate", (route) => {
+        const body = JSON.parse(route.request().postData());
+        sent.push(body);
+        if (body.text === "too long") {
+          return route.fulfill({ status: 422, contentType: "application/json", body: JSON.stringify({ error: { code: "invalid_value", message: "300 source tokens; at most 256", field: "text" } }) });
+        }
+        return route.fulfill({ status: 200, contentType: "application/json", body: JSON.stringify({
+          model: 3, beam_size: body.beam_size,
+          translations: [{ text: "Ti amo.", source_tokens: 4, tokens: 3, score: -1.5 }],
+          timing: { queue_ms: 1.2, decode_ms: 35.0, total_ms: 36.4, batch_size: 1 },
+        }) });
+      });
+      await page.goto(`${srv.base}/#/jobs`);
+      await page.goto(`${srv.base}/#/translate`);
+      await page.locator('#tr-model option[value="3"]').waitFor({ state: "attached" });
+      assert.ok(await page.locator("#tr-none").isHidden());
+      await page.fill("#tr-text", "I love you.");
+      await page.click("#tr-submit");
+      await page.locator("#tr-out").waitFor();
+      assert.deepEqual(sent[0], { model: 3, text: "I love you.", beam_size: 4 });
+      assert.equal(await page.locator("#tr-result").textContent(), "Ti amo.");
+      assert.match(await page.locator("#tr-timing").textContent(), /^36\.4 ms on the server \(decode 35\.0 ms, queue 1\.2 ms, batch of 1\)/);
+      await page.fill("#tr-text", "too long");
+      await page.click("#tr-submit");
+      await page.waitForFunction(() => document.getElementById("err-text").textContent.length > 0);
+      assert.match(await page.locator("#err-text").textContent(), /at most 256/);
+      await page.unroute("**/api/models");
+      await page.unroute("**/api/translate");
+      return;
     }
     await shot("06-translate.png");
   });
