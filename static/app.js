@@ -351,6 +351,7 @@
     try {
       await api(`/api/jobs/${job.id}`, { method: "DELETE" });
       state.jobs.delete(job.id);
+      if (state.order.includes(job.id)) state.total = Math.max(0, state.total - 1);
       state.order = state.order.filter((i) => i !== job.id);
       closeStream(job.id);
       const row = $("job-row-" + job.id);

@@ -233,6 +233,7 @@ async function main() {
     await page.click("#confirm-yes");
     await row.waitFor({ state: "detached" });
     assert.equal((await fetch(`${srv.base}/api/jobs/${c.id}`)).status, 404);
+    assert.equal(await page.locator("#jobs-total").textContent(), "");
     await shot("02-jobs.png", { keepToasts: true });
   });
 
