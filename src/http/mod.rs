@@ -3,6 +3,7 @@
 //! limits, bearer auth, JSON errors for everything the layers reject).
 
 mod checkpoints;
+mod configs;
 mod corpora;
 mod error;
 mod events;
@@ -10,6 +11,7 @@ mod jobs;
 mod metrics;
 mod models;
 mod ops;
+pub mod page;
 pub mod spec;
 mod translate;
 
@@ -73,10 +75,12 @@ pub fn router(state: AppState) -> Router {
         .merge(corpora::router())
         .merge(models::router())
         .merge(translate::router())
+        .merge(configs::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let hard_limit = (state.settings.max_upload_bytes as usize).saturating_add(1 << 20);
     Router::new()
         .merge(ops::router())
+        .merge(page::router())
         .merge(api)
         .fallback(|| async { ApiError::from_status(StatusCode::NOT_FOUND) })
         .layer(DefaultBodyLimit::max(state.settings.max_json_bytes))
