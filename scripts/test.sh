@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-test-deps.sh
 cargo test
-# The binary the browser test starts (cargo test has built it already; this only makes sure).
-cargo build --bin ampserve
+# The browser test starts target/debug/ampserve, which cargo test has just built for the
+# integration tests (a separate `cargo build` would compile everything again: dev-dependencies
+# change the features of the test build).
 node tests/browser/page.test.mjs

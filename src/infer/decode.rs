@@ -5,6 +5,7 @@
 //! Sources are token ids as the training data has them: `[SOS] words [EOS]`. Results are the
 //! generated ids without `[SOS]` / `[EOS]`. `[PAD]`, `[SOS]` and (by default) `[UNK]` are never
 //! emitted: a word-level model with a small vocabulary otherwise fills its output with `[UNK]`.
+//! `[EOS]` is not allowed as the first token, so a translation is never empty.
 
 use crate::amp::Autocast;
 use crate::data::{EOS_ID, PAD_ID, SOS_ID, UNK_ID};
@@ -86,6 +87,15 @@ fn ban_list(v: usize, opts: &DecodeOptions) -> Vec<f32> {
     bias
 }
 
+/// The first token is never `[EOS]`: an empty translation is never the answer.
+fn ban_list_first(v: usize, opts: &DecodeOptions) -> Vec<f32> {
+    let mut bias = ban_list(v, opts);
+    if (EOS_ID as usize) < v {
+        bias[EOS_ID as usize] = f32::NEG_INFINITY;
+    }
+    bias
+}
+
 fn row_index(rows: &[usize], dev: &Device) -> Result<Tensor> {
     let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
     Tensor::from_vec(idx, rows.len(), dev)
@@ -131,11 +141,10 @@ pub fn greedy(
     let mut sm = model::src_mask(&src_t)?;
     let memory = model.encode(&ctx, &src_t, &sm)?;
     let mut cache = model.start_decoding(&ctx, &memory)?;
-    let bias = Tensor::from_vec(
-        ban_list(model.cfg.tgt_vocab, opts),
-        (1, model.cfg.tgt_vocab),
-        &dev,
-    )?;
+    let v = model.cfg.tgt_vocab;
+    let bias = Tensor::from_vec(ban_list(v, opts), (1, v), &dev)?;
+    let bias_first = Tensor::from_vec(ban_list_first(v, opts), (1, v), &dev)?;
+    let mut first = true;
     let mut hyps = vec![Hypothesis::default(); b];
     let mut alive: Vec<usize> = (0..b).collect();
     let mut cur = vec![SOS_ID; b];
@@ -144,7 +153,8 @@ pub fn greedy(
         let tok = Tensor::from_vec(cur.clone(), (n, 1), &dev)?;
         let logp = model
             .decode_step(&ctx, &mut cache, &tok, &sm)?
-            .broadcast_add(&bias)?;
+            .broadcast_add(if first { &bias_first } else { &bias })?;
+        first = false;
         let next_t = logp.argmax_keepdim(D::Minus1)?;
         let lp: Vec<f32> = logp.gather(&next_t, 1)?.flatten_all()?.to_vec1()?;
         let next: Vec<u32> = next_t.flatten_all()?.to_vec1()?;
@@ -193,7 +203,10 @@ pub fn greedy_uncached(
     let src_t = pad_sources(&[src.to_vec()], &dev)?;
     let sm = model::src_mask(&src_t)?;
     let memory = model.encode(&ctx, &src_t, &sm)?;
-    let bias = ban_list(model.cfg.tgt_vocab, opts);
+    let (bias, bias_first) = (
+        ban_list(model.cfg.tgt_vocab, opts),
+        ban_list_first(model.cfg.tgt_vocab, opts),
+    );
     let mut prefix = vec![SOS_ID];
     let mut h = Hypothesis::default();
     loop {
@@ -204,7 +217,8 @@ pub fn greedy_uncached(
         let logp: Vec<f32> = crate::ops::log_softmax(&model.project(&ctx, &last)?)?
             .squeeze(0)?
             .to_vec1()?;
-        let (best, lp) = logp.iter().zip(&bias).map(|(a, b)| a + b).enumerate().fold(
+        let ban = if t == 1 { &bias_first } else { &bias };
+        let (best, lp) = logp.iter().zip(ban).map(|(a, b)| a + b).enumerate().fold(
             (0usize, f32::NEG_INFINITY),
             |acc, (i, v)| {
                 if v > acc.1 {
@@ -292,6 +306,7 @@ pub fn beam_search(
     cache.select(&idx)?;
     let mut sm = sm1.index_select(&idx, 0)?;
     let bias = ban_list(model.cfg.tgt_vocab, opts);
+    let bias_first = ban_list_first(model.cfg.tgt_vocab, opts);
     let mut beams: Vec<SentenceBeam> = (0..b)
         .map(|_| SentenceBeam {
             live: (0..k)
@@ -330,9 +345,14 @@ pub fn beam_search(
                 if l.score == f64::NEG_INFINITY {
                     continue;
                 }
+                let ban = if l.tokens.is_empty() {
+                    &bias_first
+                } else {
+                    &bias
+                };
                 let row: Vec<f32> = logp[a * k + j]
                     .iter()
-                    .zip(&bias)
+                    .zip(ban)
                     .map(|(x, y)| x + y)
                     .collect();
                 for (v, t) in top_n(&row, 2 * k) {

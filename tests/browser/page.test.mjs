@@ -1,7 +1,8 @@
 // The status page in a real browser: Debian's headless Chromium driven by playwright-core,
 // against the real `ampserve serve` binary training real (tiny) models on Tatoeba en-it.
 //
-//   cargo build && node tests/browser/page.test.mjs      (scripts/test.sh does both)
+//   cargo test && node tests/browser/page.test.mjs      (scripts/test.sh does both; cargo test
+//   builds target/debug/ampserve for the integration tests, and this test starts that binary)
 //
 // Steps: two tiny jobs (fp32, and f16 starting from a loss scale that overflows) reach
 // `succeeded` in the jobs table; a job started from the new-job form is followed live over SSE
@@ -14,10 +15,7 @@
 // it for the tab and follows jobs by polling; the translate box translates a sentence.
 // Screenshots go to target/screenshots/.
 //
-// Translation: runs for real when the server has /api/models. Until then (404) the step checks
-// the "no models yet" state, then the page against the models/translate contract in
-// docs/API.md with the browser answering those two routes itself.
-// AMPSERVE_BROWSER_TRANSLATE=1 insists on the real step (it fails without the endpoints).
+// Translation uses the model the server exported when the first job succeeded.
 // Also: AMPSERVE_BIN (default <target>/debug/ampserve), CHROMIUM (default /usr/bin/chromium).
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
@@ -32,7 +30,6 @@ const TARGET = process.env.CARGO_TARGET_DIR ? resolve(ROOT, process.env.CARGO_TA
 const BIN = process.env.AMPSERVE_BIN || join(TARGET, "debug", "ampserve");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SHOTS = join(ROOT, "target", "screenshots");
-const TRANSLATE = process.env.AMPSERVE_BROWSER_TRANSLATE === "1";
 // Deadlines only keep a broken run from hanging; nothing asserts on time.
 const LONG = 240_000;
 
@@ -129,7 +126,7 @@ async function shot(name, { keepToasts = false } = {}) {
 }
 
 async function main() {
-  assert.ok(existsSync(BIN), `${BIN} is missing: run cargo build first`);
+  assert.ok(existsSync(BIN), `${BIN} is missing: run cargo test (or cargo build) first`);
   assert.ok(existsSync(CHROMIUM), `${CHROMIUM} is missing: run scripts/setup-test-deps.sh`);
   rmSync(SHOTS, { recursive: true, force: true });
   mkdirSync(SHOTS, { recursive: true });
@@ -364,74 +361,32 @@ async function main() {
     }
   });
 
-  // The real translation runs when the server has /api/models (or AMPSERVE_BROWSER_TRANSLATE=1
-  // insists on it); a server without it gets the no-models check and the contract check.
-  const hasModels = (await fetch(srv.base + "/api/models")).status !== 404;
-  const realTranslate = TRANSLATE || hasModels;
-  await step(realTranslate ? "translate: a sentence, with the time it took" : "translate: no models yet; the page against the API contract", async () => {
-    await page.goto(`${srv.base}/#/translate`);
-    if (realTranslate) {
-      // Succeeded jobs are exported automatically; wait for the first model to be listed.
-      const deadline = Date.now() + LONG;
-      for (;;) {
-        const r = await fetch(srv.base + "/api/models");
-        assert.notEqual(r.status, 404, "the server has no /api/models");
-        if (r.ok && (await r.json()).models.length > 0) break;
-        assert.ok(Date.now() < deadline, "no model was exported");
-        await new Promise((res) => setTimeout(res, 200));
-      }
-      await page.goto(`${srv.base}/#/jobs`);
-      await page.goto(`${srv.base}/#/translate`);
-      await page.locator("#tr-model option").first().waitFor({ state: "attached" });
-      await page.fill("#tr-text", "I love you.");
-      await page.click("#tr-submit");
-      await page.locator("#tr-out").waitFor();
-      assert.ok((await page.locator("#tr-result").textContent()).trim().length > 0);
-      assert.match(await page.locator("#tr-timing").textContent(), /\d ms on the server/);
-    } else {
-      await page.locator("#tr-none").waitFor();
-      assert.match(await page.locator("#tr-none").textContent(), /No models yet/);
-      assert.ok(await page.locator("#tr-submit").isDisabled());
-      await shot("06-translate.png");
-      // Until the server has the endpoints: the page against the contract in docs/API.md,
-      // with the browser answering /api/models and /api/translate itself. This checks the
-      // request the page sends and what it shows, not the server.
-      const sent = [];
-      await page.route("**/api/models", (route) => route.fulfill({
-        status: 200, contentType: "application/json",
-        body: JSON.stringify({ models: [{ id: 3, name: "tatoeba-fp32@40", job_id: a.id, step: 40, checkpoint: "best", src_lang: "en", tgt_lang: "it", dtype: "f16", val_bleu: 1.33, params: 123456, size_bytes: 250000, path: "/x", created_at: "2026-01-01T00:00:00.000Z", loaded: false }] }),
-      }));
-      await page.route("**/api/translate", (route) => {
-        const body = JSON.parse(route.request().postData());
-        sent.push(body);
-        if (body.text === "too long") {
-          return route.fulfill({ status: 422, contentType: "application/json", body: JSON.stringify({ error: { code: "invalid_value", message: "300 source tokens; at most 256", field: "text" } }) });
-        }
-        return route.fulfill({ status: 200, contentType: "application/json", body: JSON.stringify({
-          model: 3, beam_size: body.beam_size,
-          translations: [{ text: "Ti amo.", source_tokens: 4, tokens: 3, score: -1.5 }],
-          timing: { queue_ms: 1.2, decode_ms: 35.0, total_ms: 36.4, batch_size: 1 },
-        }) });
-      });
-      await page.goto(`${srv.base}/#/jobs`);
-      await page.goto(`${srv.base}/#/translate`);
-      await page.locator('#tr-model option[value="3"]').waitFor({ state: "attached" });
-      assert.ok(await page.locator("#tr-none").isHidden());
-      await page.fill("#tr-text", "I love you.");
-      await page.click("#tr-submit");
-      await page.locator("#tr-out").waitFor();
-      assert.deepEqual(sent[0], { model: 3, text: "I love you.", beam_size: 4 });
-      assert.equal(await page.locator("#tr-result").textContent(), "Ti amo.");
-      assert.match(await page.locator("#tr-timing").textContent(), /^36\.4 ms on the server \(decode 35\.0 ms, queue 1\.2 ms, batch of 1\)/);
-      await page.fill("#tr-text", "too long");
-      await page.click("#tr-submit");
-      await page.waitForFunction(() => document.getElementById("err-text").textContent.length > 0);
-      assert.match(await page.locator("#err-text").textContent(), /at most 256/);
-      await page.unroute("**/api/models");
-      await page.unroute("**/api/translate");
-      return;
+  // Succeeded jobs are exported automatically: translate with the first model, then see the
+  // server's validation error (too many source words) next to the text field.
+  await step("translate: a sentence, with the time it took; errors next to the field", async () => {
+    const deadline = Date.now() + LONG;
+    for (;;) {
+      const r = await fetch(srv.base + "/api/models");
+      assert.equal(r.status, 200, "GET /api/models");
+      if ((await r.json()).models.length > 0) break;
+      assert.ok(Date.now() < deadline, "no model was exported");
+      await new Promise((res) => setTimeout(res, 200));
     }
+    await page.goto(`${srv.base}/#/jobs`);
+    await page.goto(`${srv.base}/#/translate`);
+    await page.locator("#tr-model option").first().waitFor({ state: "attached" });
+    assert.ok(await page.locator("#tr-none").isHidden());
+    await page.fill("#tr-text", "I love you.");
+    await page.click("#tr-submit");
+    await page.locator("#tr-out").waitFor();
+    assert.ok((await page.locator("#tr-result").textContent()).trim().length > 0);
+    assert.match(await page.locator("#tr-timing").textContent(), /\d ms on the server/);
     await shot("06-translate.png");
+    await page.fill("#tr-text", Array(300).fill("word").join(" "));
+    await page.click("#tr-submit");
+    await page.waitForFunction(() => document.getElementById("err-text").textContent.length > 0);
+    assert.match(await page.locator("#err-text").textContent(), /300 source tokens/);
+    await shot("06b-translate-error.png");
   });
 
   assert.deepEqual(problems, [], "the page logged errors");
