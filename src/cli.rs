@@ -210,3 +210,22 @@ pub fn train(args: TrainArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parse_device_names_the_problem() {
+        let cpu = super::parse_device("cpu").unwrap();
+        assert!(cpu.is_cpu());
+        assert_eq!(crate::bench::device_label(&cpu), "cpu");
+        let e = super::parse_device("tpu:0").unwrap_err().to_string();
+        assert!(e.contains("unknown device `tpu:0`"), "{e}");
+        if !cfg!(feature = "cuda") {
+            for s in ["cuda:0", "cuda", "gpu"] {
+                let e = super::parse_device(s).unwrap_err().to_string();
+                assert!(e.contains("built without the `cuda` feature"), "{s}: {e}");
+                assert!(e.contains("scripts/build-cuda.sh"), "{s}: {e}");
+            }
+        }
+    }
+}

@@ -143,8 +143,19 @@ fn fused_op_fallbacks_match_the_cpu_kernels() -> Result<()> {
     let wy = randn(&[4, 6, 64], 8, 1.0)?;
     for out in [DType::F32, DType::F16] {
         let run = |dev_x: &Tensor, a: &Tensor, b: &Tensor, w: &Tensor| -> Result<_> {
-            let (xv, av, bv) = (Var::from_tensor(dev_x)?, Var::from_tensor(a)?, Var::from_tensor(b)?);
-            let y = ops::layer_norm(xv.as_tensor(), av.as_tensor(), bv.as_tensor(), 1e-6, true, out)?;
+            let (xv, av, bv) = (
+                Var::from_tensor(dev_x)?,
+                Var::from_tensor(a)?,
+                Var::from_tensor(b)?,
+            );
+            let y = ops::layer_norm(
+                xv.as_tensor(),
+                av.as_tensor(),
+                bv.as_tensor(),
+                1e-6,
+                true,
+                out,
+            )?;
             let gr = y.to_dtype(DType::F32)?.mul(w)?.sum_all()?.backward()?;
             let pick = |v: &Var| gr.get(v).cloned().expect("layer norm grad");
             Ok((y, pick(&xv), pick(&av), pick(&bv)))
@@ -152,10 +163,18 @@ fn fused_op_fallbacks_match_the_cpu_kernels() -> Result<()> {
         let (yc, gxc, gac, gbc) = run(&x, &alpha, &beta, &wy)?;
         let (yg, gxg, gag, gbg) = run(&g(&x)?, &g(&alpha)?, &g(&beta)?, &g(&wy)?)?;
         let tol = if out == DType::F32 { 1e-5 } else { 2e-3 };
-        for (what, c, gp) in [("y", &yc, &yg), ("dx", &gxc, &gxg), ("dalpha", &gac, &gag), ("dbeta", &gbc, &gbg)] {
+        for (what, c, gp) in [
+            ("y", &yc, &yg),
+            ("dx", &gxc, &gxg),
+            ("dalpha", &gac, &gag),
+            ("dbeta", &gbc, &gbg),
+        ] {
             assert_on_cuda(what, gp);
             let e = rel_err(gp, c)?;
-            assert!(e < tol, "layer norm {what} ({out:?}): GPU vs CPU relative error {e}");
+            assert!(
+                e < tol,
+                "layer norm {what} ({out:?}): GPU vs CPU relative error {e}"
+            );
         }
         assert_eq!(yg.dtype(), out);
     }
@@ -176,7 +195,9 @@ fn fused_op_fallbacks_match_the_cpu_kernels() -> Result<()> {
 
     // label-smoothed cross-entropy on bf16 logits with PAD rows, value and gradient
     let logits = randn(&[16, 50], 10, 2.0)?.to_dtype(DType::BF16)?;
-    let t: Vec<u32> = (0..16u32).map(|i| if i % 5 == 4 { PAD_ID } else { (i * 7) % 50 }).collect();
+    let t: Vec<u32> = (0..16u32)
+        .map(|i| if i % 5 == 4 { PAD_ID } else { (i * 7) % 50 })
+        .collect();
     let targets = Tensor::new(t.as_slice(), &Device::Cpu)?;
     let ce = |l: &Tensor, t: &Tensor| -> Result<(Tensor, Tensor)> {
         let v = Var::from_tensor(l)?;
@@ -190,7 +211,10 @@ fn fused_op_fallbacks_match_the_cpu_kernels() -> Result<()> {
     assert_on_cuda("dlogits", &gg);
     assert_eq!(lg.dtype(), DType::F32, "the loss is computed in f32");
     let (lc, lg) = (lc.to_scalar::<f32>()?, lg.to_scalar::<f32>()?);
-    assert!((lc - lg).abs() < 1e-4 * lc.abs(), "CE: CPU {lc} vs GPU {lg}");
+    assert!(
+        (lc - lg).abs() < 1e-4 * lc.abs(),
+        "CE: CPU {lc} vs GPU {lg}"
+    );
     let e = rel_err(&gg.to_dtype(DType::F32)?, &gc.to_dtype(DType::F32)?)?;
     assert!(e < 1e-2, "CE grad GPU vs CPU relative error {e}");
 
@@ -199,7 +223,10 @@ fn fused_op_fallbacks_match_the_cpu_kernels() -> Result<()> {
     let h = randn(&[33, 7], 12, 1.0)?.to_dtype(DType::F16)?;
     let want = kernels::sum_squares(&[&a, &h])?;
     let got = kernels::sum_squares(&[&g(&a)?, &g(&h)?])?;
-    assert!((want - got).abs() < 1e-6 * want, "sum_squares CPU {want} vs GPU {got}");
+    assert!(
+        (want - got).abs() < 1e-6 * want,
+        "sum_squares CPU {want} vs GPU {got}"
+    );
     let big = Tensor::new(&[1e30f32, 1.0], &dev)?;
     let s = kernels::sum_squares(&[&big])?;
     assert!(s.is_finite() && (s / 1e60 - 1.0).abs() < 1e-6, "{s}");
@@ -263,7 +290,10 @@ fn dropout_masks_are_drawn_on_the_gpu_and_seeded() -> Result<()> {
 fn forward_loss_matches_the_cpu() -> Result<()> {
     let Some(dev) = cuda() else { return Ok(()) };
     let cfg = cfg();
-    let (mc, mg) = (Transformer::new(&cfg, 7, &Device::Cpu)?, Transformer::new(&cfg, 7, &dev)?);
+    let (mc, mg) = (
+        Transformer::new(&cfg, 7, &Device::Cpu)?,
+        Transformer::new(&cfg, 7, &dev)?,
+    );
     let bc = batch(&Device::Cpu)?;
     let bg = batch(&dev)?;
     // (precision, logits relative tolerance, loss relative tolerance)
@@ -285,10 +315,16 @@ fn forward_loss_matches_the_cpu() -> Result<()> {
         assert_on_cuda("logits", &lg);
         assert_eq!(lg.dtype(), crate::amp::dtype_of(p), "{p:?} logits dtype");
         let e = rel_err(&lg.to_device(&Device::Cpu)?, &lc)?;
-        assert!(e < tol_logits, "{p:?} logits GPU vs CPU: relative error {e}");
+        assert!(
+            e < tol_logits,
+            "{p:?} logits GPU vs CPU: relative error {e}"
+        );
         assert!(loss_g.is_finite(), "{p:?} GPU loss {loss_g}");
         let rel = (loss_c - loss_g).abs() / loss_c.abs();
-        assert!(rel < tol_loss, "{p:?} loss: CPU {loss_c} vs GPU {loss_g} (relative {rel})");
+        assert!(
+            rel < tol_loss,
+            "{p:?} loss: CPU {loss_c} vs GPU {loss_g} (relative {rel})"
+        );
     }
     Ok(())
 }
@@ -329,7 +365,11 @@ fn mixed_precision_training_steps_stay_on_the_gpu() -> Result<()> {
             assert_on_cuda(name, var.as_tensor());
             assert_eq!(var.dtype(), DType::F32, "master weight {name}");
         }
-        let glist: Vec<&Tensor> = model.params.iter().map(|(_, v)| grads.get(v).unwrap()).collect();
+        let glist: Vec<&Tensor> = model
+            .params
+            .iter()
+            .map(|(_, v)| grads.get(v).unwrap())
+            .collect();
         let ss = kernels::sum_squares(&glist)?;
         assert!(ss.is_finite() && ss > 0.0, "{p:?} grad sum of squares {ss}");
 
@@ -343,7 +383,9 @@ fn mixed_precision_training_steps_stay_on_the_gpu() -> Result<()> {
         let mut applied = 0;
         let mut losses = Vec::new();
         for step in 1..=6 {
-            let o = stepper.step(&model, &b, step).map_err(candle_core::Error::wrap)?;
+            let o = stepper
+                .step(&model, &b, step)
+                .map_err(candle_core::Error::wrap)?;
             assert!(o.loss.is_finite(), "{p:?} step {step}: loss {}", o.loss);
             applied += usize::from(!o.skipped);
             losses.push(o.loss);
