@@ -10,7 +10,8 @@
 # Usage (from anywhere; runs in the repository root):
 #   bash scripts/build-cuda.sh            release binary + device test binary, staged in target/gpu/
 #   bash scripts/build-cuda.sh CMD ARGS   run CMD in the CUDA build environment instead, e.g.
-#       bash scripts/build-cuda.sh cargo clippy --features cuda --all-targets -- -D warnings
+#       bash scripts/build-cuda.sh cargo clippy --release --features cuda --all-targets -- -D warnings
+#     (use --release: it reuses the PTX that nvcc built; a dev-profile command runs nvcc again)
 #   TK=DIR                                toolkit folder (default ~/.cache/ampserve-cuda-tk)
 #   CUDA_COMPUTE_CAP=90                   the target GPU (90: Hopper, H100/H200)
 #
