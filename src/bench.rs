@@ -141,6 +141,15 @@ pub struct TrainBenchRecord {
     pub synthetic: bool,
 }
 
+/// `cpu` or `cuda:N`, as `--device` spells it.
+pub fn device_label(dev: &candle_core::Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
@@ -187,6 +196,9 @@ pub fn bench_train(
         let (b, toks) = &pool[i % pool.len()];
         let t0 = Instant::now();
         let o = stepper.step(&model, b, i as u64 + 1)?;
+        // A GPU runs the step's last kernels (the Adam updates) after `step` returns: wait for
+        // them so each timed step is complete, as the reference's torch.cuda.synchronize().
+        dev.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();
         if i == 0 {
             first = o.loss;
@@ -202,7 +214,7 @@ pub fn bench_train(
         kind: "train",
         size: p.name.into(),
         precision: precision.as_str().into(),
-        device: format!("{dev:?}"),
+        device: device_label(dev),
         steps,
         warmup,
         step_ms_median: med,
@@ -235,6 +247,7 @@ pub struct BenchTrainArgs {
     /// Synthetic batches mirroring the reference (the default and, for now, the only mode)
     #[arg(long, default_value_t = true)]
     pub synthetic: bool,
+    /// cpu or cuda:N (needs a build with `--features cuda`)
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }

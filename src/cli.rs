@@ -36,27 +36,12 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-/// `cpu` or `cuda:N` (a clear error when the build has no CUDA or no GPU is found).
+/// `cpu` or `cuda:N` (also `cuda`/`gpu` for `cuda:0`), opened. The same parser as the server's
+/// `--devices` ([`crate::worker::DeviceSpec`]): a clear error when the build has no `cuda`
+/// feature or the GPU cannot be opened.
 pub fn parse_device(s: &str) -> anyhow::Result<candle_core::Device> {
-    if s == "cpu" {
-        return Ok(candle_core::Device::Cpu);
-    }
-    let Some(n) = s
-        .strip_prefix("cuda:")
-        .or(if s == "cuda" { Some("0") } else { None })
-    else {
-        anyhow::bail!("unknown device `{s}`: expected cpu or cuda:N");
-    };
-    let n: usize = n
-        .parse()
-        .map_err(|_| anyhow::anyhow!("unknown device `{s}`: expected cpu or cuda:N"))?;
-    if !candle_core::utils::cuda_is_available() {
-        anyhow::bail!(
-            "device `{s}` requested but this binary was built without the `cuda` feature \
-             (rebuild with `--features cuda`, see scripts/build-cuda.sh)"
-        );
-    }
-    candle_core::Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot open {s}: {e}"))
+    let spec: crate::worker::DeviceSpec = s.parse()?;
+    Ok(spec.open()?)
 }
 
 fn fmt_hms(secs: f64) -> String {
@@ -348,4 +333,23 @@ pub fn translate(a: TranslateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parse_device_names_the_problem() {
+        let cpu = super::parse_device("cpu").unwrap();
+        assert!(cpu.is_cpu());
+        assert_eq!(crate::bench::device_label(&cpu), "cpu");
+        let e = super::parse_device("tpu:0").unwrap_err().to_string();
+        assert!(e.contains("unknown device `tpu:0`"), "{e}");
+        if !cfg!(feature = "cuda") {
+            for s in ["cuda:0", "cuda", "gpu"] {
+                let e = super::parse_device(s).unwrap_err().to_string();
+                assert!(e.contains("built without the `cuda` feature"), "{s}: {e}");
+                assert!(e.contains("scripts/build-cuda.sh"), "{s}: {e}");
+            }
+        }
+    }
 }

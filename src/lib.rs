@@ -20,3 +20,6 @@ pub mod optim;
 pub mod store;
 pub mod train;
 pub mod worker;
+
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;

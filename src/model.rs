@@ -145,6 +145,8 @@ pub struct Ctx<'a> {
     pub train: bool,
     pub dropout: f64,
     rng: RefCell<StdRng>,
+    /// Whether a GPU's generator was seeded from `rng` in this forward pass (once per pass).
+    device_seeded: std::cell::Cell<bool>,
 }
 
 impl<'a> Ctx<'a> {
@@ -154,6 +156,7 @@ impl<'a> Ctx<'a> {
             train,
             dropout,
             rng: RefCell::new(rng),
+            device_seeded: std::cell::Cell::new(false),
         }
     }
 
@@ -163,7 +166,12 @@ impl<'a> Ctx<'a> {
 
     fn drop(&self, x: &Tensor) -> Result<Tensor> {
         if self.train && self.dropout > 0.0 {
-            ops::dropout(x, self.dropout, &mut self.rng.borrow_mut())
+            let mut rng = self.rng.borrow_mut();
+            if !x.device().is_cpu() && !self.device_seeded.get() {
+                ops::seed_device(x.device(), &mut rng)?;
+                self.device_seeded.set(true);
+            }
+            ops::dropout(x, self.dropout, &mut rng)
         } else {
             Ok(x.clone())
         }

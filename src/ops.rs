@@ -105,19 +105,37 @@ pub mod reference {
 }
 
 /// Inverted dropout with a caller-owned, seeded RNG (candle's CPU RNG cannot be seeded, and
-/// resumed runs must replay the same masks).
+/// resumed runs must replay the same masks). On a GPU the mask is drawn on the device by its own
+/// generator (cuRAND) instead: a host-made mask would cost a host RNG pass and an upload per
+/// call, which dominates a GPU step. Seed that generator once per forward pass with
+/// [`seed_device`] to make GPU masks a function of the run seed and step too.
 pub fn dropout(x: &Tensor, p: f64, rng: &mut rand::rngs::StdRng) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let n = x.elem_count();
     let keep = 1.0 - p;
+    if !x.device().is_cpu() {
+        // u in (0, 1]: P(u >= p) = 1 - p.
+        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+        let mask = u.ge(p)?.to_dtype(x.dtype())?;
+        return x.mul(&mask)?.affine(1.0 / keep, 0.0);
+    }
+    let n = x.elem_count();
     let scale = (1.0 / keep) as f32;
     let mask: Vec<f32> = (0..n)
         .map(|_| if rng.gen::<f64>() < keep { scale } else { 0.0 })
         .collect();
     let m = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&m)
+}
+
+/// Seed a GPU's random generator from `rng` (a no-op on the CPU, whose dropout masks come from
+/// `rng` directly).
+pub fn seed_device(dev: &candle_core::Device, rng: &mut rand::rngs::StdRng) -> Result<()> {
+    if dev.is_cpu() {
+        return Ok(());
+    }
+    dev.set_seed(rng.gen::<u64>())
 }
 
 /// A small deterministic RNG for one forward pass: a function of the run seed and the step.

@@ -290,16 +290,22 @@ impl InplaceOp2 for Apply<'_> {
 
 /// Sum of squares of all elements of all tensors, accumulated in f64 (for the global grad norm
 /// and the inf/NaN check: the result is inf or NaN when any element is). One pass per tensor.
+/// Off the CPU every tensor is reduced on its device (squares in f64, so a large scaled
+/// gradient cannot overflow them) and the partial sums come back in one host sync.
 pub fn sum_squares(ts: &[&Tensor]) -> Result<f64> {
     let mut total = 0f64;
+    let mut on_device: Vec<Tensor> = Vec::new();
     for t in ts {
         if !t.device().is_cpu() {
-            total += t
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            if !super::is_float(t.dtype()) && t.dtype() != DType::F64 {
+                return Err(KernelError::UnsupportedDType {
+                    op: "sum_squares",
+                    dtype: t.dtype(),
+                    expected: "a float dtype",
+                }
+                .into());
+            }
+            on_device.push(t.to_dtype(DType::F64)?.sqr()?.sum_all()?);
             continue;
         }
         let t = if t.is_contiguous() {
@@ -331,6 +337,15 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<f64> {
                 .into())
             }
         };
+    }
+    // One stack per device (the GPU's partial sums), one copy back.
+    while let Some(first) = on_device.first() {
+        let dev = first.device().clone();
+        let (same, rest): (Vec<Tensor>, Vec<Tensor>) = on_device
+            .into_iter()
+            .partition(|t| t.device().same_device(&dev));
+        total += Tensor::stack(&same, 0)?.sum_all()?.to_scalar::<f64>()?;
+        on_device = rest;
     }
     Ok(total)
 }

@@ -65,7 +65,8 @@ pub fn cross_entropy_ls(
 /// The straightforward differentiable composition (used off-CPU and as the test oracle).
 pub fn reference(logits: &Tensor, targets: &Tensor, pad_id: u32, eps: f64) -> Result<Tensor> {
     let x = logits.to_dtype(DType::F32)?;
-    let max = x.max_keepdim(D::Minus1)?;
+    // The shift by the row max cancels out of log-softmax: no gradient through it.
+    let max = x.max_keepdim(D::Minus1)?.detach();
     let diff = x.broadcast_sub(&max)?;
     let lse = diff.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let logp = diff.broadcast_sub(&lse)?;

@@ -58,7 +58,8 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) ->
 /// The straightforward differentiable composition (used off-CPU and as the test oracle).
 pub fn reference(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) -> Result<Tensor> {
     let z = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(mask)?;
-    let max = z.max_keepdim(candle_core::D::Minus1)?;
+    // The shift by the row max cancels out of softmax: no gradient through it.
+    let max = z.max_keepdim(candle_core::D::Minus1)?.detach();
     let e = z.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(candle_core::D::Minus1)?;
     e.broadcast_div(&s)?.to_dtype(out)

@@ -43,9 +43,9 @@ impl Trainer for CandleTrainer {
 pub enum WorkerError {
     #[error("unknown device `{0}`: expected `cpu` or `cuda:N`")]
     BadDevice(String),
-    #[error("device `{0}` needs CUDA, but this ampserve was built without the `cuda` feature (rebuild with `--features cuda`)")]
+    #[error("device `{0}` needs CUDA, but this ampserve was built without the `cuda` feature (rebuild with `--features cuda`, see scripts/build-cuda.sh)")]
     NoCuda(String),
-    #[error("cannot open device `{device}`: {message}")]
+    #[error("cannot open device `{device}`: {message} (is an NVIDIA GPU present, its driver loaded, and the index below the GPU count that `nvidia-smi -L` lists?)")]
     Open { device: String, message: String },
     #[error("no devices configured")]
     Empty,
@@ -95,7 +95,11 @@ impl DeviceSpec {
             DeviceSpec::Cuda(n) => {
                 candle_core::Device::new_cuda(*n).map_err(|e| WorkerError::Open {
                     device: self.to_string(),
-                    message: e.to_string(),
+                    // the driver's error, without the backtrace candle attaches under RUST_BACKTRACE
+                    message: match e {
+                        candle_core::Error::WithBacktrace { inner, .. } => inner.to_string(),
+                        e => e.to_string(),
+                    },
                 })
             }
         }
