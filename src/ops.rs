@@ -78,7 +78,16 @@ pub fn cross_entropy_ls(
 pub use crate::kernels::DropMask;
 pub use reference::log_softmax;
 
-/// `dropout(act(y + b))` for a linear output `y` (rows, n) and bias `b` (n), reshaped to
+/// `x @ w.T` for a linear layer: x (..., in), w (out, in) -> (..., out), as one graph node
+/// (see `kernels::linear`).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if use_reference() {
+        return crate::kernels::reference::linear(x, w, reference::matmul);
+    }
+    crate::kernels::linear(x, w)
+}
+
+/// `dropout(act(y + b))` for a linear output `y` (..., n) and bias `b` (n), reshaped to
 /// `out_shape` (see `kernels::bias_act`), fused with the bias gradient.
 pub fn bias_act(
     y: &Tensor,

@@ -111,21 +111,19 @@ impl Autocast {
     ) -> Result<Tensor> {
         let x = self.act(x)?;
         let w = self.weight(w)?;
-        let dims = x.dims().to_vec();
-        let inp = *dims.last().unwrap();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = crate::ops::matmul(&x.reshape((rows, inp))?, &w.t()?)?;
-        let mut out = dims;
-        *out.last_mut().unwrap() = w.dim(0)?;
+        // (..., out) in the compute dtype
+        let y = crate::ops::linear(&x, &w)?;
         match b {
-            Some(b) => crate::ops::bias_act(&y, &self.weight(b)?, relu, drop, &out),
+            Some(b) => {
+                let shape = y.dims().to_vec();
+                crate::ops::bias_act(&y, &self.weight(b)?, relu, drop, &shape)
+            }
             None => {
                 let y = if relu { y.relu()? } else { y };
-                let y = match drop {
-                    Some(m) => crate::ops::dropout_with(&y, m)?,
-                    None => y,
-                };
-                y.reshape(out)
+                match drop {
+                    Some(m) => crate::ops::dropout_with(&y, m),
+                    None => Ok(y),
+                }
             }
         }
     }

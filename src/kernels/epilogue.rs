@@ -146,7 +146,7 @@ fn shape_err(op: &'static str, msg: String) -> candle_core::Error {
     KernelError::Shape { op, msg }.into()
 }
 
-/// `dropout(act(y + b))` for a linear output `y` (rows, n) and bias `b` (n) of the same float
+/// `dropout(act(y + b))` for a linear output `y` (..., n) and bias `b` (n) of the same float
 /// dtype, returned with shape `out_shape` (same element count, last dim n) in `y`'s dtype.
 /// Gradients flow to `y` and `b`.
 pub fn bias_act(
@@ -156,7 +156,8 @@ pub fn bias_act(
     drop: Option<&DropMask>,
     out_shape: &[usize],
 ) -> Result<Tensor> {
-    let (rows, n) = y.dims2()?;
+    let n = y.dim(candle_core::D::Minus1)?;
+    let rows = y.elem_count() / n.max(1);
     if b.dims() != [n] {
         return Err(shape_err(
             OP_BIAS,
@@ -364,7 +365,8 @@ impl CustomOp2 for BiasAct {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (rows, n) = y.dims2()?;
+        let n = y.dim(candle_core::D::Minus1)?;
+        let rows = y.elem_count() / n.max(1);
         let g = grad_res.to_dtype(y.dtype())?;
         let (gs, gl) = cpu_storage(&g, OP_BIAS)?;
         let (rs, rl) = cpu_storage(res, OP_BIAS)?;
@@ -380,7 +382,7 @@ impl CustomOp2 for BiasAct {
             let (dy, db) = bias_act_bwd::<T>(&gv[..], &gl, res_v, &rl, relu, drop, rows, n);
             (T::wrap(dy), db)
         });
-        let dy = tensor_from_cpu(dy, (rows, n))?;
+        let dy = tensor_from_cpu(dy, (rows, n))?.reshape(y.shape())?;
         let db = Tensor::from_vec(db, n, y.device())?.to_dtype(b.dtype())?;
         Ok((Some(dy), Some(db)))
     }
