@@ -164,16 +164,28 @@ impl<'a> Ctx<'a> {
         Self::new(ac, false, 0.0, StdRng::seed_from_u64(0))
     }
 
+    /// A dropout mask for `n` elements, or `None` outside training or with p = 0.
+    fn mask(&self, n: usize) -> Option<ops::DropMask> {
+        (self.train && self.dropout > 0.0)
+            .then(|| ops::DropMask::sample(n, self.dropout, &mut self.rng.borrow_mut()))
+    }
+
     fn drop(&self, x: &Tensor) -> Result<Tensor> {
-        if self.train && self.dropout > 0.0 {
+        if !x.device().is_cpu() {
+            // on a GPU the mask is drawn on the device (seeded once per forward pass)
+            if !(self.train && self.dropout > 0.0) {
+                return Ok(x.clone());
+            }
             let mut rng = self.rng.borrow_mut();
-            if !x.device().is_cpu() && !self.device_seeded.get() {
+            if !self.device_seeded.get() {
                 ops::seed_device(x.device(), &mut rng)?;
                 self.device_seeded.set(true);
             }
-            ops::dropout(x, self.dropout, &mut rng)
-        } else {
-            Ok(x.clone())
+            return ops::dropout(x, self.dropout, &mut rng);
+        }
+        match self.mask(x.elem_count()) {
+            Some(m) => ops::dropout_with(x, &m),
+            None => Ok(x.clone()),
         }
     }
 }
@@ -269,15 +281,19 @@ impl FeedForward {
     }
 
     fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        let h = ctx.ac.linear(x, &self.w1, Some(&self.b1))?.relu()?;
-        let h = ctx.drop(&h)?;
+        // dropout(relu(x @ w1.T + b1)) as one fused epilogue after the matmul
+        let n = x.elem_count() / x.dim(D::Minus1)? * self.w1.dim(0)?;
+        let m = ctx.mask(n);
+        let h = ctx
+            .ac
+            .linear_act(x, &self.w1, Some(&self.b1), true, m.as_ref())?;
         ctx.ac.linear(&h, &self.w2, Some(&self.b2))
     }
 }
 
-/// `x + dropout(sublayer_out)` with the residual stream kept in f32.
+/// `x + dropout(sublayer_out)` with the residual stream kept in f32 (one fused op).
 fn residual(ctx: &Ctx, x: &Tensor, sub: &Tensor) -> Result<Tensor> {
-    x + ctx.drop(&sub.to_dtype(DType::F32)?)?
+    ops::residual_dropout(x, sub, ctx.mask(sub.elem_count()).as_ref())
 }
 
 struct EncoderLayer {

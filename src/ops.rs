@@ -9,7 +9,7 @@
 //! `AMPSERVE_REFERENCE_OPS=1` to train with the reference ops (for comparisons).
 
 use candle_core::{DType, Result, Tensor};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 thread_local! {
     static FORCE_REFERENCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -75,7 +75,48 @@ pub fn cross_entropy_ls(
     crate::kernels::cross_entropy_ls(logits, targets, pad_id, eps)
 }
 
+pub use crate::kernels::DropMask;
 pub use reference::log_softmax;
+
+/// `x @ w.T` for a linear layer: x (..., in), w (out, in) -> (..., out), as one graph node
+/// (see `kernels::linear`).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if use_reference() {
+        return crate::kernels::reference::linear(x, w, reference::matmul);
+    }
+    crate::kernels::linear(x, w)
+}
+
+/// `dropout(act(y + b))` for a linear output `y` (..., n) and bias `b` (n), reshaped to
+/// `out_shape` (see `kernels::bias_act`), fused with the bias gradient.
+pub fn bias_act(
+    y: &Tensor,
+    b: &Tensor,
+    relu: bool,
+    drop: Option<&DropMask>,
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    if use_reference() {
+        return reference::bias_act(y, b, relu, drop, out_shape);
+    }
+    crate::kernels::bias_act(y, b, relu, drop, out_shape)
+}
+
+/// Inverted dropout with a byte mask (see `kernels::dropout`).
+pub fn dropout_with(x: &Tensor, m: &DropMask) -> Result<Tensor> {
+    if use_reference() {
+        return reference::dropout(x, m);
+    }
+    crate::kernels::dropout(x, m)
+}
+
+/// `x + dropout(sub)` into the f32 residual stream (see `kernels::residual_dropout`).
+pub fn residual_dropout(x: &Tensor, sub: &Tensor, drop: Option<&DropMask>) -> Result<Tensor> {
+    if use_reference() {
+        return reference::residual_dropout(x, sub, drop);
+    }
+    crate::kernels::residual_dropout(x, sub, drop)
+}
 
 /// The straightforward differentiable compositions of candle ops.
 pub mod reference {
@@ -83,7 +124,9 @@ pub mod reference {
 
     /// Layer norm, masked softmax and label-smoothed cross-entropy as plain candle compositions
     /// (the kernels' test oracles and off-CPU fallbacks).
-    pub use crate::kernels::reference::{cross_entropy_ls, layer_norm, masked_softmax};
+    pub use crate::kernels::reference::{
+        bias_act, cross_entropy_ls, dropout, layer_norm, masked_softmax, residual_dropout,
+    };
 
     /// Batched matmul through candle.
     pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -113,20 +156,14 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut rand::rngs::StdRng) -> Result<Tenso
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let keep = 1.0 - p;
     if !x.device().is_cpu() {
-        // u in (0, 1]: P(u >= p) = 1 - p.
+        // u in [0, 1): P(u >= p) = 1 - p.
+        let keep = 1.0 - p;
         let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
         let mask = u.ge(p)?.to_dtype(x.dtype())?;
         return x.mul(&mask)?.affine(1.0 / keep, 0.0);
     }
-    let n = x.elem_count();
-    let scale = (1.0 / keep) as f32;
-    let mask: Vec<f32> = (0..n)
-        .map(|_| if rng.gen::<f64>() < keep { scale } else { 0.0 })
-        .collect();
-    let m = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&m)
+    dropout_with(x, &DropMask::sample(x.elem_count(), p, rng))
 }
 
 /// Seed a GPU's random generator from `rng` (a no-op on the CPU, whose dropout masks come from
@@ -135,7 +172,7 @@ pub fn seed_device(dev: &candle_core::Device, rng: &mut rand::rngs::StdRng) -> R
     if dev.is_cpu() {
         return Ok(());
     }
-    dev.set_seed(rng.gen::<u64>())
+    dev.set_seed(rand::Rng::gen::<u64>(rng))
 }
 
 /// A small deterministic RNG for one forward pass: a function of the run seed and the step.

@@ -95,19 +95,37 @@ impl Autocast {
     /// `x @ w.T + b` in the compute dtype. x: (..., in), w: (out, in), b: (out). Output (..., out)
     /// in the compute dtype.
     pub fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        self.linear_act(x, w, b, false, None)
+    }
+
+    /// `dropout(act(x @ w.T + b))` in the compute dtype, `act` ReLU when `relu`. With a bias the
+    /// bias, the activation and the dropout run as one fused op after the matmul
+    /// (`ops::bias_act`); without one, ReLU and dropout are applied separately.
+    pub fn linear_act(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        relu: bool,
+        drop: Option<&crate::ops::DropMask>,
+    ) -> Result<Tensor> {
         let x = self.act(x)?;
         let w = self.weight(w)?;
-        let dims = x.dims().to_vec();
-        let inp = *dims.last().unwrap();
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = crate::ops::matmul(&x.reshape((rows, inp))?, &w.t()?)?;
-        let y = match b {
-            Some(b) => y.broadcast_add(&self.weight(b)?)?,
-            None => y,
-        };
-        let mut out = dims;
-        *out.last_mut().unwrap() = w.dim(0)?;
-        y.reshape(out)
+        // (..., out) in the compute dtype
+        let y = crate::ops::linear(&x, &w)?;
+        match b {
+            Some(b) => {
+                let shape = y.dims().to_vec();
+                crate::ops::bias_act(&y, &self.weight(b)?, relu, drop, &shape)
+            }
+            None => {
+                let y = if relu { y.relu()? } else { y };
+                match drop {
+                    Some(m) => crate::ops::dropout_with(&y, m),
+                    None => Ok(y),
+                }
+            }
+        }
     }
 
     /// Batched matmul in the compute dtype.

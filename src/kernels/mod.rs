@@ -11,17 +11,24 @@
 //! * [`cross_entropy_ls`]: label-smoothed cross-entropy with an ignore index, fused gradient.
 //! * [`matmul`]: packed bf16 GEMM (AVX512-BF16 `vdpbf16ps`, or an AVX2+FMA micro-kernel on CPUs
 //!   without it), with a backward through the same kernel.
+//! * [`bias_act`] / [`dropout`] / [`residual_dropout`]: linear epilogues (bias, ReLU, dropout with a
+//!   byte mask) and the residual add, with the bias gradient as a column sum in the same pass.
+//! * [`linear`]: `x @ w.T` for a linear layer as one graph node (no reshape/transpose nodes).
 //! * [`adam_update`] / [`sum_squares`]: one-pass optimizer update and global squared norm.
 
 mod adam;
 mod cross_entropy;
+mod epilogue;
 mod layer_norm;
+mod linear;
 mod matmul;
 mod softmax;
 
 pub use adam::{adam_update, sum_squares, AdamHp};
 pub use cross_entropy::cross_entropy_ls;
+pub use epilogue::{bias_act, dropout, residual_dropout, DropMask};
 pub use layer_norm::layer_norm;
+pub use linear::linear;
 pub use matmul::{bf16_dot_available, matmul, matmul_portable};
 pub use softmax::masked_softmax;
 
@@ -30,7 +37,9 @@ pub use softmax::masked_softmax;
 pub mod reference {
     pub use super::adam::reference as adam_update;
     pub use super::cross_entropy::reference as cross_entropy_ls;
+    pub use super::epilogue::reference::{bias_act, dropout, residual_dropout};
     pub use super::layer_norm::reference as layer_norm;
+    pub use super::linear::reference as linear;
     pub use super::softmax::reference as masked_softmax;
 }
 
