@@ -21,7 +21,7 @@ taskset -c "$CPUS" target/release/ampserve bench translate --size "$SIZE" --beam
   --compute fp32,f16,bf16 --iters "$ITERS" | tee "$OUT/ours-decode.jsonl"
 : > "$OUT/ref-decode.jsonl"
 taskset -c "$CPUS" "$PY" "$REF/bench.py" --size "$ref_size" --modes '' \
-  --decode-modes fp32,bf16_autocast,bf16_weights --decode-batch 32 --threads 2 \
+  --decode-modes "${REF_MODES:-fp32}" --decode-batch 32 --threads 2 \
   --out "$OUT/ref-decode.jsonl" >/dev/null
 python3 - "$OUT/ours-decode.jsonl" "$OUT/ref-decode.jsonl" <<'PY'
 import json, sys
