@@ -55,6 +55,24 @@ pub const PRESETS: [Preset; 3] = [
     },
 ];
 
+impl Preset {
+    /// The tutorial model at this preset's sizes (dropout 0.1, the tutorial's layer norm).
+    pub fn model_config(&self, max_positions: usize) -> Config {
+        Config {
+            src_vocab: self.vocab,
+            tgt_vocab: self.vocab,
+            d_model: self.d_model,
+            layers: self.layers,
+            heads: self.heads,
+            d_ff: self.d_ff,
+            dropout: 0.1,
+            tutorial_layer_norm: true,
+            norm_eps: 1e-6,
+            max_positions,
+        }
+    }
+}
+
 pub fn preset(name: &str) -> anyhow::Result<Preset> {
     let n = if name == "full" { "tutorial" } else { name };
     PRESETS
@@ -169,19 +187,7 @@ pub fn bench_train(
     steps: usize,
     dev: &candle_core::Device,
 ) -> anyhow::Result<TrainBenchRecord> {
-    let cfg = Config {
-        src_vocab: p.vocab,
-        tgt_vocab: p.vocab,
-        d_model: p.d_model,
-        layers: p.layers,
-        heads: p.heads,
-        d_ff: p.d_ff,
-        dropout: 0.1,
-        tutorial_layer_norm: true,
-        norm_eps: 1e-6,
-        max_positions: p.seq_len + 8,
-    };
-    let model = Transformer::new(&cfg, 0, dev)?;
+    let model = Transformer::new(&p.model_config(p.seq_len + 8), 0, dev)?;
     let mut spec = TrainSpec::default();
     spec.train.precision = precision;
     spec.train.lr = 1e-4;
@@ -343,18 +349,7 @@ pub fn run_translate_bench(a: &BenchTranslateArgs) -> anyhow::Result<()> {
             .collect()
     };
     let (beams, batches) = (list(&a.beam)?, list(&a.batch)?);
-    let cfg = Config {
-        src_vocab: p.vocab,
-        tgt_vocab: p.vocab,
-        d_model: p.d_model,
-        layers: p.layers,
-        heads: p.heads,
-        d_ff: p.d_ff,
-        dropout: 0.1,
-        tutorial_layer_norm: true,
-        norm_eps: 1e-6,
-        max_positions: (a.src_words + 2).max(a.gen_tokens + 1) + 8,
-    };
+    let cfg = p.model_config((a.src_words + 2).max(a.gen_tokens + 1) + 8);
     let model = Transformer::new(&cfg, 0, &dev)?;
     // weights as an export stores them: rounded to f16
     let stored: std::collections::HashMap<String, candle_core::Tensor> = model
