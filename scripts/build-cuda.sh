@@ -100,5 +100,8 @@ fi
   echo "tests: $(basename "$tests")"
 } > "$G/BUILD_INFO.txt"
 du -sh "$G"/* | sed 's/^/staged: /'
+# What the binaries need of the GPU machine (glibc, libstdc++, shared libraries), known before
+# any device time is spent; also kept in BUILD_INFO.txt, which travels with them.
+bash scripts/preflight.sh "$G/ampserve.gz" "$G/ampserve-tests.gz" | tee -a "$G/BUILD_INFO.txt"
 echo "built target/release/ampserve with --features cuda (needs libcuda.so.1 from a driver and"
 echo "libcublas.so.13 & co on LD_LIBRARY_PATH; scripts/gpu-check.sh sets that up on the GPU machine)"

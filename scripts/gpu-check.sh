@@ -125,6 +125,7 @@ stage env 40 "$W/env.txt" bash -c '
   nvidia-smi || rc=1
   nvidia-smi -L
   python3 -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available())" || rc=1
+  echo "--- this machine: $(ldd --version | head -1) (BUILD_INFO.txt gives the newest GLIBC the binaries need)"
   echo "--- ldd $1"; ldd "$1" | grep -E "cuda|cublas|curand|nvrtc|not found"
   ldd "$1" | grep -q "not found" && rc=1
   exit $rc' _ "$BIN"
