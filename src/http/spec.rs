@@ -59,6 +59,7 @@ pub fn parse_job_request(body: &[u8], settings: &Settings) -> ApiResult<JobReque
             ))
         }
     };
+    require_objects(&obj, &spec_shape(), "")?;
     let from_preset = base.is_some();
     let mut merged = base.unwrap_or_else(|| Value::Object(Map::new()));
     deep_merge(&mut merged, Value::Object(obj));
@@ -89,6 +90,41 @@ fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
+}
+
+/// The default spec as JSON: where it holds an object, a request must give an object too.
+fn spec_shape() -> Value {
+    serde_json::to_value(TrainSpec::default()).unwrap_or(Value::Null)
+}
+
+/// serde's derived struct visitors also accept a sequence and fill the fields by position
+/// (`"model": [48, 1, 2, 96]`, and `"model": []` gives all defaults), so every section the
+/// schema has as an object must be an object in the request. Checked before the preset merge,
+/// which would otherwise let a non-object replace the preset's section.
+fn require_objects(obj: &Map<String, Value>, shape: &Value, prefix: &str) -> ApiResult<()> {
+    let Value::Object(shape) = shape else {
+        return Ok(());
+    };
+    for (key, v) in obj {
+        let Some(want @ Value::Object(_)) = shape.get(key) else {
+            continue;
+        };
+        let field = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match v {
+            Value::Object(inner) => require_objects(inner, want, &field)?,
+            other => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("expected an object, got {}", kind(other)),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The preset `configs/<name>.toml` as JSON.
