@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// Translation requests that may wait per model before new ones get 429.
     #[arg(long, env = "AMPSERVE_TRANSLATE_QUEUE", default_value_t = 64)]
     pub translate_queue: usize,
+    /// Refuse (422) jobs whose estimated memory exceeds this (e.g. `8GiB`). Default: the memory
+    /// available when the job is submitted (MemAvailable, or the cgroup limit when lower).
+    #[arg(long, env = "AMPSERVE_MAX_JOB_MEMORY", value_parser = crate::memory::parse_bytes)]
+    pub max_job_memory: Option<u64>,
 }
 
 impl Default for ServeArgs {
@@ -73,6 +77,7 @@ impl Default for ServeArgs {
             translate_compute: "auto".into(),
             max_loaded_models: 4,
             translate_queue: 64,
+            max_job_memory: None,
         }
     }
 }
@@ -174,6 +179,7 @@ pub async fn build_app_with(
         max_json_bytes: MAX_JSON_BYTES,
         max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
         request_timeout: REQUEST_TIMEOUT,
+        max_job_memory: args.max_job_memory,
     };
     let state = AppState {
         store,

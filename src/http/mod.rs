@@ -2,6 +2,7 @@
 //! [`AppState`] and the cross-cutting layers (trace, request metrics, compression, timeout, body
 //! limits, bearer auth, JSON errors for everything the layers reject).
 
+mod admission;
 mod checkpoints;
 mod configs;
 mod corpora;
@@ -51,6 +52,9 @@ pub struct Settings {
     /// Limit for corpus uploads (streamed to disk).
     pub max_upload_bytes: u64,
     pub request_timeout: Duration,
+    /// Admission limit for one training job's estimated memory; `None` = what the machine has
+    /// available at submission ([`crate::memory::available_bytes`]).
+    pub max_job_memory: Option<u64>,
 }
 
 #[derive(Clone)]
