@@ -60,6 +60,13 @@ pub struct ServeArgs {
     /// available when the job is submitted (MemAvailable, or the cgroup limit when lower).
     #[arg(long, env = "AMPSERVE_MAX_JOB_MEMORY", value_parser = crate::memory::parse_bytes)]
     pub max_job_memory: Option<u64>,
+    /// Budget of one translation decode call, in source tokens × beam size; larger requests are
+    /// split across calls, and a single text above it gets 422.
+    #[arg(long, env = "AMPSERVE_TRANSLATE_BATCH_TOKENS", default_value_t = 8192)]
+    pub translate_batch_tokens: usize,
+    /// Seconds a request may take before it gets 408 (its translation, if queued, is dropped).
+    #[arg(long = "request-timeout", env = "AMPSERVE_REQUEST_TIMEOUT", default_value_t = 120)]
+    pub request_timeout_s: u64,
 }
 
 impl Default for ServeArgs {
@@ -78,13 +85,14 @@ impl Default for ServeArgs {
             max_loaded_models: 4,
             translate_queue: 64,
             max_job_memory: None,
+            translate_batch_tokens: 8192,
+            request_timeout_s: 120,
         }
     }
 }
 
 /// JSON request bodies above this are refused with 413.
 pub const MAX_JSON_BYTES: usize = 1 << 20;
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Everything `serve` runs, exposed so tests can drive the real router on a temporary
 /// directory.
@@ -178,7 +186,7 @@ pub async fn build_app_with(
         protect_reads: args.protect_reads,
         max_json_bytes: MAX_JSON_BYTES,
         max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
-        request_timeout: REQUEST_TIMEOUT,
+        request_timeout: Duration::from_secs(args.request_timeout_s.max(1)),
         max_job_memory: args.max_job_memory,
     };
     let state = AppState {
@@ -223,6 +231,9 @@ fn model_cache(args: &ServeArgs, devices: &[DeviceSpec]) -> anyhow::Result<Model
     if args.max_loaded_models == 0 || args.translate_queue == 0 {
         anyhow::bail!("--max-loaded-models and --translate-queue must be at least 1");
     }
+    if args.translate_batch_tokens < 64 {
+        anyhow::bail!("--translate-batch-tokens must be at least 64");
+    }
     Ok(ModelCache::new(
         device,
         CacheConfig {
@@ -230,6 +241,7 @@ fn model_cache(args: &ServeArgs, devices: &[DeviceSpec]) -> anyhow::Result<Model
             compute,
             batcher: BatcherConfig {
                 queue_capacity: args.translate_queue,
+                max_batch_tokens: args.translate_batch_tokens,
                 ..BatcherConfig::default()
             },
             ..CacheConfig::default()

@@ -5,7 +5,7 @@
 use super::models::load_model;
 use super::spec::serde_field_error;
 use super::{ApiError, ApiQuery, ApiResult, AppState};
-use crate::infer::{Answer, Batcher, DecodeOptions, InferError, Job, SubmitError};
+use crate::infer::{sentence_cost, Answer, Batcher, DecodeOptions, InferError, Job, SubmitError};
 use crate::store::ModelRow;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -13,6 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -61,8 +62,10 @@ struct Timing {
     queue_ms: f64,
     decode_ms: f64,
     total_ms: f64,
-    /// Sentences decoded together in this request's batch.
+    /// Sentences in the largest decode call this request took part in.
     batch_size: usize,
+    /// Decode calls its texts were split across (the batcher's token budget bounds each).
+    decode_calls: usize,
 }
 
 #[derive(Serialize)]
@@ -245,8 +248,29 @@ async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<Transl
                 ),
             ));
         }
+        let budget = batcher.max_batch_tokens();
+        if sentence_cost(w.len(), c.opts.beam_size) > budget {
+            let field = if sentence_cost(w.len(), 1) > budget {
+                f.clone()
+            } else {
+                "beam_size".to_string()
+            };
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "{} source tokens at beam size {} exceed this server's decode budget of \
+                     {budget} tokens × beam",
+                    w.len(),
+                    c.opts.beam_size
+                ),
+            ));
+        }
         words.push(w);
     }
+    // When this future is dropped (the request timed out or the client went away) the batcher
+    // sees the flag and skips the request.
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(cancelled.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<Result<Answer, InferError>>();
     let beam_size = c.opts.beam_size;
     let alpha = c.opts.alpha;
@@ -255,6 +279,7 @@ async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<Transl
             words,
             opts: c.opts,
             max_len: c.max_len,
+            cancelled,
             reply: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -274,7 +299,10 @@ async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<Transl
     let answer = rx
         .await
         .map_err(|_| ApiError::internal("the batcher dropped the request"))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .map_err(|e| match e {
+            InferError::Cancelled => ApiError::from_status(axum::http::StatusCode::REQUEST_TIMEOUT),
+            e => ApiError::internal(e.to_string()),
+        })?;
     Ok(Json(TranslateResponse {
         model: m.id,
         model_name: m.name,
@@ -295,6 +323,16 @@ async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<Transl
             decode_ms: answer.decode_ms,
             total_ms: t0.elapsed().as_secs_f64() * 1e3,
             batch_size: answer.batch_sentences,
+            decode_calls: answer.decode_calls,
         },
     }))
+}
+
+/// Sets the flag when dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
