@@ -203,52 +203,28 @@ pub(super) fn serde_field_error(e: serde_path_to_error::Error<serde_json::Error>
 
 /// Resolve a corpus path and require it to lie inside one of the (canonical) data roots.
 /// Symlinks and `..` are resolved first, so neither can escape. Relative paths are tried
-/// against the working directory, then against each root.
+/// against the working directory, then against each root. Every refusal has the same message:
+/// it neither echoes server paths nor tells a file that exists outside the roots from one that
+/// does not exist.
 pub fn confine(path: &Path, roots: &[PathBuf], field: &str) -> ApiResult<PathBuf> {
     let mut candidates = Vec::new();
-    if path.is_absolute() {
-        candidates.push(path.to_path_buf());
-    } else {
-        candidates.push(path.to_path_buf());
+    candidates.push(path.to_path_buf());
+    if path.is_relative() {
         candidates.extend(roots.iter().map(|r| r.join(path)));
     }
-    let mut outside = None;
     for c in candidates {
         let Ok(canon) = std::fs::canonicalize(&c) else {
             continue;
         };
-        if roots.iter().any(|r| canon.starts_with(r)) {
-            if !canon.is_file() {
-                return Err(ApiError::invalid(
-                    field,
-                    format!("`{}` is not a file", path.display()),
-                ));
-            }
+        if roots.iter().any(|r| canon.starts_with(r)) && canon.is_file() {
             return Ok(canon);
         }
-        outside.get_or_insert(canon);
     }
-    let roots_list = roots
-        .iter()
-        .map(|r| r.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    Err(match outside {
-        Some(_) => ApiError::invalid(
-            field,
-            format!(
-                "`{}` is outside the allowed data roots ({roots_list})",
-                path.display()
-            ),
-        ),
-        None => ApiError::invalid(
-            field,
-            format!(
-                "`{}` does not exist (looked in the working directory and {roots_list})",
-                path.display()
-            ),
-        ),
-    })
+    Err(ApiError::invalid(
+        field,
+        "not an allowed corpus file: name a file inside a data root (an uploaded corpus by its \
+         file name, or a path relative to a data root)",
+    ))
 }
 
 #[cfg(test)]
@@ -298,8 +274,10 @@ mod tests {
             assert_eq!(e.status, 422, "{}", bad.display());
             assert_eq!(e.field.as_deref(), Some("data.train"));
         }
-        let e = confine(&root.join("missing.tsv"), &roots, "data.valid").unwrap_err();
-        assert!(e.message.contains("does not exist"), "{}", e.message);
-        assert_eq!(e.field.as_deref(), Some("data.valid"));
+        let missing = confine(&root.join("missing.tsv"), &roots, "data.valid").unwrap_err();
+        assert_eq!(missing.field.as_deref(), Some("data.valid"));
+        let outside_err = confine(&outside.join("secret.tsv"), &roots, "data.valid").unwrap_err();
+        assert_eq!(missing.message, outside_err.message, "no existence hint");
+        assert!(!missing.message.contains('/'), "{}", missing.message);
     }
 }
