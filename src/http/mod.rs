@@ -22,6 +22,7 @@ pub use error::{ApiError, ApiPath, ApiQuery, ApiResult};
 pub use guard::LOOPBACK_HOSTS;
 pub use ops::HttpStats;
 pub use server::{serve, ConnLimits};
+pub use translate::{parse_translate_body, TranslateRequest};
 
 use crate::store::Store;
 use crate::worker::PoolHandle;

@@ -82,30 +82,33 @@ async fn translate_get(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<TranslateQuery>,
 ) -> ApiResult<Json<TranslateResponse>> {
-    translate(
-        state,
-        TranslateBody {
-            model: q.model,
-            text: Some(q.text.unwrap_or_default()),
-            texts: None,
-            beam_size: q.beam_size,
-            max_length: q.max_length,
-            alpha: q.alpha,
-        },
-    )
-    .await
+    let req = check(TranslateBody {
+        model: q.model,
+        text: Some(q.text.unwrap_or_default()),
+        texts: None,
+        beam_size: q.beam_size,
+        max_length: q.max_length,
+        alpha: q.alpha,
+    })?;
+    translate(state, req).await
 }
 
 async fn translate_post(
     State(state): State<AppState>,
     body: Bytes,
 ) -> ApiResult<Json<TranslateResponse>> {
+    translate(state, parse_translate_body(&body)?).await
+}
+
+/// A `POST /api/translate` body, parsed and checked against every limit that does not need the
+/// model (the fuzz target `translate_request` drives this).
+pub fn parse_translate_body(body: &[u8]) -> ApiResult<TranslateRequest> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::malformed_json(
             "empty body: expected a JSON object",
         ));
     }
-    let mut de = serde_json::Deserializer::from_slice(&body);
+    let mut de = serde_json::Deserializer::from_slice(body);
     let req: TranslateBody = match serde_path_to_error::deserialize(&mut de) {
         Ok(r) => r,
         Err(e) if e.inner().is_syntax() || e.inner().is_eof() => {
@@ -116,19 +119,21 @@ async fn translate_post(
         }
         Err(e) => return Err(serde_field_error(e)),
     };
-    translate(state, req).await
+    check(req)
 }
 
 /// A request checked against the limits that do not need the model.
-struct Checked {
-    texts: Vec<String>,
+#[derive(Debug)]
+pub struct TranslateRequest {
+    pub model: Option<i64>,
+    pub texts: Vec<String>,
     /// Field name of each text for errors (`text` or `texts[i]`).
-    fields: Vec<String>,
-    opts: DecodeOptions,
-    max_len: Option<usize>,
+    pub fields: Vec<String>,
+    pub opts: DecodeOptions,
+    pub max_len: Option<usize>,
 }
 
-fn check(req: TranslateBody) -> ApiResult<Checked> {
+fn check(req: TranslateBody) -> ApiResult<TranslateRequest> {
     let (texts, fields) = match (req.text, req.texts) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
@@ -184,7 +189,8 @@ fn check(req: TranslateBody) -> ApiResult<Checked> {
             ));
         }
     }
-    Ok(Checked {
+    Ok(TranslateRequest {
+        model: req.model,
         texts,
         fields,
         opts: DecodeOptions {
@@ -226,11 +232,9 @@ async fn batcher_for(state: &AppState, m: &ModelRow) -> ApiResult<Arc<Batcher>> 
         })
 }
 
-async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<TranslateResponse>> {
+async fn translate(state: AppState, c: TranslateRequest) -> ApiResult<Json<TranslateResponse>> {
     let t0 = Instant::now();
-    let model_id = req.model;
-    let c = check(req)?;
-    let m = pick_model(&state, model_id).await?;
+    let m = pick_model(&state, c.model).await?;
     let batcher = batcher_for(&state, &m).await?;
     let limit = MAX_SOURCE_WORDS.min(batcher.max_source_words());
     let mut words = Vec::with_capacity(c.texts.len());
