@@ -116,6 +116,30 @@ async fn a_connection_that_sends_half_its_headers_is_closed_within_the_timeout()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = args_for(dir.path());
+    args.header_timeout_s = 1;
+    let srv = TestServer::start(args, FakeTrainer::new()).await;
+    let mut s = tokio::net::TcpStream::connect(srv.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Kept alive, then idle: closed by the server.
+    let t0 = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "idle connection still open after 10 s");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_wait_until_one_closes() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = args_for(dir.path());
