@@ -56,6 +56,37 @@ pub struct ServeArgs {
     /// Translation requests that may wait per model before new ones get 429.
     #[arg(long, env = "AMPSERVE_TRANSLATE_QUEUE", default_value_t = 64)]
     pub translate_queue: usize,
+    /// Refuse (422) jobs whose estimated memory exceeds this (e.g. `8GiB`). Default: the memory
+    /// available when the job is submitted (MemAvailable, or the cgroup limit when lower).
+    #[arg(long, env = "AMPSERVE_MAX_JOB_MEMORY", value_parser = crate::memory::parse_bytes)]
+    pub max_job_memory: Option<u64>,
+    /// Budget of one translation decode call, in source tokens × beam size; larger requests are
+    /// split across calls, and a single text above it gets 422.
+    #[arg(long, env = "AMPSERVE_TRANSLATE_BATCH_TOKENS", default_value_t = 8192)]
+    pub translate_batch_tokens: usize,
+    /// Seconds a request may take before it gets 408 (its translation, if queued, is dropped).
+    #[arg(
+        long = "request-timeout",
+        env = "AMPSERVE_REQUEST_TIMEOUT",
+        default_value_t = 120
+    )]
+    pub request_timeout_s: u64,
+    /// Host names (optionally `host:port`) the server answers to, comma-separated; requests
+    /// with another `Host` or `Origin` get 421/403 (DNS rebinding). Default: the loopback names
+    /// when bound to a loopback address, else any host.
+    #[arg(long, env = "AMPSERVE_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Seconds a client has to send a request's headers (slowloris), and that an idle
+    /// keep-alive connection stays open.
+    #[arg(
+        long = "header-timeout",
+        env = "AMPSERVE_HEADER_TIMEOUT",
+        default_value_t = 10
+    )]
+    pub header_timeout_s: u64,
+    /// Open connections at most; further ones wait in the kernel's accept queue.
+    #[arg(long, env = "AMPSERVE_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
 }
 
 impl Default for ServeArgs {
@@ -73,18 +104,25 @@ impl Default for ServeArgs {
             translate_compute: "auto".into(),
             max_loaded_models: 4,
             translate_queue: 64,
+            max_job_memory: None,
+            translate_batch_tokens: 8192,
+            request_timeout_s: 120,
+            allowed_hosts: Vec::new(),
+            header_timeout_s: 10,
+            max_connections: 512,
         }
     }
 }
 
 /// JSON request bodies above this are refused with 413.
 pub const MAX_JSON_BYTES: usize = 1 << 20;
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Everything `serve` runs, exposed so tests can drive the real router on a temporary
 /// directory.
 pub struct App {
     pub router: Router,
+    /// Header timeout and connection cap for [`http::serve`].
+    pub limits: http::ConnLimits,
     pub state: AppState,
     pub pool: PoolHandle,
     shutdown_tx: watch::Sender<bool>,
@@ -121,6 +159,13 @@ pub async fn build_app_with(
     trainer: Arc<dyn Trainer>,
     pool_config: PoolConfig,
 ) -> anyhow::Result<App> {
+    if args
+        .api_token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty())
+    {
+        anyhow::bail!("--api-token (AMPSERVE_API_TOKEN) is empty; give a token or leave it unset");
+    }
     let devices = parse_devices(&args.devices)?;
     let models = Arc::new(model_cache(args, &devices)?);
     let data_dir = &args.data_dir;
@@ -169,11 +214,13 @@ pub async fn build_app_with(
         corpora_dir,
         data_roots: roots,
         configs_dir: args.configs_dir.clone(),
-        api_token: args.api_token.clone().filter(|t| !t.is_empty()),
+        api_token: args.api_token.clone(),
         protect_reads: args.protect_reads,
         max_json_bytes: MAX_JSON_BYTES,
         max_upload_bytes: args.max_upload_mb.saturating_mul(1 << 20),
-        request_timeout: REQUEST_TIMEOUT,
+        request_timeout: Duration::from_secs(args.request_timeout_s.max(1)),
+        max_job_memory: args.max_job_memory,
+        allowed_hosts: allowed_hosts(args),
     };
     let state = AppState {
         store,
@@ -186,11 +233,44 @@ pub async fn build_app_with(
     let router = http::router(state.clone());
     Ok(App {
         router,
+        limits: http::ConnLimits {
+            header_timeout: Duration::from_secs(args.header_timeout_s.max(1)),
+            max_connections: args.max_connections.max(1),
+        },
         state,
         pool,
         shutdown_tx,
         _lock: lock,
     })
+}
+
+/// `--allowed-hosts`, else the loopback names when bound to a loopback address (the case DNS
+/// rebinding attacks), else any host.
+fn allowed_hosts(args: &ServeArgs) -> Option<Vec<String>> {
+    if !args.allowed_hosts.is_empty() {
+        return Some(
+            args.allowed_hosts
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+        );
+    }
+    let host = http_host_of(&args.bind);
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    loopback.then(|| http::LOOPBACK_HOSTS.iter().map(|s| s.to_string()).collect())
+}
+
+/// The host of a bind address such as `127.0.0.1:8080` or `[::1]:80`.
+fn http_host_of(bind: &str) -> &str {
+    match bind.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => bind,
+    }
 }
 
 /// The translation model cache on the translation device.
@@ -217,6 +297,9 @@ fn model_cache(args: &ServeArgs, devices: &[DeviceSpec]) -> anyhow::Result<Model
     if args.max_loaded_models == 0 || args.translate_queue == 0 {
         anyhow::bail!("--max-loaded-models and --translate-queue must be at least 1");
     }
+    if args.translate_batch_tokens < 64 {
+        anyhow::bail!("--translate-batch-tokens must be at least 64");
+    }
     Ok(ModelCache::new(
         device,
         CacheConfig {
@@ -224,6 +307,7 @@ fn model_cache(args: &ServeArgs, devices: &[DeviceSpec]) -> anyhow::Result<Model
             compute,
             batcher: BatcherConfig {
                 queue_capacity: args.translate_queue,
+                max_batch_tokens: args.translate_batch_tokens,
                 ..BatcherConfig::default()
             },
             ..CacheConfig::default()
@@ -266,13 +350,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "ampserve listening on http://{addr}/ (API under http://{addr}/api/jobs)"
     );
     let stop = app.shutdown_tx.clone();
-    axum::serve(listener, app.router.clone())
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: running jobs will checkpoint and be re-queued");
-            let _ = stop.send(true);
-        })
-        .await?;
+    http::serve(listener, app.router.clone(), app.limits, async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: running jobs will checkpoint and be re-queued");
+        let _ = stop.send(true);
+    })
+    .await?;
     app.shutdown().await;
     tracing::info!("bye");
     Ok(())

@@ -14,6 +14,7 @@ pub mod data;
 pub mod http;
 pub mod infer;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;

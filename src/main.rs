@@ -11,6 +11,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 // `mimalloc.h` (libmimalloc-sys 0.1.49).
 extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    fn mi_collect(force: bool);
 }
 const MI_OPTION_ARENA_EAGER_COMMIT: std::ffi::c_int = 4;
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
@@ -31,6 +32,29 @@ fn keep_freed_pages() {
         mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 1);
     }
 }
+/// The server must give memory back: a translation request can take gigabytes for a moment,
+/// and with purging off that stays resident for good (issue 13, failure 2). So `serve` purges
+/// freed pages after this delay, and an idle translation batcher forces the purge at once
+/// ([`release_freed_pages`]). Training keeps its pages (the delay is read at every purge, so
+/// jobs trained inside the server process see this delay; ones run in their own process keep
+/// `keep_freed_pages`).
+const SERVE_PURGE_DELAY_MS: std::ffi::c_long = 250;
+
+fn serve_purges() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: as in `keep_freed_pages`.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, SERVE_PURGE_DELAY_MS) };
+    ampserve::infer::set_release_memory(release_freed_pages);
+}
+
+/// Free the calling thread's empty pages and purge every freed arena range now.
+fn release_freed_pages() {
+    // SAFETY: mimalloc's collect is safe to call from any thread at any time.
+    unsafe { mi_collect(true) };
+}
+
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -85,10 +109,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
     match cli.cmd {
-        Cmd::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?
-            .block_on(ampserve::app::serve(args)),
+        Cmd::Serve(args) => {
+            serve_purges();
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(ampserve::app::serve(args))
+        }
         Cmd::Train(a) => ampserve::cli::train(a, Arc::new(AtomicBool::new(false))),
         Cmd::Export(a) => ampserve::cli::export(a),
         Cmd::Translate(a) => ampserve::cli::translate(a),

@@ -59,6 +59,28 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
 
+    /// 421: a `Host` this server does not answer to.
+    pub fn misdirected(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected_request",
+            message,
+        )
+    }
+
+    /// 403: a browser request from another site.
+    pub fn forbidden_origin(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden_origin", message)
+    }
+
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            message,
+        )
+    }
+
     pub fn too_large(message: impl Into<String>) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
     }

@@ -122,6 +122,7 @@ pub(super) async fn load_job(state: &AppState, id: i64) -> ApiResult<JobRow> {
 
 async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl IntoResponse> {
     let req = parse_job_request(&body, &state.settings)?;
+    super::admission::admit(&state, &req.spec).await?;
     let spec_json =
         serde_json::to_string(&req.spec).map_err(|e| ApiError::internal(e.to_string()))?;
     let row = state

@@ -2,21 +2,27 @@
 //! [`AppState`] and the cross-cutting layers (trace, request metrics, compression, timeout, body
 //! limits, bearer auth, JSON errors for everything the layers reject).
 
+mod admission;
 mod checkpoints;
 mod configs;
 mod corpora;
 mod error;
 mod events;
+mod guard;
 mod jobs;
 mod metrics;
 mod models;
 mod ops;
 pub mod page;
+mod server;
 pub mod spec;
 mod translate;
 
 pub use error::{ApiError, ApiPath, ApiQuery, ApiResult};
+pub use guard::LOOPBACK_HOSTS;
 pub use ops::HttpStats;
+pub use server::{serve, ConnLimits};
+pub use translate::{parse_translate_body, TranslateRequest};
 
 use crate::store::Store;
 use crate::worker::PoolHandle;
@@ -51,6 +57,11 @@ pub struct Settings {
     /// Limit for corpus uploads (streamed to disk).
     pub max_upload_bytes: u64,
     pub request_timeout: Duration,
+    /// Admission limit for one training job's estimated memory; `None` = what the machine has
+    /// available at submission ([`crate::memory::available_bytes`]).
+    pub max_job_memory: Option<u64>,
+    /// Host names (lowercase, optionally `host:port`) requests must name; `None` = any.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -89,6 +100,11 @@ pub fn router(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             state.settings.request_timeout,
         ))
+        .layer(middleware::from_fn(guard::json_only))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::host_and_origin,
+        ))
         .layer(middleware::from_fn(json_errors))
         .layer(CompressionLayer::new())
         .layer(middleware::from_fn_with_state(
@@ -99,13 +115,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Bearer-token check: when a token is configured, mutating requests need it, and reads too
-/// with `--protect-reads`.
+/// Routes that run decoding (or other work) on a GET: guarded like mutations.
+const COMPUTE_READS: [&str; 1] = ["/api/translate"];
+
+/// Bearer-token check: when a token is configured, mutating and compute requests need it, and
+/// reads too with `--protect-reads`.
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(token) = state.settings.api_token.as_deref() else {
         return next.run(req).await;
     };
-    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || COMPUTE_READS.contains(&req.uri().path());
     if !mutating && !state.settings.protect_reads {
         return next.run(req).await;
     }
@@ -125,8 +145,15 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
     }
 }
 
+/// Compares SHA-256 digests, so neither the length nor the first differing byte of the token
+/// shows in the time taken.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
 }
 
 /// Give error responses produced by layers or axum itself (plain text or empty bodies) the
@@ -158,20 +185,45 @@ async fn json_errors(req: Request, next: Next) -> Response {
     err.into_response()
 }
 
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
 async fn record_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().clone();
+    // Labels stay bounded: any other method is one `OTHER` series, unmatched paths one
+    // `unmatched` route.
+    let method = method_label(req.method());
     let path = req
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
     let resp = next.run(req).await;
-    state.stats.record(
-        method.as_str(),
-        &path,
-        resp.status().as_u16(),
-        start.elapsed(),
-    );
+    state
+        .stats
+        .record(method, &path, resp.status().as_u16(), start.elapsed());
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison_accepts_only_the_same_bytes() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        for other in [&b""[..], b"s3cre", b"s3cret!", b"S3cret", b"x"] {
+            assert!(!constant_time_eq(other, b"s3cret"));
+        }
+    }
 }

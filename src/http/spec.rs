@@ -59,6 +59,7 @@ pub fn parse_job_request(body: &[u8], settings: &Settings) -> ApiResult<JobReque
             ))
         }
     };
+    require_objects(&obj, &spec_shape(), "")?;
     let from_preset = base.is_some();
     let mut merged = base.unwrap_or_else(|| Value::Object(Map::new()));
     deep_merge(&mut merged, Value::Object(obj));
@@ -89,6 +90,41 @@ fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
+}
+
+/// The default spec as JSON: where it holds an object, a request must give an object too.
+fn spec_shape() -> Value {
+    serde_json::to_value(TrainSpec::default()).unwrap_or(Value::Null)
+}
+
+/// serde's derived struct visitors also accept a sequence and fill the fields by position
+/// (`"model": [48, 1, 2, 96]`, and `"model": []` gives all defaults), so every section the
+/// schema has as an object must be an object in the request. Checked before the preset merge,
+/// which would otherwise let a non-object replace the preset's section.
+fn require_objects(obj: &Map<String, Value>, shape: &Value, prefix: &str) -> ApiResult<()> {
+    let Value::Object(shape) = shape else {
+        return Ok(());
+    };
+    for (key, v) in obj {
+        let Some(want @ Value::Object(_)) = shape.get(key) else {
+            continue;
+        };
+        let field = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match v {
+            Value::Object(inner) => require_objects(inner, want, &field)?,
+            other => {
+                return Err(ApiError::invalid(
+                    field,
+                    format!("expected an object, got {}", kind(other)),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The preset `configs/<name>.toml` as JSON.
@@ -167,52 +203,28 @@ pub(super) fn serde_field_error(e: serde_path_to_error::Error<serde_json::Error>
 
 /// Resolve a corpus path and require it to lie inside one of the (canonical) data roots.
 /// Symlinks and `..` are resolved first, so neither can escape. Relative paths are tried
-/// against the working directory, then against each root.
+/// against the working directory, then against each root. Every refusal has the same message:
+/// it neither echoes server paths nor tells a file that exists outside the roots from one that
+/// does not exist.
 pub fn confine(path: &Path, roots: &[PathBuf], field: &str) -> ApiResult<PathBuf> {
     let mut candidates = Vec::new();
-    if path.is_absolute() {
-        candidates.push(path.to_path_buf());
-    } else {
-        candidates.push(path.to_path_buf());
+    candidates.push(path.to_path_buf());
+    if path.is_relative() {
         candidates.extend(roots.iter().map(|r| r.join(path)));
     }
-    let mut outside = None;
     for c in candidates {
         let Ok(canon) = std::fs::canonicalize(&c) else {
             continue;
         };
-        if roots.iter().any(|r| canon.starts_with(r)) {
-            if !canon.is_file() {
-                return Err(ApiError::invalid(
-                    field,
-                    format!("`{}` is not a file", path.display()),
-                ));
-            }
+        if roots.iter().any(|r| canon.starts_with(r)) && canon.is_file() {
             return Ok(canon);
         }
-        outside.get_or_insert(canon);
     }
-    let roots_list = roots
-        .iter()
-        .map(|r| r.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    Err(match outside {
-        Some(_) => ApiError::invalid(
-            field,
-            format!(
-                "`{}` is outside the allowed data roots ({roots_list})",
-                path.display()
-            ),
-        ),
-        None => ApiError::invalid(
-            field,
-            format!(
-                "`{}` does not exist (looked in the working directory and {roots_list})",
-                path.display()
-            ),
-        ),
-    })
+    Err(ApiError::invalid(
+        field,
+        "not an allowed corpus file: name a file inside a data root (an uploaded corpus by its \
+         file name, or a path relative to a data root)",
+    ))
 }
 
 #[cfg(test)]
@@ -262,8 +274,10 @@ mod tests {
             assert_eq!(e.status, 422, "{}", bad.display());
             assert_eq!(e.field.as_deref(), Some("data.train"));
         }
-        let e = confine(&root.join("missing.tsv"), &roots, "data.valid").unwrap_err();
-        assert!(e.message.contains("does not exist"), "{}", e.message);
-        assert_eq!(e.field.as_deref(), Some("data.valid"));
+        let missing = confine(&root.join("missing.tsv"), &roots, "data.valid").unwrap_err();
+        assert_eq!(missing.field.as_deref(), Some("data.valid"));
+        let outside_err = confine(&outside.join("secret.tsv"), &roots, "data.valid").unwrap_err();
+        assert_eq!(missing.message, outside_err.message, "no existence hint");
+        assert!(!missing.message.contains('/'), "{}", missing.message);
     }
 }

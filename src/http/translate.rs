@@ -5,7 +5,7 @@
 use super::models::load_model;
 use super::spec::serde_field_error;
 use super::{ApiError, ApiQuery, ApiResult, AppState};
-use crate::infer::{Answer, Batcher, DecodeOptions, InferError, Job, SubmitError};
+use crate::infer::{sentence_cost, Answer, Batcher, DecodeOptions, InferError, Job, SubmitError};
 use crate::store::ModelRow;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -13,6 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -61,8 +62,10 @@ struct Timing {
     queue_ms: f64,
     decode_ms: f64,
     total_ms: f64,
-    /// Sentences decoded together in this request's batch.
+    /// Sentences in the largest decode call this request took part in.
     batch_size: usize,
+    /// Decode calls its texts were split across (the batcher's token budget bounds each).
+    decode_calls: usize,
 }
 
 #[derive(Serialize)]
@@ -79,30 +82,33 @@ async fn translate_get(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<TranslateQuery>,
 ) -> ApiResult<Json<TranslateResponse>> {
-    translate(
-        state,
-        TranslateBody {
-            model: q.model,
-            text: Some(q.text.unwrap_or_default()),
-            texts: None,
-            beam_size: q.beam_size,
-            max_length: q.max_length,
-            alpha: q.alpha,
-        },
-    )
-    .await
+    let req = check(TranslateBody {
+        model: q.model,
+        text: Some(q.text.unwrap_or_default()),
+        texts: None,
+        beam_size: q.beam_size,
+        max_length: q.max_length,
+        alpha: q.alpha,
+    })?;
+    translate(state, req).await
 }
 
 async fn translate_post(
     State(state): State<AppState>,
     body: Bytes,
 ) -> ApiResult<Json<TranslateResponse>> {
+    translate(state, parse_translate_body(&body)?).await
+}
+
+/// A `POST /api/translate` body, parsed and checked against every limit that does not need the
+/// model (the fuzz target `translate_request` drives this).
+pub fn parse_translate_body(body: &[u8]) -> ApiResult<TranslateRequest> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::malformed_json(
             "empty body: expected a JSON object",
         ));
     }
-    let mut de = serde_json::Deserializer::from_slice(&body);
+    let mut de = serde_json::Deserializer::from_slice(body);
     let req: TranslateBody = match serde_path_to_error::deserialize(&mut de) {
         Ok(r) => r,
         Err(e) if e.inner().is_syntax() || e.inner().is_eof() => {
@@ -113,19 +119,21 @@ async fn translate_post(
         }
         Err(e) => return Err(serde_field_error(e)),
     };
-    translate(state, req).await
+    check(req)
 }
 
 /// A request checked against the limits that do not need the model.
-struct Checked {
-    texts: Vec<String>,
+#[derive(Debug)]
+pub struct TranslateRequest {
+    pub model: Option<i64>,
+    pub texts: Vec<String>,
     /// Field name of each text for errors (`text` or `texts[i]`).
-    fields: Vec<String>,
-    opts: DecodeOptions,
-    max_len: Option<usize>,
+    pub fields: Vec<String>,
+    pub opts: DecodeOptions,
+    pub max_len: Option<usize>,
 }
 
-fn check(req: TranslateBody) -> ApiResult<Checked> {
+fn check(req: TranslateBody) -> ApiResult<TranslateRequest> {
     let (texts, fields) = match (req.text, req.texts) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
@@ -181,7 +189,8 @@ fn check(req: TranslateBody) -> ApiResult<Checked> {
             ));
         }
     }
-    Ok(Checked {
+    Ok(TranslateRequest {
+        model: req.model,
         texts,
         fields,
         opts: DecodeOptions {
@@ -223,11 +232,9 @@ async fn batcher_for(state: &AppState, m: &ModelRow) -> ApiResult<Arc<Batcher>> 
         })
 }
 
-async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<TranslateResponse>> {
+async fn translate(state: AppState, c: TranslateRequest) -> ApiResult<Json<TranslateResponse>> {
     let t0 = Instant::now();
-    let model_id = req.model;
-    let c = check(req)?;
-    let m = pick_model(&state, model_id).await?;
+    let m = pick_model(&state, c.model).await?;
     let batcher = batcher_for(&state, &m).await?;
     let limit = MAX_SOURCE_WORDS.min(batcher.max_source_words());
     let mut words = Vec::with_capacity(c.texts.len());
@@ -245,8 +252,29 @@ async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<Transl
                 ),
             ));
         }
+        let budget = batcher.max_batch_tokens();
+        if sentence_cost(w.len(), c.opts.beam_size) > budget {
+            let field = if sentence_cost(w.len(), 1) > budget {
+                f.clone()
+            } else {
+                "beam_size".to_string()
+            };
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "{} source tokens at beam size {} exceed this server's decode budget of \
+                     {budget} tokens × beam",
+                    w.len(),
+                    c.opts.beam_size
+                ),
+            ));
+        }
         words.push(w);
     }
+    // When this future is dropped (the request timed out or the client went away) the batcher
+    // sees the flag and skips the request.
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _guard = CancelOnDrop(cancelled.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<Result<Answer, InferError>>();
     let beam_size = c.opts.beam_size;
     let alpha = c.opts.alpha;
@@ -255,6 +283,7 @@ async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<Transl
             words,
             opts: c.opts,
             max_len: c.max_len,
+            cancelled,
             reply: Box::new(move |r| {
                 let _ = tx.send(r);
             }),
@@ -274,7 +303,10 @@ async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<Transl
     let answer = rx
         .await
         .map_err(|_| ApiError::internal("the batcher dropped the request"))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+        .map_err(|e| match e {
+            InferError::Cancelled => ApiError::from_status(axum::http::StatusCode::REQUEST_TIMEOUT),
+            e => ApiError::internal(e.to_string()),
+        })?;
     Ok(Json(TranslateResponse {
         model: m.id,
         model_name: m.name,
@@ -295,6 +327,16 @@ async fn translate(state: AppState, req: TranslateBody) -> ApiResult<Json<Transl
             decode_ms: answer.decode_ms,
             total_ms: t0.elapsed().as_secs_f64() * 1e3,
             batch_size: answer.batch_sentences,
+            decode_calls: answer.decode_calls,
         },
     }))
+}
+
+/// Sets the flag when dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }

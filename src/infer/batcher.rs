@@ -1,13 +1,16 @@
 //! Dynamic batching: one thread per loaded model owns the [`Translator`]; requests wait in a
 //! bounded queue; the thread takes the first, then keeps collecting for at most `max_wait` or
-//! until the token budget is reached, decodes what it collected in as few batches as the
-//! decoding options allow (requests with the same beam size / alpha share a batch), and answers
-//! each request through its own callback. A full queue is refused at once (back-pressure), never
-//! grown.
+//! until the token budget is reached, and decodes what it collected in calls that share
+//! decoding options (beam size / alpha) and stay within the budget (source tokens × beam,
+//! `max_batch_tokens`): a request larger than the budget is split across calls, never decoded
+//! whole, so one request cannot take gigabytes. Requests whose caller has gone are dropped,
+//! not decoded. Each request is answered through its own callback. A full queue is refused at
+//! once (back-pressure), never grown. When idle after a batch, the thread hands freed memory
+//! back to the OS through the hook the binary sets ([`set_release_memory`]).
 //!
 //! No tokio here: the server passes a callback that completes its own future.
 
-use super::decode::DecodeOptions;
+use super::decode::{DecodeOptions, Hypothesis};
 use super::export::Manifest;
 use super::translator::{Translation, Translator};
 use super::InferError;
@@ -15,10 +18,25 @@ use crate::config::Precision;
 use crate::data::WordTokenizer;
 use serde::Serialize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+static RELEASE_MEMORY: OnceLock<fn()> = OnceLock::new();
+
+/// What an idle batcher calls to give freed memory back to the OS. The allocator is the
+/// binary's choice (`main.rs` sets mimalloc's collect here for the server), so the library
+/// only holds the hook; without one, idling does nothing.
+pub fn set_release_memory(f: fn()) {
+    let _ = RELEASE_MEMORY.set(f);
+}
+
+fn release_memory() {
+    if let Some(f) = RELEASE_MEMORY.get() {
+        f();
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct BatcherConfig {
@@ -30,6 +48,9 @@ pub struct BatcherConfig {
     pub max_batch_sentences: usize,
     /// How long the first request of a batch waits for company.
     pub max_wait: Duration,
+    /// Idle this long after a batch, the thread gives the decode's freed memory back to the OS
+    /// (see [`set_release_memory`]).
+    pub idle_release_after: Duration,
 }
 
 impl Default for BatcherConfig {
@@ -39,6 +60,7 @@ impl Default for BatcherConfig {
             max_batch_tokens: 8192,
             max_batch_sentences: 128,
             max_wait: Duration::from_millis(5),
+            idle_release_after: Duration::from_millis(500),
         }
     }
 }
@@ -49,10 +71,12 @@ pub struct Answer {
     pub translations: Vec<Translation>,
     /// From submission to the start of its batch's decode.
     pub queue_ms: f64,
-    /// The decode of its batch.
+    /// Its decode calls, summed.
     pub decode_ms: f64,
-    /// Sentences decoded in that batch (its own and others').
+    /// Sentences in the largest decode call it took part in (its own and others').
     pub batch_sentences: usize,
+    /// Decode calls its sentences were split across (1 unless it exceeded the batch budget).
+    pub decode_calls: usize,
 }
 
 pub type Reply = Box<dyn FnOnce(Result<Answer, InferError>) + Send>;
@@ -62,6 +86,9 @@ pub struct Job {
     pub words: Vec<Vec<u32>>,
     pub opts: DecodeOptions,
     pub max_len: Option<usize>,
+    /// Set by the caller when it no longer wants the answer (timed out, disconnected): the
+    /// request is then dropped, not decoded.
+    pub cancelled: Arc<AtomicBool>,
     pub reply: Reply,
 }
 
@@ -86,6 +113,7 @@ struct Counters {
     rejected: AtomicU64,
     decode_us: AtomicU64,
     waiting: AtomicU64,
+    dropped: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -100,6 +128,8 @@ pub struct BatcherStats {
     pub decode_ms_total: f64,
     /// Requests waiting now.
     pub waiting: u64,
+    /// Requests dropped undecoded (or partly decoded) because their caller had gone.
+    pub dropped: u64,
 }
 
 /// The handle to a model's batching thread. Dropping the last handle stops the thread once
@@ -114,6 +144,7 @@ pub struct Batcher {
     max_source_words: usize,
     max_output_tokens: usize,
     resident_bytes: usize,
+    max_batch_tokens: usize,
 }
 
 impl Batcher {
@@ -130,6 +161,7 @@ impl Batcher {
             max_source_words: translator.max_source_words(),
             max_output_tokens: translator.max_output_tokens(),
             resident_bytes: translator.resident_bytes(),
+            max_batch_tokens: cfg.max_batch_tokens,
         };
         let name = format!("translate-{}", me.manifest.name);
         std::thread::Builder::new()
@@ -154,6 +186,12 @@ impl Batcher {
 
     pub fn resident_bytes(&self) -> usize {
         self.resident_bytes
+    }
+
+    /// The budget of one decode call (source tokens × beam); a single sentence above it cannot
+    /// be decoded.
+    pub fn max_batch_tokens(&self) -> usize {
+        self.max_batch_tokens
     }
 
     /// Queue a request; refused at once when the queue is full.
@@ -186,13 +224,19 @@ impl Batcher {
             rejected: c.rejected.load(Ordering::Relaxed),
             decode_ms_total: c.decode_us.load(Ordering::Relaxed) as f64 / 1e3,
             waiting: c.waiting.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
         }
     }
 }
 
+/// A sentence's share of the batch budget: its source words plus specials, times the beam.
+pub fn sentence_cost(words: usize, beam_size: usize) -> usize {
+    (words + 2) * beam_size.max(1)
+}
+
 fn cost(job: &Job) -> usize {
-    let beam = job.opts.beam_size.max(1);
-    job.words.iter().map(|w| (w.len() + 2) * beam).sum()
+    let beam = job.opts.beam_size;
+    job.words.iter().map(|w| sentence_cost(w.len(), beam)).sum()
 }
 
 /// Requests that can share one decode call.
@@ -209,7 +253,26 @@ fn run(
     cfg: BatcherConfig,
     counters: Arc<Counters>,
 ) {
-    while let Ok(first) = rx.recv() {
+    // After a batch, wait `idle_release_after` for more work; when none comes, hand the
+    // decode's freed memory back to the OS once, then block.
+    let mut dirty = false;
+    loop {
+        let first = if dirty {
+            match rx.recv_timeout(cfg.idle_release_after) {
+                Ok(q) => q,
+                Err(RecvTimeoutError::Timeout) => {
+                    release_memory();
+                    dirty = false;
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(q) => q,
+                Err(_) => break,
+            }
+        };
         counters.waiting.fetch_sub(1, Ordering::Relaxed);
         let deadline = Instant::now() + cfg.max_wait;
         let mut tokens = cost(&first.job);
@@ -230,34 +293,107 @@ fn run(
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        // one decode call per kind of options, in arrival order of the kinds
+        // one kind of options at a time, in arrival order of the kinds
         while !group.is_empty() {
             let opts = group[0].job.opts.clone();
             let (batch, rest): (Vec<Queued>, Vec<Queued>) = group
                 .into_iter()
                 .partition(|q| same_kind(&q.job.opts, &opts));
             group = rest;
-            decode_batch(&translator, batch, &opts, &counters);
+            decode_kind(&translator, batch, &opts, &cfg, &counters);
         }
+        dirty = true;
     }
 }
 
-fn decode_batch(
+/// Hypotheses gathered for one request across the decode calls its sentences fall into.
+struct Pending {
+    q: Queued,
+    hyps: Vec<Option<Hypothesis>>,
+    /// Decode calls it took part in: (ms, sentences in that call).
+    calls: Vec<(f64, usize)>,
+    started: Option<Instant>,
+    failed: Option<String>,
+}
+
+/// Decode requests of one kind in calls of at most `max_batch_tokens` (tokens × beam) and
+/// `max_batch_sentences`, splitting a request across calls when it is larger than that, and
+/// skipping requests whose caller has gone (timed out, disconnected).
+fn decode_kind(
     translator: &Translator,
     batch: Vec<Queued>,
+    opts: &DecodeOptions,
+    cfg: &BatcherConfig,
+    counters: &Counters,
+) {
+    let mut pending: Vec<Pending> = Vec::with_capacity(batch.len());
+    for q in batch {
+        if q.job.cancelled.load(Ordering::Relaxed) {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            (q.job.reply)(Err(InferError::Cancelled));
+            continue;
+        }
+        let n = q.job.words.len();
+        pending.push(Pending {
+            q,
+            hyps: vec![None; n],
+            calls: Vec::new(),
+            started: None,
+            failed: None,
+        });
+    }
+    // (request, sentence) in arrival order, cut into calls within the budget
+    let order: Vec<(usize, usize)> = pending
+        .iter()
+        .enumerate()
+        .flat_map(|(r, p)| (0..p.q.job.words.len()).map(move |i| (r, i)))
+        .collect();
+    let mut at = 0;
+    while at < order.len() {
+        let mut chunk = Vec::new();
+        let mut tokens = 0;
+        while at < order.len() {
+            let (r, i) = order[at];
+            let p = &pending[r];
+            if p.failed.is_some() || p.q.job.cancelled.load(Ordering::Relaxed) {
+                at += 1;
+                continue;
+            }
+            let c = sentence_cost(p.q.job.words[i].len(), opts.beam_size);
+            if !chunk.is_empty()
+                && (tokens + c > cfg.max_batch_tokens || chunk.len() >= cfg.max_batch_sentences)
+            {
+                break;
+            }
+            tokens += c;
+            chunk.push((r, i));
+            at += 1;
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        decode_chunk(translator, &mut pending, &chunk, opts, counters);
+    }
+    for p in pending {
+        answer(translator, p, counters);
+    }
+}
+
+fn decode_chunk(
+    translator: &Translator,
+    pending: &mut [Pending],
+    chunk: &[(usize, usize)],
     opts: &DecodeOptions,
     counters: &Counters,
 ) {
     let start = Instant::now();
-    let mut words = Vec::new();
-    let mut limits = Vec::new();
-    for q in &batch {
-        for w in &q.job.words {
-            limits.push(translator.limit(w.len(), q.job.max_len));
-            words.push(w.clone());
-        }
+    let mut words = Vec::with_capacity(chunk.len());
+    let mut limits = Vec::with_capacity(chunk.len());
+    for &(r, i) in chunk {
+        let job = &pending[r].q.job;
+        limits.push(translator.limit(job.words[i].len(), job.max_len));
+        words.push(job.words[i].clone());
     }
-    let n = words.len();
     let result = catch_unwind(AssertUnwindSafe(|| {
         translator.decode_words(&words, &limits, opts)
     }))
@@ -274,43 +410,65 @@ fn decode_batch(
     counters
         .decode_us
         .fetch_add((decode_ms * 1e3) as u64, Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for &(r, _) in chunk {
+        if !seen.contains(&r) {
+            seen.push(r);
+            let p = &mut pending[r];
+            p.started.get_or_insert(start);
+            p.calls.push((decode_ms, chunk.len()));
+        }
+    }
     match result {
         Ok(hyps) => {
-            let mut hyps = hyps.into_iter();
-            for q in batch {
-                let translations = q
-                    .job
-                    .words
-                    .iter()
-                    .zip(hyps.by_ref())
-                    .map(|(w, h)| Translation {
-                        text: translator.detokenize(&h),
-                        source_tokens: w.len(),
-                        tokens: h.tokens.len(),
-                        score: h.score,
-                    })
-                    .collect::<Vec<_>>();
-                counters.requests.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .sentences
-                    .fetch_add(translations.len() as u64, Ordering::Relaxed);
-                let answer = Answer {
-                    translations,
-                    queue_ms: start.duration_since(q.at).as_secs_f64() * 1e3,
-                    decode_ms,
-                    batch_sentences: n,
-                };
-                (q.job.reply)(Ok(answer));
+            for (&(r, i), h) in chunk.iter().zip(hyps) {
+                pending[r].hyps[i] = Some(h);
             }
         }
         Err(e) => {
             let msg = e.to_string();
-            for q in batch {
-                counters.requests.fetch_add(1, Ordering::Relaxed);
-                (q.job.reply)(Err(InferError::Decode(msg.clone())));
+            for &(r, _) in chunk {
+                pending[r].failed.get_or_insert_with(|| msg.clone());
             }
         }
     }
+}
+
+fn answer(translator: &Translator, p: Pending, counters: &Counters) {
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(msg) = p.failed {
+        (p.q.job.reply)(Err(InferError::Decode(msg)));
+        return;
+    }
+    if p.q.job.cancelled.load(Ordering::Relaxed) || p.hyps.iter().any(Option::is_none) {
+        counters.dropped.fetch_add(1, Ordering::Relaxed);
+        (p.q.job.reply)(Err(InferError::Cancelled));
+        return;
+    }
+    let translations =
+        p.q.job
+            .words
+            .iter()
+            .zip(p.hyps.into_iter().flatten())
+            .map(|(w, h)| Translation {
+                text: translator.detokenize(&h),
+                source_tokens: w.len(),
+                tokens: h.tokens.len(),
+                score: h.score,
+            })
+            .collect::<Vec<_>>();
+    counters
+        .sentences
+        .fetch_add(translations.len() as u64, Ordering::Relaxed);
+    let started = p.started.unwrap_or_else(Instant::now);
+    let answer = Answer {
+        translations,
+        queue_ms: started.duration_since(p.q.at).as_secs_f64() * 1e3,
+        decode_ms: p.calls.iter().map(|c| c.0).sum(),
+        batch_sentences: p.calls.iter().map(|c| c.1).max().unwrap_or(0),
+        decode_calls: p.calls.len(),
+    };
+    (p.q.job.reply)(Ok(answer));
 }
 
 #[cfg(test)]
@@ -384,6 +542,7 @@ mod tests {
                 words: vec![b.encode("a b c")],
                 opts: DecodeOptions::default(),
                 max_len: Some(4),
+                cancelled: Arc::default(),
                 reply: Box::new(move |r| {
                     assert!(r.is_ok());
                     if let Some(rx) = block {

@@ -10,7 +10,10 @@ pub mod decode;
 pub mod export;
 pub mod translator;
 
-pub use batcher::{Answer, Batcher, BatcherConfig, BatcherStats, Job, SubmitError};
+pub use batcher::{
+    sentence_cost, set_release_memory, Answer, Batcher, BatcherConfig, BatcherStats, Job,
+    SubmitError,
+};
 pub use cache::{CacheConfig, ModelCache};
 pub use decode::{DecodeOptions, Hypothesis};
 pub use export::{CheckpointChoice, Manifest, ModelConfig};
@@ -27,6 +30,9 @@ pub enum InferError {
     /// Decoding failed.
     #[error("decoding failed: {0}")]
     Decode(String),
+    /// The caller gave up (timed out, disconnected) before its request was decoded.
+    #[error("the request was cancelled before it was decoded")]
+    Cancelled,
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("io: {0}")]

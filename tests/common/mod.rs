@@ -347,13 +347,13 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let router = app.router.clone();
         let mut stop = app.state.shutdown.clone();
+        let limits = app.limits;
         let server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|v| *v).await;
-                })
-                .await
-                .unwrap();
+            ampserve::http::serve(listener, router, limits, async move {
+                let _ = stop.wait_for(|v| *v).await;
+            })
+            .await
+            .unwrap();
         });
         TestServer {
             app,
