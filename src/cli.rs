@@ -34,6 +34,10 @@ pub struct TrainArgs {
     /// Print one JSON event per line instead of the progress bar
     #[arg(long)]
     pub json: bool,
+    /// Folder the config's relative corpus paths are looked up in first (repeatable), e.g.
+    /// `../shared/data`; the bundled `data/` is tried last
+    #[arg(long = "data-root", value_name = "DIR")]
+    pub data_roots: Vec<PathBuf>,
 }
 
 /// `cpu` or `cuda:N` (also `cuda`/`gpu` for `cuda:0`), opened. The same parser as the server's
@@ -86,7 +90,7 @@ pub fn progress_line(
 
 pub fn train(args: TrainArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut spec = match (&args.config, &args.resume) {
-        (Some(c), _) => TrainSpec::from_toml_file(c)?,
+        (Some(c), _) => TrainSpec::from_toml_file_in(c, &args.data_roots)?,
         (None, Some(dir)) => {
             let text = std::fs::read_to_string(dir.join("spec.json"))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("spec.json").display()))?;
