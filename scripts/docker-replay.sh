@@ -143,6 +143,6 @@ for _ in $(seq 1 600); do
   case "$status" in succeeded|failed|cancelled) break ;; esac
   sleep 1
 done
-curl -sf "$base/api/jobs/$id" | python3 -c 'import json,sys; j=json.load(sys.stdin); print({k: j.get(k) for k in ("id","status","step","error")})' >&2
+curl -sf "$base/api/jobs/$id" | python3 -c 'import json,sys; j=json.load(sys.stdin); print({"id": j["id"], "status": j["status"], "step": j["progress"]["step"], "error": j["error"]})' >&2
 [ "$status" = succeeded ] || { tail -20 "$ROOT/server.log" >&2; echo "error: job $id ended $status" >&2; exit 1; }
 echo "docker replay passed: built from the copied files only, /healthz answered, job $id succeeded" >&2
