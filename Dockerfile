@@ -6,11 +6,15 @@
 # compute capability of the target GPU because no GPU is visible during `docker build`):
 #   docker build -t ampserve:cuda \
 #     --build-arg FEATURES=cuda \
-#     --build-arg BUILD_IMAGE=nvidia/cuda:12.4.1-devel-ubuntu22.04 \
-#     --build-arg RUNTIME_IMAGE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 \
+#     --build-arg BUILD_IMAGE=nvidia/cuda:13.0.0-devel-ubuntu24.04 \
+#     --build-arg RUNTIME_IMAGE=nvidia/cuda:13.0.0-runtime-ubuntu24.04 \
 #     --build-arg CUDA_COMPUTE_CAP=90 .
-# Run (see docs/API.md):
-#   docker run --rm -p 8080:8080 -v ampserve-data:/data -v /path/to/corpora:/shared/data:ro ampserve
+# CUDA 13.0 to match scripts/build-cuda.sh (cudarc knows CUDA <= 13.4; the H200 driver 580 is
+# CUDA 13.0, so PTX from a newer nvcc would not load). The runtime image ships cuBLAS/cuRAND 13.
+# Run (see docs/API.md); the image trains on the bundled sample corpus (/app/data) as is:
+#   docker run --rm -p 8080:8080 -v ampserve-data:/data ampserve
+#   docker run --rm -p 8080:8080 -v ampserve-data:/data -v /path/to/corpora:/corpora:ro \
+#     -e AMPSERVE_DATA_ROOTS=/app/data,/corpora ampserve
 #   docker run --rm --gpus all -p 8080:8080 -v ampserve-data:/data ampserve:cuda
 
 ARG BUILD_IMAGE=rust:1.95-bookworm
@@ -34,6 +38,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY .cargo .cargo
 COPY src src
+# Embedded at compile time: the status page (include_str!) and the migrations (sqlx::migrate!).
+COPY static static
 COPY migrations migrations
 COPY configs configs
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -48,10 +54,12 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     mkdir -p /data && chown ampserve /data
 COPY --from=build /usr/local/bin/ampserve /usr/local/bin/ampserve
 COPY --chown=ampserve configs /app/configs
+COPY --chown=ampserve data /app/data
 WORKDIR /app
 USER ampserve
-# Migrations are embedded in the binary. `../shared/data` (relative to /app) is a default data
-# root, so mounting corpora at /shared/data makes them trainable without further flags.
+# Migrations and the status page are embedded in the binary. The presets' corpus paths resolve
+# against the data roots; the default root is `data` in the working directory (/app/data, the
+# bundled sample corpus). AMPSERVE_DATA_ROOTS replaces it (list /app/data to keep it).
 ENV AMPSERVE_DATA_DIR=/data \
     AMPSERVE_BIND=0.0.0.0:8080 \
     AMPSERVE_CONFIGS_DIR=/app/configs

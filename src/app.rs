@@ -26,8 +26,9 @@ pub struct ServeArgs {
     /// Default: every CUDA device when built with `cuda`, else one CPU worker.
     #[arg(long = "devices", env = "AMPSERVE_DEVICES", value_delimiter = ',')]
     pub devices: Vec<String>,
-    /// Directory corpus paths must lie in (repeatable). Default: `<data-dir>/corpora` plus
-    /// `../shared/data` when it exists. `<data-dir>/corpora` is always allowed.
+    /// Directory corpus paths must lie in (repeatable); relative corpus paths (the presets') are
+    /// looked up in each. Default: the bundled sample corpora `./data` (the repository's).
+    /// `<data-dir>/corpora` is always allowed.
     #[arg(long = "data-root", env = "AMPSERVE_DATA_ROOTS", value_delimiter = ',')]
     pub data_roots: Vec<PathBuf>,
     /// When set, mutating endpoints require `Authorization: Bearer <token>`.
@@ -192,9 +193,9 @@ pub async fn build_app_with(
     let runs_dir = canonical_dir(&runs_dir)?;
     let mut roots = vec![corpora_dir.clone()];
     if args.data_roots.is_empty() {
-        let shared = Path::new("../shared/data");
-        if shared.is_dir() {
-            roots.push(canonical_dir(shared)?);
+        let bundled = Path::new(crate::config::BUNDLED_DATA_DIR);
+        if bundled.is_dir() {
+            roots.push(canonical_dir(bundled)?);
         }
     } else {
         for r in &args.data_roots {

@@ -34,6 +34,10 @@ pub struct TrainArgs {
     /// Print one JSON event per line instead of the progress bar
     #[arg(long)]
     pub json: bool,
+    /// Folder the config's relative corpus paths are looked up in first (repeatable), e.g.
+    /// `../shared/data`; the bundled `data/` is tried last
+    #[arg(long = "data-root", value_name = "DIR")]
+    pub data_roots: Vec<PathBuf>,
 }
 
 /// `cpu` or `cuda:N` (also `cuda`/`gpu` for `cuda:0`), opened. The same parser as the server's
@@ -86,7 +90,7 @@ pub fn progress_line(
 
 pub fn train(args: TrainArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut spec = match (&args.config, &args.resume) {
-        (Some(c), _) => TrainSpec::from_toml_file(c)?,
+        (Some(c), _) => TrainSpec::from_toml_file_in(c, &args.data_roots)?,
         (None, Some(dir)) => {
             let text = std::fs::read_to_string(dir.join("spec.json"))
                 .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("spec.json").display()))?;
@@ -260,9 +264,13 @@ pub fn export(a: ExportArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct TranslateArgs {
-    /// An exported model directory (from `ampserve export` or the server's `models/`)
-    #[arg(long, value_name = "DIR")]
-    pub model: PathBuf,
+    /// An exported model directory (from `ampserve export` or the server's `models/`); with
+    /// `--server`, a model id from `ampserve models list` (default: the newest)
+    #[arg(long, value_name = "DIR|ID", required_unless_present = "server")]
+    pub model: Option<PathBuf>,
+    /// Translate on this running server (`POST /api/translate`; token from AMPSERVE_API_TOKEN)
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
     /// Sentences to translate; none: read one sentence per line from stdin
     pub text: Vec<String>,
     /// Beam size (1 = greedy)
@@ -295,17 +303,33 @@ pub fn translate(a: TranslateArgs) -> anyhow::Result<()> {
     if !(1..=16).contains(&a.beam) {
         anyhow::bail!("--beam must be in 1..=16");
     }
-    let dev = parse_device(&a.device)?;
-    let t = Translator::load(&a.model, &dev, a.compute)?;
-    let opts = DecodeOptions {
-        beam_size: a.beam,
-        alpha: a.alpha,
-        ..DecodeOptions::default()
-    };
     let lines: Vec<String> = if a.text.is_empty() {
         std::io::stdin().lock().lines().collect::<Result<_, _>>()?
     } else {
         a.text.clone()
+    };
+    if let Some(server) = &a.server {
+        let model = a.model.as_ref().map(|m| m.to_string_lossy().into_owned());
+        return crate::client::translate_remote(
+            server,
+            model.as_deref(),
+            &lines,
+            a.beam,
+            a.max_length,
+            a.batch,
+            a.json,
+        );
+    }
+    let dev = parse_device(&a.device)?;
+    let model = a
+        .model
+        .as_ref()
+        .expect("clap requires --model without --server");
+    let t = Translator::load(model, &dev, a.compute)?;
+    let opts = DecodeOptions {
+        beam_size: a.beam,
+        alpha: a.alpha,
+        ..DecodeOptions::default()
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -5,6 +5,10 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The sample corpora shipped in the repository (`data/`, beside `configs/`): the default data
+/// root of the server (relative to its working directory, like `configs`) and of the presets.
+pub const BUNDLED_DATA_DIR: &str = "data";
+
 /// A spec that failed validation: the dotted field path and what is allowed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("invalid value for `{field}`: {message}")]
@@ -111,7 +115,7 @@ pub struct DataSpec {
 impl Default for DataSpec {
     fn default() -> Self {
         Self {
-            train: PathBuf::from("../shared/data/tatoeba-en-it/train.en-it.tsv"),
+            train: PathBuf::from("tatoeba-en-it/train.en-it.tsv"),
             train_tgt: None,
             valid: None,
             valid_fraction: 0.1,
@@ -314,12 +318,44 @@ impl TrainSpec {
     }
 
     pub fn from_toml_file(path: &Path) -> Result<Self, SpecError> {
+        Self::from_toml_file_in(path, &[])
+    }
+
+    /// [`Self::from_toml_file`], with relative corpus paths looked up first in `data_roots`
+    /// (the CLI's `--data-root`), then as [`Self::resolve_paths`] says, then in the bundled
+    /// sample corpus folder `data/` beside the config's directory (presets name corpora
+    /// relative to a data root, e.g. `tatoeba-en-it/train.en-it.tsv`).
+    pub fn from_toml_file_in(path: &Path, data_roots: &[PathBuf]) -> Result<Self, SpecError> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             SpecError::new("config", format!("cannot read {}: {e}", path.display()))
         })?;
         let mut spec = Self::from_toml_str(&text)?;
-        spec.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        let dir = path.parent().unwrap_or(Path::new("."));
+        spec.resolve_against(data_roots);
+        spec.resolve_paths(dir);
+        if let Some(root) = dir.parent() {
+            spec.resolve_against(&[root.join(BUNDLED_DATA_DIR)]);
+        }
         Ok(spec)
+    }
+
+    /// Relative corpus paths that do not exist as given become `<root>/<path>` for the first
+    /// root holding that file.
+    pub fn resolve_against(&mut self, roots: &[PathBuf]) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && !p.exists() {
+                if let Some(alt) = roots.iter().map(|r| r.join(&*p)).find(|a| a.exists()) {
+                    *p = alt;
+                }
+            }
+        };
+        fix(&mut self.data.train);
+        if let Some(p) = self.data.train_tgt.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.data.valid.as_mut() {
+            fix(p);
+        }
     }
 
     /// Relative corpus paths in a config file are taken relative to the current directory when

@@ -77,8 +77,15 @@ enum Cmd {
     Train(ampserve::cli::TrainArgs),
     /// Export a run's checkpoint as an f16 model directory for translation
     Export(ampserve::cli::ExportArgs),
-    /// Translate sentences (arguments, or stdin lines) with an exported model
+    /// Translate sentences (arguments, or stdin lines) with an exported model, or on a server
+    /// with `--server URL`
     Translate(ampserve::cli::TranslateArgs),
+    /// Jobs on a running server: submit, list, show, watch, cancel, resume, delete
+    #[command(subcommand)]
+    Jobs(ampserve::client::JobsCmd),
+    /// Models on a running server: list
+    #[command(subcommand)]
+    Models(ampserve::client::ModelsCmd),
     /// Benchmarks: `ampserve bench train --size tiny --precision fp32,bf16,f16`, `ampserve bench translate`
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -119,6 +126,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Train(a) => ampserve::cli::train(a, Arc::new(AtomicBool::new(false))),
         Cmd::Export(a) => ampserve::cli::export(a),
         Cmd::Translate(a) => ampserve::cli::translate(a),
+        Cmd::Jobs(c) => ampserve::client::run_jobs(c),
+        Cmd::Models(c) => ampserve::client::run_models(c),
         Cmd::Bench(BenchCmd::Train(a)) => ampserve::bench::run_train_bench(&a),
         Cmd::Bench(BenchCmd::Translate(a)) => ampserve::bench::run_translate_bench(&a),
     }

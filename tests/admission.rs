@@ -136,8 +136,8 @@ fn the_memory_estimate_is_within_a_factor_of_two_of_measured_peak_rss() {
         let toml = format!(
             r#"name = "{name}"
 [data]
-train = "{root}/../shared/data/tatoeba-en-it/train.en-it.tsv"
-valid = "{root}/../shared/data/tatoeba-en-it/valid.en-it.tsv"
+train = "{root}/data/tatoeba-en-it/train.en-it.tsv"
+valid = "{root}/data/tatoeba-en-it/valid.en-it.tsv"
 max_len = {max_len}
 on_long = "truncate"
 max_train_pairs = 2000

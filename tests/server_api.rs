@@ -490,7 +490,7 @@ async fn bad_input_gets_json_errors_and_the_server_keeps_serving() {
     for (path, field) in [
         (secret.to_str().unwrap().to_string(), "data.train"),
         (
-            "../shared/data/../../../etc/passwd".to_string(),
+            "tatoeba-en-it/../../../../../../../../../../etc/passwd".to_string(),
             "data.train",
         ),
         ("/etc/passwd".to_string(), "data.train"),
@@ -503,7 +503,7 @@ async fn bad_input_gets_json_errors_and_the_server_keeps_serving() {
             "data.train",
         ),
         ("link.tsv".to_string(), "data.train"),
-        ("../shared/data/nope.tsv".to_string(), "data.train"),
+        ("tatoeba-en-it/nope.tsv".to_string(), "data.train"),
     ] {
         let (s, v) = srv
             .post("/api/jobs", &json!({"data": {"train": path}}))
@@ -633,7 +633,7 @@ async fn corpus_upload_is_checked_listed_and_trainable() {
     args.max_upload_mb = 1;
     let fake = FakeTrainer::new();
     let srv = TestServer::start(args, fake.clone()).await;
-    let train = std::fs::read_to_string("../shared/data/tatoeba-en-it/train.en-it.tsv").unwrap();
+    let train = std::fs::read_to_string("data/tatoeba-en-it/train.en-it.tsv").unwrap();
     let mut body: String = train.lines().take(300).map(|l| format!("{l}\n")).collect();
     body.push_str("this line has no tab\n");
     body.push_str("one\ttwo\tthree\n");

@@ -1,5 +1,5 @@
 //! End-to-end: the server with the REAL trainer (`train::run`) on Tatoeba en-it from
-//! `../shared/data`, tiny model. Ignored until the trainer lands on this branch.
+//! the bundled `data/`, tiny model.
 
 mod common;
 

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 fn data(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/tatoeba-en-it")
+        .join("data/tatoeba-en-it")
         .join(file)
 }
 

@@ -27,8 +27,7 @@ fn job() -> Value {
 
 fn sentences() -> Vec<String> {
     let c = ampserve::data::read_tsv(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/data/tatoeba-en-it/test.en-it.tsv"),
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tatoeba-en-it/test.en-it.tsv"),
     )
     .unwrap();
     c.pairs.into_iter().map(|p| p.src).take(40).collect()

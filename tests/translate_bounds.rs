@@ -33,7 +33,7 @@ fn job() -> Value {
 fn texts(n: usize, words: usize) -> Vec<String> {
     let c = ampserve::data::read_tsv(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/data/tatoeba-en-it/test.en-it.tsv"),
+            .join("data/tatoeba-en-it/test.en-it.tsv"),
     )
     .unwrap();
     let all: Vec<String> = c

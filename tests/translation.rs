@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 fn data(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/tatoeba-en-it")
+        .join("data/tatoeba-en-it")
         .join(file)
 }
 

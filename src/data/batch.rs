@@ -248,8 +248,8 @@ mod tests {
     fn fixture() -> &'static Fixture {
         static F: OnceLock<Fixture> = OnceLock::new();
         F.get_or_init(|| {
-            let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../shared/data/tatoeba-en-it/train.en-it.tsv");
+            let p =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tatoeba-en-it/train.en-it.tsv");
             let c = read_tsv(&p).unwrap();
             let src = WordTokenizer::train(c.pairs.iter().map(|p| p.src.as_str()), 2).unwrap();
             let tgt = WordTokenizer::train(c.pairs.iter().map(|p| p.tgt.as_str()), 2).unwrap();

@@ -311,11 +311,7 @@ mod tests {
     use super::*;
     use crate::data::read_tsv;
 
-    fn shared(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/data")
-            .join(rel)
-    }
+    use crate::data::corpus::tests::{bundled, shared_or_skip};
 
     fn squash(s: &str) -> String {
         s.chars().filter(|c| !c.is_whitespace()).collect()
@@ -323,7 +319,7 @@ mod tests {
 
     #[test]
     fn trains_on_real_text_with_fixed_specials_and_round_trips_files() {
-        let c = read_tsv(&shared("tatoeba-en-it/train.en-it.tsv")).unwrap();
+        let c = read_tsv(&bundled("tatoeba-en-it/train.en-it.tsv")).unwrap();
         let it = WordTokenizer::train(c.pairs.iter().map(|p| p.tgt.as_str()), 2).unwrap();
         for (i, s) in SPECIAL_TOKENS.iter().enumerate() {
             assert_eq!(it.token_to_id(s), Some(i as u32));
@@ -348,7 +344,7 @@ mod tests {
         it.save(&p).unwrap();
         let back = WordTokenizer::from_file(&p).unwrap();
         assert_eq!(back.vocab_size(), it.vocab_size());
-        let valid = read_tsv(&shared("tatoeba-en-it/valid.en-it.tsv")).unwrap();
+        let valid = read_tsv(&bundled("tatoeba-en-it/valid.en-it.tsv")).unwrap();
         for pair in &valid.pairs {
             assert_eq!(back.encode(&pair.tgt), it.encode(&pair.tgt));
         }
@@ -380,7 +376,15 @@ mod tests {
             ("multi30k/val.en-de.tsv", 0.99),
             ("multi30k/val.en-fr.tsv", 0.99),
         ] {
-            let c = read_tsv(&shared(file)).unwrap();
+            let path = if file.starts_with("tatoeba") {
+                bundled(file)
+            } else {
+                let Some(p) = shared_or_skip(file) else {
+                    continue;
+                };
+                p
+            };
+            let c = read_tsv(&path).unwrap();
             let src = WordTokenizer::train(c.pairs.iter().map(|p| p.src.as_str()), 1).unwrap();
             let tgt = WordTokenizer::train(c.pairs.iter().map(|p| p.tgt.as_str()), 1).unwrap();
             let mut exact = 0;
@@ -463,8 +467,8 @@ mod tests {
     #[test]
     fn cache_is_keyed_by_content_not_language_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let a = read_tsv(&shared("multi30k/val.en-de.tsv")).unwrap();
-        let b = read_tsv(&shared("tatoeba-en-it/valid.en-it.tsv")).unwrap();
+        let a = read_tsv(&bundled("tatoeba-en-it/test.en-it.tsv")).unwrap();
+        let b = read_tsv(&bundled("tatoeba-en-it/valid.en-it.tsv")).unwrap();
         let (ta, pa) = load_or_train_tokenizer(
             dir.path(),
             "en",

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod events;
 pub mod metrics;
 mod runner;
+pub mod tensorboard;
 
 pub use events::*;
 pub use runner::{evaluate, prepare, run, Evaluation, Prepared, StepOut, Stepper};
@@ -17,7 +18,7 @@ use std::path::PathBuf;
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// The run directory: `spec.json`, `tokenizers/`, `checkpoints/`, `metrics.jsonl`,
-    /// `validations.jsonl`.
+    /// `validations.jsonl`, `events.out.tfevents.*` (TensorBoard).
     pub out_dir: PathBuf,
     pub device: candle_core::Device,
     /// Continue from the latest valid checkpoint in `out_dir` (checksums verified; a corrupt one

@@ -3,6 +3,7 @@
 use super::checkpoint::{self, CheckpointMeta};
 use super::events::*;
 use super::metrics;
+use super::tensorboard;
 use super::{RunOptions, TrainError};
 use crate::amp::{Autocast, GradScaler, ScalerConfig};
 use crate::config::TrainSpec;
@@ -436,6 +437,21 @@ pub fn run(
     }
     let mut mlog = Jsonl::open(&out.join("metrics.jsonl"))?;
     let mut vlog = Jsonl::open(&out.join("validations.jsonl"))?;
+    // Every step and validation also goes to a TensorBoard event file in the run directory.
+    let skipped_before = tensorboard::skipped_in_metrics(&out.join("metrics.jsonl"));
+    let mut tb = tensorboard::EventWriter::create(out, skipped_before)?;
+    let mut tb_failed = false;
+    let outer = sink;
+    let mut tee = |ev: TrainEvent| {
+        if !tb_failed {
+            if let Err(e) = tb.record(&ev) {
+                tb_failed = true;
+                tracing::warn!("TensorBoard event file: {e}; no more scalars are written to it");
+            }
+        }
+        outer(ev);
+    };
+    let sink: &mut dyn FnMut(TrainEvent) = &mut tee;
 
     let tr = &spec.train;
     let steps_per_epoch =
