@@ -32,8 +32,7 @@ fn job() -> Value {
 /// word is one source token).
 fn texts(n: usize, words: usize) -> Vec<String> {
     let c = ampserve::data::read_tsv(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("data/tatoeba-en-it/test.en-it.tsv"),
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tatoeba-en-it/test.en-it.tsv"),
     )
     .unwrap();
     let all: Vec<String> = c
