@@ -70,6 +70,41 @@ pub enum OnLong {
     Truncate,
 }
 
+/// How text becomes token ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// One id per `\w+|[^\w\s]+` piece seen `data.min_frequency` times (the tutorial's setting);
+    /// other words are `[UNK]`.
+    #[default]
+    Word,
+    /// Byte-level BPE (GPT-2 style): every byte is in the vocabulary, so nothing is `[UNK]`.
+    Bpe,
+    /// SentencePiece-style unigram LM over Metaspace (`▁`) pieces.
+    Unigram,
+}
+
+impl TokenizerKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TokenizerKind::Word => "word",
+            TokenizerKind::Bpe => "bpe",
+            TokenizerKind::Unigram => "unigram",
+        }
+    }
+}
+
+/// What decoding does with `[UNK]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnkPolicy {
+    /// Never emit `[UNK]`: the next-best token is emitted instead.
+    #[default]
+    Ban,
+    /// Emit `[UNK]` when it is the best token, then leave it out of the text (the tutorial's way).
+    Drop,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
@@ -104,8 +139,14 @@ pub struct DataSpec {
     pub on_long: OnLong,
     /// Use only the first N training pairs (0 = all); handy for quick runs and tests.
     pub max_train_pairs: usize,
-    /// Minimum word frequency for the word-level tokenizers.
+    /// Minimum word frequency for the word-level tokenizers (and the BPE merges).
     pub min_frequency: u64,
+    /// `word` (default), `bpe` or `unigram`.
+    pub tokenizer: TokenizerKind,
+    /// Target vocabulary size (specials included) of the subword tokenizers; ignored by `word`.
+    pub vocab_size: usize,
+    /// One vocabulary trained on both sides (required by `model.tie_embeddings`).
+    pub joint_vocab: bool,
 }
 
 impl Default for DataSpec {
@@ -121,6 +162,9 @@ impl Default for DataSpec {
             on_long: OnLong::Drop,
             max_train_pairs: 0,
             min_frequency: 2,
+            tokenizer: TokenizerKind::Word,
+            vocab_size: 8000,
+            joint_vocab: false,
         }
     }
 }
@@ -138,6 +182,9 @@ pub struct ModelSpec {
     /// standard biased-variance layer norm with eps inside the square root.
     pub tutorial_layer_norm: bool,
     pub norm_eps: f64,
+    /// One embedding matrix for source, target and the output projection (needs
+    /// `data.joint_vocab`).
+    pub tie_embeddings: bool,
 }
 
 impl Default for ModelSpec {
@@ -150,6 +197,7 @@ impl Default for ModelSpec {
             dropout: 0.1,
             tutorial_layer_norm: true,
             norm_eps: 1e-6,
+            tie_embeddings: false,
         }
     }
 }
@@ -393,6 +441,12 @@ impl TrainSpec {
         check(d.min_frequency >= 1, "data.min_frequency", || {
             "must be >= 1".into()
         })?;
+        match d.tokenizer {
+            TokenizerKind::Word => {}
+            // byte-level BPE starts from 256 byte symbols plus the 4 specials
+            TokenizerKind::Bpe => range_usize(d.vocab_size, 300, 1_000_000, "data.vocab_size")?,
+            TokenizerKind::Unigram => range_usize(d.vocab_size, 100, 1_000_000, "data.vocab_size")?,
+        }
 
         let m = &self.model;
         range_usize(m.d_model, 8, 8192, "model.d_model")?;
@@ -404,6 +458,11 @@ impl TrainSpec {
         range_usize(m.d_ff, 1, 65536, "model.d_ff")?;
         range_f64(m.dropout, 0.0, 0.9, "model.dropout")?;
         range_f64(m.norm_eps, 1e-12, 1e-2, "model.norm_eps")?;
+        if m.tie_embeddings {
+            check(d.joint_vocab, "model.tie_embeddings", || {
+                "needs data.joint_vocab = true (one vocabulary for both sides)".into()
+            })?;
+        }
 
         let t = &self.train;
         range_usize(t.epochs, 1, 10_000, "train.epochs")?;

@@ -335,6 +335,7 @@ mod tests {
             tutorial_layer_norm: true,
             norm_eps: 1e-6,
             max_positions: 32,
+            tie_embeddings: false,
         };
         let model = Transformer::new(&cfg, 1, &Device::Cpu).unwrap();
         let manifest = Manifest {

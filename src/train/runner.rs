@@ -83,22 +83,40 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
         hex::encode(h.finalize())
     };
     let tok_dir = out_dir.join("tokenizers");
-    let (src_tok, src_tok_path) = data::load_or_train_tokenizer(
-        &tok_dir,
-        &d.src_lang,
-        &key,
-        d.min_frequency,
-        train_pairs.iter().map(|p| p.src.as_str()),
-    )
-    .map_err(data_err)?;
-    let (tgt_tok, tgt_tok_path) = data::load_or_train_tokenizer(
-        &tok_dir,
-        &d.tgt_lang,
-        &key,
-        d.min_frequency,
-        train_pairs.iter().map(|p| p.tgt.as_str()),
-    )
-    .map_err(data_err)?;
+    let opts = data::TokenizerOptions::from_spec(d);
+    let ((src_tok, src_tok_path), (tgt_tok, tgt_tok_path)) = if d.joint_vocab {
+        // one vocabulary for both sides: trained on the source and target sentences together
+        let joint = data::load_or_train_tokenizer(
+            &tok_dir,
+            &format!("joint-{}-{}", d.src_lang, d.tgt_lang),
+            &key,
+            &opts,
+            train_pairs
+                .iter()
+                .flat_map(|p| [p.src.as_str(), p.tgt.as_str()]),
+        )
+        .map_err(data_err)?;
+        (joint.clone(), joint)
+    } else {
+        (
+            data::load_or_train_tokenizer(
+                &tok_dir,
+                &d.src_lang,
+                &key,
+                &opts,
+                train_pairs.iter().map(|p| p.src.as_str()),
+            )
+            .map_err(data_err)?,
+            data::load_or_train_tokenizer(
+                &tok_dir,
+                &d.tgt_lang,
+                &key,
+                &opts,
+                train_pairs.iter().map(|p| p.tgt.as_str()),
+            )
+            .map_err(data_err)?,
+        )
+    };
     let (train, stats) = data::encode_pairs(&train_pairs, &src_tok, &tgt_tok, d.max_len, d.on_long);
     if train.is_empty() {
         return Err(TrainError::Data(format!(
