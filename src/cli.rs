@@ -335,6 +335,53 @@ pub fn translate(a: TranslateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// An exported model directory
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Test corpus: `source<TAB>reference` lines
+    #[arg(long, value_name = "FILE")]
+    pub tsv: PathBuf,
+    /// Beam size (1 = greedy)
+    #[arg(long, default_value_t = 1)]
+    pub beam: usize,
+    /// Sentences decoded together
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Write the hypotheses here, one per line (for sacreBLEU or score.py)
+    #[arg(long, value_name = "FILE")]
+    pub hyps: Option<PathBuf>,
+    /// Device: cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: fp32 | f16 | bf16 (default: f32 on CPU, f16 on CUDA)
+    #[arg(long)]
+    pub compute: Option<Precision>,
+}
+
+/// `ampserve eval`: print the report as JSON (and a one-line summary on stderr).
+pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    use crate::infer::{evaluate_tsv, Translator};
+    if !(1..=16).contains(&a.beam) {
+        anyhow::bail!("--beam must be in 1..=16");
+    }
+    let dev = parse_device(&a.device)?;
+    let t = Translator::load(&a.model, &dev, a.compute)?;
+    let (r, hyps) = evaluate_tsv(&t, &a.tsv, a.beam, a.batch)?;
+    if let Some(p) = &a.hyps {
+        let mut text = hyps.join("\n");
+        text.push('\n');
+        std::fs::write(p, text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    }
+    eprintln!(
+        "{}: BLEU {:.2} | chrF {:.2} | {} sentences, beam {}",
+        r.corpus, r.bleu, r.chrf, r.sentences, r.beam_size
+    );
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

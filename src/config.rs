@@ -228,8 +228,11 @@ pub struct TrainSection {
     pub seed: u64,
     /// Validate every N optimizer steps; 0 = at epoch end only.
     pub valid_every: usize,
-    /// Cap on validation sentences decoded for BLEU/chrF (0 = whole validation set).
+    /// 0 (default): validate on the whole validation set. N > 0: on a seeded sample of N pairs
+    /// with distinct sources (the same sample at every validation).
     pub valid_max_sentences: usize,
+    /// `[UNK]` at decode time (validation, and the exported model's default): `ban` or `drop`.
+    pub unk_policy: UnkPolicy,
     /// Sample translations stored with each validation.
     pub valid_samples: usize,
 }
@@ -254,7 +257,8 @@ impl Default for TrainSection {
             label_smoothing: 0.1,
             seed: 42,
             valid_every: 0,
-            valid_max_sentences: 500,
+            valid_max_sentences: 0,
+            unk_policy: UnkPolicy::Ban,
             valid_samples: 3,
         }
     }

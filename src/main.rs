@@ -55,6 +55,8 @@ enum Cmd {
     Export(ampserve::cli::ExportArgs),
     /// Translate sentences (arguments, or stdin lines) with an exported model
     Translate(ampserve::cli::TranslateArgs),
+    /// Translate a test TSV with an exported model and score it (sacreBLEU 13a BLEU, chrF2)
+    Eval(ampserve::cli::EvalArgs),
     /// Benchmarks: `ampserve bench train --size tiny --precision fp32,bf16,f16`, `ampserve bench translate`
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -92,6 +94,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Train(a) => ampserve::cli::train(a, Arc::new(AtomicBool::new(false))),
         Cmd::Export(a) => ampserve::cli::export(a),
         Cmd::Translate(a) => ampserve::cli::translate(a),
+        Cmd::Eval(a) => ampserve::cli::eval(a),
         Cmd::Bench(BenchCmd::Train(a)) => ampserve::bench::run_train_bench(&a),
         Cmd::Bench(BenchCmd::Translate(a)) => ampserve::bench::run_translate_bench(&a),
     }

@@ -361,6 +361,7 @@ mod tests {
             src_lang: "x".into(),
             tgt_lang: "y".into(),
             train_max_len: 30,
+            unk_policy: Default::default(),
         };
         Translator::from_parts(manifest, config, model, Precision::Fp32, tok.clone(), tok)
     }

@@ -67,6 +67,9 @@ pub struct ModelConfig {
     pub tgt_lang: String,
     /// `data.max_len` of the training run (source/target positions incl. specials).
     pub train_max_len: usize,
+    /// `train.unk_policy` of the run: what translation does with `[UNK]`.
+    #[serde(default)]
+    pub unk_policy: crate::config::UnkPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,6 +236,7 @@ pub fn export(
             src_lang: meta.spec.data.src_lang.clone(),
             tgt_lang: meta.spec.data.tgt_lang.clone(),
             train_max_len: meta.spec.data.max_len,
+            unk_policy: meta.spec.train.unk_policy,
         };
         fs::write(
             tmp.join(CONFIG_FILE),

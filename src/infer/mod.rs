@@ -7,12 +7,14 @@
 pub mod batcher;
 pub mod cache;
 pub mod decode;
+pub mod evaluate;
 pub mod export;
 pub mod translator;
 
 pub use batcher::{Answer, Batcher, BatcherConfig, BatcherStats, Job, SubmitError};
 pub use cache::{CacheConfig, ModelCache};
 pub use decode::{DecodeOptions, Hypothesis};
+pub use evaluate::{evaluate_tsv, EvalReport};
 pub use export::{CheckpointChoice, Manifest, ModelConfig};
 pub use translator::{default_compute, Translation, Translator};
 

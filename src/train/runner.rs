@@ -5,7 +5,7 @@ use super::events::*;
 use super::metrics;
 use super::{RunOptions, TrainError};
 use crate::amp::{Autocast, GradScaler, ScalerConfig};
-use crate::config::TrainSpec;
+use crate::config::{TrainSpec, UnkPolicy};
 use crate::data::{self, Example, Pair, WordTokenizer};
 use crate::infer::decode::{self, DecodeOptions};
 use crate::model::{self, Ctx, Transformer};
@@ -137,6 +137,7 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
             valid.push((e, p));
         }
     }
+    let valid = validation_sample(valid, spec.train.valid_max_sentences, spec.train.seed);
     let rel = |p: PathBuf| p.strip_prefix(out_dir).map(Path::to_path_buf).unwrap_or(p);
     Ok(Prepared {
         src_tok_file: rel(src_tok_path),
@@ -149,6 +150,36 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
         stats,
         malformed,
     })
+}
+
+/// `n` = 0: all of `valid`. Otherwise a seeded sample of up to `n` pairs whose sources are all
+/// distinct (first occurrence kept), in corpus order: the first lines of a validation file often
+/// repeat sources, and a score on repeats overstates what a model does on unseen text.
+pub fn validation_sample(valid: Vec<(Example, Pair)>, n: usize, seed: u64) -> Vec<(Example, Pair)> {
+    if n == 0 {
+        return valid;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let distinct: Vec<(Example, Pair)> = valid
+        .into_iter()
+        .filter(|(_, p)| seen.insert(p.src.clone()))
+        .collect();
+    if distinct.len() <= n {
+        return distinct;
+    }
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut idx: Vec<usize> = (0..distinct.len()).collect();
+    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_7a11d));
+    let mut keep = vec![false; distinct.len()];
+    for &i in &idx[..n] {
+        keep[i] = true;
+    }
+    distinct
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(v, k)| k.then_some(v))
+        .collect()
 }
 
 /// Result of evaluating a model on a validation set.
@@ -164,7 +195,7 @@ pub struct Evaluation {
 }
 
 /// Validation loss (token-weighted, no dropout) and greedy-decoded BLEU / chrF / CER / WER on
-/// up to `max_sentences` validation pairs (0 = all).
+/// up to `max_sentences` validation pairs (0 = all), `[UNK]` handled as `unk` says.
 pub fn evaluate(
     model: &Transformer,
     ac: &Autocast,
@@ -172,6 +203,7 @@ pub fn evaluate(
     tgt_tok: &WordTokenizer,
     max_sentences: usize,
     label_smoothing: f64,
+    unk: UnkPolicy,
 ) -> Result<Evaluation, TrainError> {
     let n = if max_sentences == 0 {
         valid.len()
@@ -201,9 +233,13 @@ pub fn evaluate(
             .map(|&i| decode::default_max_len(exs[i].src.len().saturating_sub(2)))
             .collect();
         let srcs: Vec<Vec<u32>> = chunk.iter().map(|&i| exs[i].src.clone()).collect();
-        let out = decode::greedy(model, ac, &srcs, &max_len, &DecodeOptions::default())?;
+        let opts = DecodeOptions {
+            ban_unk: unk == UnkPolicy::Ban,
+            ..DecodeOptions::default()
+        };
+        let out = decode::greedy(model, ac, &srcs, &max_len, &opts)?;
         for (k, &i) in chunk.iter().enumerate() {
-            hyps[i] = tgt_tok.decode(&out[k].tokens);
+            hyps[i] = tgt_tok.decode_with(&out[k].tokens, unk == UnkPolicy::Drop);
         }
     }
     let refs: Vec<String> = set.iter().map(|(_, p)| p.tgt.clone()).collect();
@@ -354,8 +390,9 @@ fn run_validation(
         ac,
         &prep.valid,
         &prep.tgt_tok,
-        spec.train.valid_max_sentences,
+        0, // prepare() already took the validation sample
         spec.train.label_smoothing,
+        spec.train.unk_policy,
     )?;
     let samples = (0..spec.train.valid_samples.min(ev.sentences))
         .map(|i| Sample {
