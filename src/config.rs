@@ -105,6 +105,27 @@ pub enum UnkPolicy {
     Drop,
 }
 
+/// The validation number early stopping watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMetric {
+    /// Higher is better.
+    #[default]
+    Bleu,
+    /// Lower is better.
+    ValidLoss,
+}
+
+/// `train.early_stopping`: stop after `patience` validations in a row that do not improve on
+/// the best `metric` so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    #[serde(default)]
+    pub metric: StopMetric,
+    pub patience: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
@@ -235,6 +256,11 @@ pub struct TrainSection {
     pub unk_policy: UnkPolicy,
     /// Sample translations stored with each validation.
     pub valid_samples: usize,
+    /// Stop when validation stops improving (absent: train to epochs / max_steps).
+    pub early_stopping: Option<EarlyStopping>,
+    /// Time budget in seconds (0 = none): no step starts after it is spent; the run then
+    /// validates, checkpoints and finishes normally (so the job is exported).
+    pub max_time_s: f64,
 }
 
 impl Default for TrainSection {
@@ -260,6 +286,8 @@ impl Default for TrainSection {
             valid_max_sentences: 0,
             unk_policy: UnkPolicy::Ban,
             valid_samples: 3,
+            early_stopping: None,
+            max_time_s: 0.0,
         }
     }
 }
@@ -507,6 +535,10 @@ impl TrainSpec {
             "train.valid_max_sentences",
         )?;
         range_usize(t.valid_samples, 0, 100, "train.valid_samples")?;
+        if let Some(es) = &t.early_stopping {
+            range_usize(es.patience, 1, 1_000_000, "train.early_stopping.patience")?;
+        }
+        range_f64(t.max_time_s, 0.0, 1e8, "train.max_time_s")?;
 
         let a = &self.amp;
         check(

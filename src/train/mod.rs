@@ -3,12 +3,15 @@
 //! drive it.
 
 pub mod checkpoint;
+pub mod early_stop;
 pub mod events;
 pub mod metrics;
 mod runner;
 
 pub use events::*;
-pub use runner::{evaluate, prepare, run, Evaluation, Prepared, StepOut, Stepper};
+pub use runner::{
+    evaluate, prepare, run, validation_sample, Evaluation, Prepared, StepOut, Stepper,
+};
 
 use crate::config::SpecError;
 use std::path::PathBuf;

@@ -316,6 +316,7 @@ struct RunState {
     step_time_total: f64,
     last_loss: f64,
     tokenizers: (PathBuf, PathBuf),
+    early_stop: Option<super::early_stop::EarlyStop>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -381,9 +382,9 @@ fn run_validation(
     st: &mut RunState,
     log: &mut Jsonl,
     sink: &mut dyn FnMut(TrainEvent),
-) -> Result<(), TrainError> {
+) -> Result<bool, TrainError> {
     if prep.valid.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let ev = evaluate(
         model,
@@ -416,7 +417,11 @@ fn run_validation(
     st.best_bleu = Some(st.best_bleu.map_or(ev.bleu, |b| b.max(ev.bleu)));
     log.write(&rec);
     sink(TrainEvent::Validation(rec));
-    Ok(())
+    // true: early stopping says stop
+    Ok(st
+        .early_stop
+        .as_mut()
+        .is_some_and(|e| e.observe(ev.bleu, ev.val_loss)))
 }
 
 /// Run (or resume) a training job. `sink` receives every event in order; `cancel` is checked
@@ -461,6 +466,10 @@ pub fn run(
         step_time_total: 0.0,
         last_loss: f64::NAN,
         tokenizers: (prep.src_tok_file.clone(), prep.tgt_tok_file.clone()),
+        early_stop: spec
+            .train
+            .early_stopping
+            .map(super::early_stop::EarlyStop::new),
     };
     if opts.resume {
         if let Some((meta, path)) = checkpoint::latest_valid(&ckpt_dir) {
@@ -516,6 +525,10 @@ pub fn run(
     }));
 
     let mut cancelled = false;
+    let mut stopped_by: Option<String> = None;
+    let out_of_time = |st: &RunState| {
+        tr.max_time_s > 0.0 && st.wall_prev + t0.elapsed().as_secs_f64() >= tr.max_time_s
+    };
     let max_steps = if tr.max_steps > 0 {
         tr.max_steps as u64
     } else {
@@ -529,6 +542,10 @@ pub fn run(
             }
             if cancel.load(Ordering::Relaxed) {
                 cancelled = true;
+                break 'epochs;
+            }
+            if out_of_time(&st) {
+                stopped_by = Some("max_time_s".into());
                 break 'epochs;
             }
             let ts = Instant::now();
@@ -555,17 +572,28 @@ pub fn run(
             };
             mlog.write(&rec);
             sink(TrainEvent::Step(rec));
-            if tr.valid_every > 0 && st.step.is_multiple_of(tr.valid_every as u64) {
-                run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?;
+            if tr.valid_every > 0
+                && st.step.is_multiple_of(tr.valid_every as u64)
+                && run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?
+            {
+                stopped_by = Some("early_stopping".into());
             }
             if (st.batch_pos as usize) >= plan.len() {
                 st.epoch += 1;
                 st.batch_pos = 0;
-                if st.last_bleu.map(|(s, _)| s) != Some(st.step) {
-                    run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?;
+                if st.last_bleu.map(|(s, _)| s) != Some(st.step)
+                    && run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?
+                {
+                    stopped_by = Some("early_stopping".into());
                 }
                 save_checkpoint(spec, &ckpt_dir, &model, &stepper, &mut st, t0, sink)?;
+                if stopped_by.is_some() {
+                    break 'epochs;
+                }
                 continue 'epochs;
+            }
+            if stopped_by.is_some() {
+                break 'epochs;
             }
             let every = spec.checkpoint.every_steps as u64;
             if every > 0 && st.step.is_multiple_of(every) {
@@ -600,6 +628,7 @@ pub fn run(
             0.0
         },
         cancelled,
+        stopped_by,
     };
     sink(TrainEvent::Finished(summary.clone()));
     Ok(summary)
