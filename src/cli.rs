@@ -225,6 +225,10 @@ pub struct ExportArgs {
     /// Model name in the manifest (default: the run directory's name @ step)
     #[arg(long)]
     pub name: Option<String>,
+    /// Average the weights of the last N checkpoints up to --checkpoint (default: the run's
+    /// checkpoint.average_last)
+    #[arg(long, value_name = "N")]
+    pub average_last: Option<usize>,
 }
 
 /// `ampserve export`: write an f16 model directory and print its manifest.
@@ -246,7 +250,10 @@ pub fn export(a: ExportArgs) -> anyhow::Result<()> {
             .unwrap_or("model");
         format!("{run}@{}", meta.step)
     });
-    let m = export::export(&a.run, choice, &out, &name, None)?;
+    let m = export::export_averaged(&a.run, choice, &out, &name, None, a.average_last)?;
+    if !m.averaged_steps.is_empty() {
+        eprintln!("averaged the checkpoints of steps {:?}", m.averaged_steps);
+    }
     eprintln!(
         "exported step {} ({} parameters, {:.1} MB in f16) to {}",
         m.step,

@@ -331,6 +331,9 @@ pub struct CheckpointSpec {
     pub every_steps: usize,
     /// Keep the last N checkpoints plus the best by validation BLEU.
     pub keep_last: usize,
+    /// Exports average the weights of this many checkpoints (0 or 1 = none): the automatic
+    /// export (and any export not asking otherwise) averages the last N; at most `keep_last`.
+    pub average_last: usize,
 }
 
 impl Default for CheckpointSpec {
@@ -338,6 +341,7 @@ impl Default for CheckpointSpec {
         Self {
             every_steps: 500,
             keep_last: 3,
+            average_last: 0,
         }
     }
 }
@@ -592,6 +596,16 @@ impl TrainSpec {
             "checkpoint.every_steps",
         )?;
         range_usize(self.checkpoint.keep_last, 1, 1000, "checkpoint.keep_last")?;
+        check(
+            self.checkpoint.average_last <= self.checkpoint.keep_last,
+            "checkpoint.average_last",
+            || {
+                format!(
+                    "{} is out of range; allowed 0..=checkpoint.keep_last ({})",
+                    self.checkpoint.average_last, self.checkpoint.keep_last
+                )
+            },
+        )?;
         Ok(())
     }
 }

@@ -124,6 +124,9 @@ async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> Api
 #[serde(deny_unknown_fields)]
 struct ExportQuery {
     checkpoint: Option<String>,
+    /// Average this many checkpoints ending at `checkpoint` (absent: the job's
+    /// `checkpoint.average_last`).
+    average_last: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -142,10 +145,18 @@ async fn export(
             .parse()
             .map_err(|m: String| ApiError::invalid("checkpoint", m))?,
     };
+    if let Some(n) = q.average_last {
+        if !(1..=1000).contains(&n) {
+            return Err(ApiError::invalid(
+                "average_last",
+                format!("{n} is out of range; allowed 1..=1000"),
+            ));
+        }
+    }
     let job = load_job(&state, id).await?;
     let row = state
         .pool
-        .export_job(&job, choice)
+        .export_job(&job, choice, q.average_last)
         .await
         .map_err(|e| match e {
             ExportFailure::NotFound(m) => {

@@ -354,6 +354,7 @@ mod tests {
             dtype: "f16".into(),
             params: model.num_parameters(),
             created_unix: 0,
+            averaged_steps: Vec::new(),
             files: Default::default(),
         };
         let config = ModelConfig {
