@@ -28,6 +28,9 @@ pub struct TrainArgs {
     /// Override train.max_steps
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Override train.max_time_s (a training time budget in seconds)
+    #[arg(long)]
+    pub max_time_s: Option<f64>,
     /// Device: cpu or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -104,6 +107,9 @@ pub fn train(args: TrainArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     if let Some(m) = args.max_steps {
         spec.train.max_steps = m;
+    }
+    if let Some(t) = args.max_time_s {
+        spec.train.max_time_s = t;
     }
     spec.validate()?;
     let out = match (&args.resume, &args.out) {
