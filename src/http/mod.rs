@@ -6,6 +6,7 @@ mod checkpoints;
 mod configs;
 mod corpora;
 mod error;
+mod evaluate;
 mod events;
 mod jobs;
 mod metrics;
@@ -74,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .merge(checkpoints::router())
         .merge(corpora::router())
         .merge(models::router())
+        .merge(evaluate::router())
         .merge(translate::router())
         .merge(configs::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
