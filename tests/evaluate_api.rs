@@ -75,6 +75,9 @@ async fn evaluating_the_test_split_scores_it_like_evaluate_tsv_and_keeps_the_sco
     assert_eq!(s, StatusCode::OK, "{list}");
     assert_eq!(list["evaluations"].as_array().unwrap().len(), 1);
     assert_eq!(list["evaluations"][0]["bleu"].as_f64(), Some(bleu));
+    // and the model view (what the status page's translate view shows) carries it
+    let (_, mv) = srv.get(&format!("/api/models/{mid}")).await;
+    assert_eq!(mv["evaluations"][0]["chrf"].as_f64(), Some(chrf), "{mv}");
     srv.stop().await;
 }
 
