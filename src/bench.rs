@@ -69,6 +69,7 @@ impl Preset {
             tutorial_layer_norm: true,
             norm_eps: 1e-6,
             max_positions,
+            tie_embeddings: false,
         }
     }
 }

@@ -28,6 +28,9 @@ pub struct TrainArgs {
     /// Override train.max_steps
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Override train.max_time_s (a training time budget in seconds)
+    #[arg(long)]
+    pub max_time_s: Option<f64>,
     /// Device: cpu or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -108,6 +111,9 @@ pub fn train(args: TrainArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     if let Some(m) = args.max_steps {
         spec.train.max_steps = m;
+    }
+    if let Some(t) = args.max_time_s {
+        spec.train.max_time_s = t;
     }
     spec.validate()?;
     let out = match (&args.resume, &args.out) {
@@ -229,6 +235,10 @@ pub struct ExportArgs {
     /// Model name in the manifest (default: the run directory's name @ step)
     #[arg(long)]
     pub name: Option<String>,
+    /// Average the weights of the last N checkpoints up to --checkpoint (default: the run's
+    /// checkpoint.average_last)
+    #[arg(long, value_name = "N")]
+    pub average_last: Option<usize>,
 }
 
 /// `ampserve export`: write an f16 model directory and print its manifest.
@@ -250,7 +260,10 @@ pub fn export(a: ExportArgs) -> anyhow::Result<()> {
             .unwrap_or("model");
         format!("{run}@{}", meta.step)
     });
-    let m = export::export(&a.run, choice, &out, &name, None)?;
+    let m = export::export_averaged(&a.run, choice, &out, &name, None, a.average_last)?;
+    if !m.averaged_steps.is_empty() {
+        eprintln!("averaged the checkpoints of steps {:?}", m.averaged_steps);
+    }
     eprintln!(
         "exported step {} ({} parameters, {:.1} MB in f16) to {}",
         m.step,
@@ -356,6 +369,53 @@ pub fn translate(a: TranslateArgs) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// An exported model directory
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Test corpus: `source<TAB>reference` lines
+    #[arg(long, value_name = "FILE")]
+    pub tsv: PathBuf,
+    /// Beam size (1 = greedy)
+    #[arg(long, default_value_t = 1)]
+    pub beam: usize,
+    /// Sentences decoded together
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Write the hypotheses here, one per line (for sacreBLEU or score.py)
+    #[arg(long, value_name = "FILE")]
+    pub hyps: Option<PathBuf>,
+    /// Device: cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype: fp32 | f16 | bf16 (default: f32 on CPU, f16 on CUDA)
+    #[arg(long)]
+    pub compute: Option<Precision>,
+}
+
+/// `ampserve eval`: print the report as JSON (and a one-line summary on stderr).
+pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    use crate::infer::{evaluate_tsv, Translator};
+    if !(1..=16).contains(&a.beam) {
+        anyhow::bail!("--beam must be in 1..=16");
+    }
+    let dev = parse_device(&a.device)?;
+    let t = Translator::load(&a.model, &dev, a.compute)?;
+    let (r, hyps) = evaluate_tsv(&t, &a.tsv, a.beam, a.batch)?;
+    if let Some(p) = &a.hyps {
+        let mut text = hyps.join("\n");
+        text.push('\n');
+        std::fs::write(p, text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    }
+    eprintln!(
+        "{}: BLEU {:.2} | chrF {:.2} | {} sentences, beam {}",
+        r.corpus, r.bleu, r.chrf, r.sentences, r.beam_size
+    );
+    println!("{}", serde_json::to_string_pretty(&r)?);
     Ok(())
 }
 

@@ -74,6 +74,62 @@ pub enum OnLong {
     Truncate,
 }
 
+/// How text becomes token ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// One id per `\w+|[^\w\s]+` piece seen `data.min_frequency` times (the tutorial's setting);
+    /// other words are `[UNK]`.
+    #[default]
+    Word,
+    /// Byte-level BPE (GPT-2 style): every byte is in the vocabulary, so nothing is `[UNK]`.
+    Bpe,
+    /// SentencePiece-style unigram LM over Metaspace (`▁`) pieces.
+    Unigram,
+}
+
+impl TokenizerKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TokenizerKind::Word => "word",
+            TokenizerKind::Bpe => "bpe",
+            TokenizerKind::Unigram => "unigram",
+        }
+    }
+}
+
+/// What decoding does with `[UNK]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UnkPolicy {
+    /// Never emit `[UNK]`: the next-best token is emitted instead.
+    #[default]
+    Ban,
+    /// Emit `[UNK]` when it is the best token, then leave it out of the text (the tutorial's way).
+    Drop,
+}
+
+/// The validation number early stopping watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMetric {
+    /// Higher is better.
+    #[default]
+    Bleu,
+    /// Lower is better.
+    ValidLoss,
+}
+
+/// `train.early_stopping`: stop after `patience` validations in a row that do not improve on
+/// the best `metric` so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    #[serde(default)]
+    pub metric: StopMetric,
+    pub patience: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
@@ -108,8 +164,14 @@ pub struct DataSpec {
     pub on_long: OnLong,
     /// Use only the first N training pairs (0 = all); handy for quick runs and tests.
     pub max_train_pairs: usize,
-    /// Minimum word frequency for the word-level tokenizers.
+    /// Minimum word frequency for the word-level tokenizers (and the BPE merges).
     pub min_frequency: u64,
+    /// `word` (default), `bpe` or `unigram`.
+    pub tokenizer: TokenizerKind,
+    /// Target vocabulary size (specials included) of the subword tokenizers; ignored by `word`.
+    pub vocab_size: usize,
+    /// One vocabulary trained on both sides (required by `model.tie_embeddings`).
+    pub joint_vocab: bool,
 }
 
 impl Default for DataSpec {
@@ -125,6 +187,9 @@ impl Default for DataSpec {
             on_long: OnLong::Drop,
             max_train_pairs: 0,
             min_frequency: 2,
+            tokenizer: TokenizerKind::Word,
+            vocab_size: 8000,
+            joint_vocab: false,
         }
     }
 }
@@ -142,6 +207,9 @@ pub struct ModelSpec {
     /// standard biased-variance layer norm with eps inside the square root.
     pub tutorial_layer_norm: bool,
     pub norm_eps: f64,
+    /// One embedding matrix for source, target and the output projection (needs
+    /// `data.joint_vocab`).
+    pub tie_embeddings: bool,
 }
 
 impl Default for ModelSpec {
@@ -154,6 +222,7 @@ impl Default for ModelSpec {
             dropout: 0.1,
             tutorial_layer_norm: true,
             norm_eps: 1e-6,
+            tie_embeddings: false,
         }
     }
 }
@@ -184,10 +253,18 @@ pub struct TrainSection {
     pub seed: u64,
     /// Validate every N optimizer steps; 0 = at epoch end only.
     pub valid_every: usize,
-    /// Cap on validation sentences decoded for BLEU/chrF (0 = whole validation set).
+    /// 0 (default): validate on the whole validation set. N > 0: on a seeded sample of N pairs
+    /// with distinct sources (the same sample at every validation).
     pub valid_max_sentences: usize,
+    /// `[UNK]` at decode time (validation, and the exported model's default): `ban` or `drop`.
+    pub unk_policy: UnkPolicy,
     /// Sample translations stored with each validation.
     pub valid_samples: usize,
+    /// Stop when validation stops improving (absent: train to epochs / max_steps).
+    pub early_stopping: Option<EarlyStopping>,
+    /// Time budget in seconds (0 = none): no step starts after it is spent; the run then
+    /// validates, checkpoints and finishes normally (so the job is exported).
+    pub max_time_s: f64,
 }
 
 impl Default for TrainSection {
@@ -210,8 +287,11 @@ impl Default for TrainSection {
             label_smoothing: 0.1,
             seed: 42,
             valid_every: 0,
-            valid_max_sentences: 500,
+            valid_max_sentences: 0,
+            unk_policy: UnkPolicy::Ban,
             valid_samples: 3,
+            early_stopping: None,
+            max_time_s: 0.0,
         }
     }
 }
@@ -255,6 +335,9 @@ pub struct CheckpointSpec {
     pub every_steps: usize,
     /// Keep the last N checkpoints plus the best by validation BLEU.
     pub keep_last: usize,
+    /// Exports average the weights of this many checkpoints (0 or 1 = none): the automatic
+    /// export (and any export not asking otherwise) averages the last N; at most `keep_last`.
+    pub average_last: usize,
 }
 
 impl Default for CheckpointSpec {
@@ -262,6 +345,7 @@ impl Default for CheckpointSpec {
         Self {
             every_steps: 500,
             keep_last: 3,
+            average_last: 0,
         }
     }
 }
@@ -429,6 +513,12 @@ impl TrainSpec {
         check(d.min_frequency >= 1, "data.min_frequency", || {
             "must be >= 1".into()
         })?;
+        match d.tokenizer {
+            TokenizerKind::Word => {}
+            // byte-level BPE starts from 256 byte symbols plus the 4 specials
+            TokenizerKind::Bpe => range_usize(d.vocab_size, 300, 1_000_000, "data.vocab_size")?,
+            TokenizerKind::Unigram => range_usize(d.vocab_size, 100, 1_000_000, "data.vocab_size")?,
+        }
 
         let m = &self.model;
         range_usize(m.d_model, 8, 8192, "model.d_model")?;
@@ -440,6 +530,11 @@ impl TrainSpec {
         range_usize(m.d_ff, 1, 65536, "model.d_ff")?;
         range_f64(m.dropout, 0.0, 0.9, "model.dropout")?;
         range_f64(m.norm_eps, 1e-12, 1e-2, "model.norm_eps")?;
+        if m.tie_embeddings {
+            check(d.joint_vocab, "model.tie_embeddings", || {
+                "needs data.joint_vocab = true (one vocabulary for both sides)".into()
+            })?;
+        }
 
         let t = &self.train;
         range_usize(t.epochs, 1, 10_000, "train.epochs")?;
@@ -480,6 +575,10 @@ impl TrainSpec {
             "train.valid_max_sentences",
         )?;
         range_usize(t.valid_samples, 0, 100, "train.valid_samples")?;
+        if let Some(es) = &t.early_stopping {
+            range_usize(es.patience, 1, 1_000_000, "train.early_stopping.patience")?;
+        }
+        range_f64(t.max_time_s, 0.0, 1e8, "train.max_time_s")?;
 
         let a = &self.amp;
         check(
@@ -533,6 +632,16 @@ impl TrainSpec {
             "checkpoint.every_steps",
         )?;
         range_usize(self.checkpoint.keep_last, 1, 1000, "checkpoint.keep_last")?;
+        check(
+            self.checkpoint.average_last <= self.checkpoint.keep_last,
+            "checkpoint.average_last",
+            || {
+                format!(
+                    "{} is out of range; allowed 0..=checkpoint.keep_last ({})",
+                    self.checkpoint.average_last, self.checkpoint.keep_last
+                )
+            },
+        )?;
         Ok(())
     }
 }

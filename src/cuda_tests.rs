@@ -49,6 +49,7 @@ fn cfg() -> Config {
         tutorial_layer_norm: true,
         norm_eps: 1e-6,
         max_positions: 40,
+        tie_embeddings: false,
     }
 }
 

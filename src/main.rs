@@ -86,6 +86,8 @@ enum Cmd {
     /// Models on a running server: list
     #[command(subcommand)]
     Models(ampserve::client::ModelsCmd),
+    /// Translate a test TSV with an exported model and score it (sacreBLEU 13a BLEU, chrF2)
+    Eval(ampserve::cli::EvalArgs),
     /// Benchmarks: `ampserve bench train --size tiny --precision fp32,bf16,f16`, `ampserve bench translate`
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -128,6 +130,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Translate(a) => ampserve::cli::translate(a),
         Cmd::Jobs(c) => ampserve::client::run_jobs(c),
         Cmd::Models(c) => ampserve::client::run_models(c),
+        Cmd::Eval(a) => ampserve::cli::eval(a),
         Cmd::Bench(BenchCmd::Train(a)) => ampserve::bench::run_train_bench(&a),
         Cmd::Bench(BenchCmd::Translate(a)) => ampserve::bench::run_translate_bench(&a),
     }

@@ -19,7 +19,7 @@
 //! The constants come from counting the tensors `model::Transformer::forward_t` creates and
 //! were checked against the peak RSS of real tiny runs (`tests/admission.rs`).
 
-use crate::config::{Precision, TrainSpec};
+use crate::config::{Precision, TokenizerKind, TrainSpec};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -75,7 +75,13 @@ pub fn parameter_count(spec: &TrainSpec, src_vocab: u64, tgt_vocab: u64) -> u64 
     let ffn = 2 * d * f + f + d;
     let enc_layer = 4 * d + 4 * d * d + ffn;
     let dec_layer = 6 * d + 8 * d * d + ffn;
-    (src_vocab + tgt_vocab) * d + n * (enc_layer + dec_layer) + 4 * d + tgt_vocab * d + tgt_vocab
+    // Tied: one matrix is both embeddings and the projection's weight (the bias stays).
+    let matrices = if m.tie_embeddings {
+        tgt_vocab * d
+    } else {
+        (src_vocab + 2 * tgt_vocab) * d
+    };
+    matrices + n * (enc_layer + dec_layer) + 4 * d + tgt_vocab
 }
 
 /// The estimate for `spec` with the given corpus facts (see the module docs for the formula).
@@ -153,9 +159,21 @@ pub fn scan_corpus(spec: &TrainSpec) -> std::io::Result<CorpusFacts> {
     let size = |m: &HashMap<String, u64>| {
         SPECIALS + m.values().filter(|c| **c >= d.min_frequency).count() as u64
     };
+    let (src_vocab, tgt_vocab) = match d.tokenizer {
+        TokenizerKind::Word if d.joint_vocab => {
+            let mut both = src;
+            for (k, c) in tgt {
+                *both.entry(k).or_default() += c;
+            }
+            (size(&both), size(&both))
+        }
+        TokenizerKind::Word => (size(&src), size(&tgt)),
+        // Subword trainers stop at `data.vocab_size` (specials included).
+        TokenizerKind::Bpe | TokenizerKind::Unigram => (d.vocab_size as u64, d.vocab_size as u64),
+    };
     Ok(CorpusFacts {
-        src_vocab: size(&src),
-        tgt_vocab: size(&tgt),
+        src_vocab,
+        tgt_vocab,
         bytes,
     })
 }
@@ -286,10 +304,39 @@ mod tests {
             tutorial_layer_norm: true,
             norm_eps: 1e-6,
             max_positions: 16,
+            tie_embeddings: false,
         };
         let model = Transformer::new(&cfg, 1, &Device::Cpu).unwrap();
         assert_eq!(
             parameter_count(&spec, 50, 70),
+            model.num_parameters() as u64
+        );
+    }
+
+    #[test]
+    fn the_parameter_count_of_a_tied_model_counts_the_shared_matrix_once() {
+        let mut spec = TrainSpec::default();
+        spec.model.d_model = 24;
+        spec.model.layers = 2;
+        spec.model.heads = 3;
+        spec.model.d_ff = 40;
+        spec.model.tie_embeddings = true;
+        let cfg = Config {
+            src_vocab: 60,
+            tgt_vocab: 60,
+            d_model: 24,
+            layers: 2,
+            heads: 3,
+            d_ff: 40,
+            dropout: 0.0,
+            tutorial_layer_norm: true,
+            norm_eps: 1e-6,
+            max_positions: 16,
+            tie_embeddings: true,
+        };
+        let model = Transformer::new(&cfg, 1, &Device::Cpu).unwrap();
+        assert_eq!(
+            parameter_count(&spec, 60, 60),
             model.num_parameters() as u64
         );
     }

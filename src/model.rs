@@ -3,7 +3,10 @@
 //! d_model / layers / heads / d_ff / dropout from `Config`; sinusoidal positions; embeddings
 //! scaled by sqrt(d_model); separate source and target embeddings; pre-norm residuals
 //! `x + dropout(sublayer(norm(x)))`; a final norm on both stacks; bias-free Q/K/V/O; ReLU FFN;
-//! xavier-uniform init of every matrix; an untied output projection with bias.
+//! xavier-uniform init of every matrix; an untied output projection with bias. With
+//! `tie_embeddings` (one joint vocabulary) a single matrix `shared_embed.weight` is the source
+//! embedding, the target embedding and the output projection's weight (Press & Wolf 2017; what
+//! Marian and fairseq do for joint subword vocabularies); the projection keeps its own bias.
 //!
 //! Mixed precision: linears and attention matmuls go through `Autocast` (compute dtype); the
 //! embeddings, layer norms, softmax, the residual stream and the loss are f32.
@@ -17,6 +20,9 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 
 pub const PAD_ID: u32 = 1;
+
+/// The one weight of a model with tied embeddings: (vocab, d_model).
+pub const SHARED_EMBED: &str = "shared_embed.weight";
 
 /// A fill for masked attention scores. Applied after the scores are upcast to f32, so it is
 /// representable (the tutorial's -1e9 fill in f16 overflows); finite, so a fully masked row is
@@ -36,6 +42,9 @@ pub struct Config {
     pub norm_eps: f64,
     /// Rows of the sinusoidal table (longest sequence the model accepts).
     pub max_positions: usize,
+    /// One matrix for both embeddings and the output projection (needs src_vocab == tgt_vocab).
+    #[serde(default)]
+    pub tie_embeddings: bool,
 }
 
 impl Config {
@@ -56,6 +65,7 @@ impl Config {
             tutorial_layer_norm: m.tutorial_layer_norm,
             norm_eps: m.norm_eps,
             max_positions: max_len.max(8) + 8,
+            tie_embeddings: m.tie_embeddings,
         }
     }
 }
@@ -389,8 +399,22 @@ impl Transformer {
     pub fn new(cfg: &Config, seed: u64, device: &Device) -> Result<Self> {
         let mut p = Params::new(seed, device);
         let d = cfg.d_model;
-        let src_emb = p.xavier("src_embed.weight".into(), cfg.src_vocab, d)?;
-        let tgt_emb = p.xavier("tgt_embed.weight".into(), cfg.tgt_vocab, d)?;
+        if cfg.tie_embeddings && cfg.src_vocab != cfg.tgt_vocab {
+            candle_core::bail!(
+                "tied embeddings need one vocabulary; got source {} and target {}",
+                cfg.src_vocab,
+                cfg.tgt_vocab
+            );
+        }
+        let (src_emb, tgt_emb) = if cfg.tie_embeddings {
+            let e = p.xavier(SHARED_EMBED.into(), cfg.tgt_vocab, d)?;
+            (e.clone(), e)
+        } else {
+            (
+                p.xavier("src_embed.weight".into(), cfg.src_vocab, d)?,
+                p.xavier("tgt_embed.weight".into(), cfg.tgt_vocab, d)?,
+            )
+        };
         let mut enc = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
             let n = format!("encoder.layers.{i}");
@@ -415,7 +439,11 @@ impl Transformer {
             });
         }
         let dec_norm = LayerNorm::new(&mut p, "decoder.norm", d, cfg)?;
-        let proj_w = p.xavier("projection.weight".into(), cfg.tgt_vocab, d)?;
+        let proj_w = if cfg.tie_embeddings {
+            tgt_emb.clone()
+        } else {
+            p.xavier("projection.weight".into(), cfg.tgt_vocab, d)?
+        };
         let proj_b = p.bias("projection.bias".into(), cfg.tgt_vocab, d)?;
         let pe = sinusoidal(cfg.max_positions, d, device)?;
         Ok(Self {
@@ -619,6 +647,7 @@ mod tests {
             tutorial_layer_norm: true,
             norm_eps: 1e-6,
             max_positions: 32,
+            tie_embeddings: false,
         }
     }
 

@@ -1068,7 +1068,13 @@
       }
     }
     const cur = sel.value;
-    sel.replaceChildren(...models.map((m) => h("option", { value: m.id, text: `#${m.id} ${m.name} · ${m.src_lang}→${m.tgt_lang} · ${m.dtype}${m.val_bleu !== null && m.val_bleu !== undefined ? ` · BLEU ${fmt.num(m.val_bleu, 2)}` : ""}` })));
+    // the newest test-set score (POST /api/models/{id}/evaluate), else the validation BLEU
+    const score = (m) => {
+      const ev = (m.evaluations || []).at(-1);
+      if (ev) return ` · test BLEU ${fmt.num(ev.bleu, 2)} chrF ${fmt.num(ev.chrf, 2)} (${ev.corpus.split("/").pop()})`;
+      return m.val_bleu !== null && m.val_bleu !== undefined ? ` · valid BLEU ${fmt.num(m.val_bleu, 2)}` : "";
+    };
+    sel.replaceChildren(...models.map((m) => h("option", { value: m.id, text: `#${m.id} ${m.name} · ${m.src_lang}→${m.tgt_lang} · ${m.dtype}${score(m)}` })));
     if (cur && models.some((m) => String(m.id) === cur)) sel.value = cur;
     const empty = models.length === 0;
     none.hidden = !empty;

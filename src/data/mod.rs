@@ -1,12 +1,12 @@
-//! Corpora, word-level tokenizers and batching for the translation trainer.
+//! Corpora, tokenizers (word-level or subword) and batching for the translation trainer.
 //!
 //! * [`read_tsv`] / [`read_parallel`] read a corpus into [`Pair`]s, reporting malformed lines
 //!   (with 1-based line numbers) instead of failing on them, and hash the file bytes so that
 //!   derived artefacts (tokenizers) can be cached by content.
-//! * [`WordTokenizer`] wraps a `tokenizers` WordLevel model with the Whitespace pre-tokenizer and
-//!   the fixed special ids [`UNK_ID`], [`PAD_ID`], [`SOS_ID`], [`EOS_ID`];
-//!   [`load_or_train_tokenizer`] caches trained tokenizers by corpus hash, language and
-//!   minimum frequency.
+//! * [`TextTokenizer`] (alias [`WordTokenizer`]) wraps a `tokenizers` tokenizer: WordLevel with
+//!   the Whitespace pre-tokenizer, or byte-level BPE / unigram (`subword`), always with the fixed
+//!   special ids [`UNK_ID`], [`PAD_ID`], [`SOS_ID`], [`EOS_ID`]; [`load_or_train_tokenizer`]
+//!   caches trained tokenizers by corpus hash, language and [`TokenizerOptions`].
 //! * [`encode_pairs`] turns pairs into [`Example`]s (`[SOS] words [EOS]` on both sides) with the
 //!   `max_len` policy, [`plan_epoch`] builds length-bucketed batches deterministically for a
 //!   `(seed, epoch)`, and [`make_batch`] pads a batch to its own longest member.
@@ -15,6 +15,7 @@
 
 mod batch;
 mod corpus;
+mod subword;
 mod tokenizer;
 
 pub use batch::*;

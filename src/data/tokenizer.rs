@@ -1,61 +1,100 @@
-//! Word-level tokenizers (a `tokenizers` WordLevel model behind the Whitespace pre-tokenizer),
-//! a small rule-based detokenizer, and the content-addressed tokenizer cache.
+//! The tokenizer every corpus goes through: word-level (a `tokenizers` WordLevel model behind the
+//! Whitespace pre-tokenizer, joined back by a small rule-based detokenizer) or subword (byte-level
+//! BPE or unigram, built in [`super::subword`], joined back by the crate's own decoders), and
+//! the content-addressed tokenizer cache.
 
-use super::{DataError, EOS_ID, PAD_ID, SOS_ID, SPECIAL_TOKENS, UNK_ID};
+use super::{subword, DataError, EOS_ID, PAD_ID, SOS_ID, SPECIAL_TOKENS, UNK_ID};
+use crate::config::TokenizerKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokenizers::models::wordlevel::{WordLevel, WordLevelTrainer};
-use tokenizers::models::TrainerWrapper;
+use tokenizers::models::{ModelWrapper, TrainerWrapper};
 use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::{AddedToken, Tokenizer};
 
-fn tok_err(e: impl std::fmt::Display) -> DataError {
+pub(super) fn tok_err(e: impl std::fmt::Display) -> DataError {
     DataError::Tokenizer(e.to_string())
 }
 
-/// A word-level tokenizer: `\w+|[^\w\s]+` pieces (the Whitespace pre-tokenizer), one id per
-/// piece, unknown pieces map to [`UNK_ID`]. Special ids are fixed: `[UNK]`=0, `[PAD]`=1,
-/// `[SOS]`=2, `[EOS]`=3 (checked on every construction).
-#[derive(Debug, Clone)]
-pub struct WordTokenizer {
-    inner: Tokenizer,
+/// How to train a tokenizer (the `data.*` fields that shape it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenizerOptions {
+    pub kind: TokenizerKind,
+    /// Subword vocabulary size, specials included (ignored by `word`).
+    pub vocab_size: usize,
+    /// Minimum frequency of a word (`word`) or of a merge (`bpe`); ignored by `unigram`.
+    pub min_frequency: u64,
 }
 
-impl WordTokenizer {
-    /// Train on `texts` (one sentence each) with `tokenizers`' WordLevelTrainer: the specials
-    /// first, then every word seen at least `min_frequency` times, most frequent first (ties by
-    /// word, so the result is deterministic). There is no vocabulary size cap.
+impl TokenizerOptions {
+    pub fn word(min_frequency: u64) -> Self {
+        Self {
+            kind: TokenizerKind::Word,
+            vocab_size: 0,
+            min_frequency,
+        }
+    }
+
+    pub fn from_spec(d: &crate::config::DataSpec) -> Self {
+        Self {
+            kind: d.tokenizer,
+            vocab_size: d.vocab_size,
+            min_frequency: d.min_frequency,
+        }
+    }
+}
+
+/// A trained tokenizer with the fixed special ids `[UNK]`=0, `[PAD]`=1, `[SOS]`=2, `[EOS]`=3
+/// (checked on every construction). Word-level: `\w+|[^\w\s]+` pieces, one id per piece,
+/// unknown pieces map to [`UNK_ID`]. Subword: see [`super::subword`]. The kind is read from
+/// the model inside the `tokenizers` JSON, so a saved file is all it takes to load one.
+#[derive(Debug, Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    kind: TokenizerKind,
+}
+
+/// The historical name (every tokenizer was word-level once).
+pub type WordTokenizer = TextTokenizer;
+
+fn kind_of(t: &Tokenizer) -> Result<TokenizerKind, String> {
+    match t.get_model() {
+        ModelWrapper::WordLevel(_) => Ok(TokenizerKind::Word),
+        ModelWrapper::BPE(_) => Ok(TokenizerKind::Bpe),
+        ModelWrapper::Unigram(_) => Ok(TokenizerKind::Unigram),
+        ModelWrapper::WordPiece(_) => Err("WordPiece models are not supported".into()),
+    }
+}
+
+impl TextTokenizer {
+    /// Train a word-level tokenizer on `texts` (one sentence each) with `tokenizers`'
+    /// WordLevelTrainer: the specials first, then every word seen at least `min_frequency`
+    /// times, most frequent first (ties by word, so the result is deterministic). There is no
+    /// vocabulary size cap.
     pub fn train<'a>(
         texts: impl IntoIterator<Item = &'a str>,
         min_frequency: u64,
+    ) -> Result<Self, DataError> {
+        Self::train_with(texts, &TokenizerOptions::word(min_frequency))
+    }
+
+    /// Train the kind of tokenizer `opts` names on `texts`.
+    pub fn train_with<'a>(
+        texts: impl IntoIterator<Item = &'a str>,
+        opts: &TokenizerOptions,
     ) -> Result<Self, DataError> {
         let texts: Vec<&str> = texts.into_iter().collect();
         if texts.iter().all(|t| t.trim().is_empty()) {
             return Err(DataError::NoTrainingText);
         }
-        let model = WordLevel::builder()
-            .unk_token(SPECIAL_TOKENS[UNK_ID as usize].to_string())
-            .build()
-            .map_err(tok_err)?;
-        let mut inner = Tokenizer::new(model);
-        inner.with_pre_tokenizer(Some(Whitespace));
-        let trainer = WordLevelTrainer::builder()
-            .min_frequency(min_frequency)
-            .vocab_size(usize::MAX)
-            .show_progress(false)
-            .special_tokens(
-                SPECIAL_TOKENS
-                    .iter()
-                    .map(|s| AddedToken::from(*s, true))
-                    .collect(),
-            )
-            .build()
-            .map_err(tok_err)?;
-        let mut trainer = TrainerWrapper::from(trainer);
-        inner
-            .train(&mut trainer, texts.into_iter())
-            .map_err(tok_err)?;
-        let t = Self { inner };
+        let inner = match opts.kind {
+            TokenizerKind::Word => train_word(texts, opts.min_frequency)?,
+            kind => subword::train(kind, texts, opts.vocab_size, opts.min_frequency)?,
+        };
+        let t = Self {
+            inner,
+            kind: opts.kind,
+        };
         t.check_specials("<trained>")?;
         Ok(t)
     }
@@ -75,12 +114,14 @@ impl WordTokenizer {
         Ok(())
     }
 
-    /// Load a tokenizer saved by [`WordTokenizer::save`] (the `tokenizers` JSON format); the
-    /// special ids are verified.
+    /// Load a tokenizer saved by [`TextTokenizer::save`] (the `tokenizers` JSON format); the
+    /// special ids are verified and the kind is read from the model.
     pub fn from_file(path: &Path) -> Result<Self, DataError> {
         let inner = Tokenizer::from_file(path)
             .map_err(|e| DataError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
-        let t = Self { inner };
+        let kind = kind_of(&inner)
+            .map_err(|e| DataError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let t = Self { inner, kind };
         t.check_specials(&path.display().to_string())?;
         Ok(t)
     }
@@ -105,36 +146,78 @@ impl WordTokenizer {
         })
     }
 
-    /// Word ids only (no `[SOS]`/`[EOS]`); unknown words give [`UNK_ID`]. Special-token strings
+    pub fn kind(&self) -> TokenizerKind {
+        self.kind
+    }
+
+    /// Token ids only (no `[SOS]`/`[EOS]`); unknown words give [`UNK_ID`]. Special-token strings
     /// typed in the text (`[PAD]`, ...) are not passed through as specials: they become
     /// [`UNK_ID`].
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let enc = self
             .inner
             .encode(text, false)
-            .expect("WordLevel encoding cannot fail once [UNK] is in the vocabulary");
+            .expect("encoding cannot fail once [UNK] is in the vocabulary");
         enc.get_ids()
             .iter()
             .map(|&id| if id <= EOS_ID { UNK_ID } else { id })
             .collect()
     }
 
-    /// The tokens of `ids` up to the first `[EOS]`, without `[PAD]`/`[SOS]`, detokenized with
-    /// [`detokenize`]. `[UNK]` is kept visible as `[UNK]`; ids outside the vocabulary too.
+    /// `text` as the tokenizer's normalizer sees it (subwords: NFKC, runs of white space made
+    /// one space, trimmed); unchanged for word-level. A subword round trip
+    /// `decode(encode(text))` gives exactly this when every character is known.
+    pub fn normalize(&self, text: &str) -> String {
+        match self.inner.get_normalizer() {
+            Some(n) => {
+                use tokenizers::tokenizer::{NormalizedString, Normalizer};
+                let mut s = NormalizedString::from(text);
+                match n.normalize(&mut s) {
+                    Ok(()) => s.get().to_string(),
+                    Err(_) => text.to_string(),
+                }
+            }
+            None => text.to_string(),
+        }
+    }
+
+    /// The text of `ids` up to the first `[EOS]`, without `[PAD]`/`[SOS]`: word-level tokens
+    /// joined by [`detokenize`], subwords by the crate's decoder (ByteLevel, Metaspace).
+    /// `[UNK]` is kept visible as `[UNK]`; ids outside the vocabulary too.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let mut toks = Vec::with_capacity(ids.len());
+        self.decode_with(ids, false)
+    }
+
+    /// [`Self::decode`], leaving `[UNK]` out of the text when `drop_unk` (the `drop` policy).
+    pub fn decode_with(&self, ids: &[u32], drop_unk: bool) -> String {
+        let mut kept = Vec::with_capacity(ids.len());
         for &id in ids {
             match id {
                 EOS_ID => break,
                 PAD_ID | SOS_ID => continue,
-                _ => toks.push(
-                    self.inner
-                        .id_to_token(id)
-                        .unwrap_or_else(|| SPECIAL_TOKENS[UNK_ID as usize].to_string()),
-                ),
+                UNK_ID if drop_unk => continue,
+                _ if (id as usize) >= self.vocab_size() => {
+                    if !drop_unk {
+                        kept.push(UNK_ID)
+                    }
+                }
+                _ => kept.push(id),
             }
         }
-        detokenize(&toks)
+        match self.kind {
+            TokenizerKind::Word => {
+                let toks: Vec<String> = kept
+                    .iter()
+                    .map(|&id| {
+                        self.inner
+                            .id_to_token(id)
+                            .unwrap_or_else(|| SPECIAL_TOKENS[UNK_ID as usize].to_string())
+                    })
+                    .collect();
+                detokenize(&toks)
+            }
+            _ => subword::decode(&self.inner, &kept),
+        }
     }
 
     /// Vocabulary size including the four specials.
@@ -154,6 +237,32 @@ impl WordTokenizer {
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
     }
+}
+
+fn train_word(texts: Vec<&str>, min_frequency: u64) -> Result<Tokenizer, DataError> {
+    let model = WordLevel::builder()
+        .unk_token(SPECIAL_TOKENS[UNK_ID as usize].to_string())
+        .build()
+        .map_err(tok_err)?;
+    let mut inner = Tokenizer::new(model);
+    inner.with_pre_tokenizer(Some(Whitespace));
+    let trainer = WordLevelTrainer::builder()
+        .min_frequency(min_frequency)
+        .vocab_size(usize::MAX)
+        .show_progress(false)
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
+        .build()
+        .map_err(tok_err)?;
+    let mut trainer = TrainerWrapper::from(trainer);
+    inner
+        .train(&mut trainer, texts.into_iter())
+        .map_err(tok_err)?;
+    Ok(inner)
 }
 
 fn is_wordish(t: &str) -> bool {
@@ -269,39 +378,51 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
-/// The cache file name for a tokenizer: `tokenizer-{lang}-{hash16}-min{f}.json`.
-pub fn tokenizer_file_name(lang: &str, content_hash: &str, min_frequency: u64) -> String {
+/// The cache file name for a tokenizer: `tokenizer-{lang}-{hash16}-min{f}.json` (word-level)
+/// or `tokenizer-{lang}-{hash16}-{bpe|unigram}{vocab}-min{f}.json` (subword).
+pub fn tokenizer_file_name(lang: &str, content_hash: &str, opts: &TokenizerOptions) -> String {
     let hash16: String = content_hash.chars().take(16).collect();
+    let kind = match opts.kind {
+        TokenizerKind::Word => String::new(),
+        k => format!("-{}{}", k.as_str(), opts.vocab_size),
+    };
     format!(
-        "tokenizer-{}-{}-min{min_frequency}.json",
+        "tokenizer-{}-{}{kind}-min{}.json",
         sanitize(lang),
-        sanitize(&hash16)
+        sanitize(&hash16),
+        opts.min_frequency
     )
 }
 
-/// Cached by corpus content hash + language + min_frequency (NOT by language alone): file name
-/// `tokenizer-{lang}-{hash16}-min{f}.json` inside `dir`. Loads when present, else trains and saves.
+/// Cached by corpus content hash + language + the tokenizer options (NOT by language alone):
+/// file name [`tokenizer_file_name`] inside `dir`. Loads when present, else trains and saves.
 /// A cached file that fails to load (or has wrong special ids) is retrained and replaced, with a
 /// warning. `texts` is only consumed when training.
 pub fn load_or_train_tokenizer<'a>(
     dir: &Path,
     lang: &str,
     content_hash: &str,
-    min_frequency: u64,
+    opts: &TokenizerOptions,
     texts: impl IntoIterator<Item = &'a str>,
-) -> Result<(WordTokenizer, PathBuf), DataError> {
+) -> Result<(TextTokenizer, PathBuf), DataError> {
     std::fs::create_dir_all(dir).map_err(|e| DataError::io("create directory", dir, e))?;
-    let path = dir.join(tokenizer_file_name(lang, content_hash, min_frequency));
+    let path = dir.join(tokenizer_file_name(lang, content_hash, opts));
     if path.exists() {
-        match WordTokenizer::from_file(&path) {
-            Ok(t) => return Ok((t, path)),
+        match TextTokenizer::from_file(&path) {
+            Ok(t) if t.kind() == opts.kind => return Ok((t, path)),
+            Ok(t) => tracing::warn!(
+                "retraining tokenizer: cached {} is {:?}, not {:?}",
+                path.display(),
+                t.kind(),
+                opts.kind
+            ),
             Err(e) => tracing::warn!(
                 "retraining tokenizer: cached {} unusable: {e}",
                 path.display()
             ),
         }
     }
-    let t = WordTokenizer::train(texts, min_frequency)?;
+    let t = TextTokenizer::train_with(texts, opts)?;
     t.save(&path)?;
     Ok((t, path))
 }
@@ -473,7 +594,7 @@ mod tests {
             dir.path(),
             "en",
             &a.content_hash,
-            1,
+            &TokenizerOptions::word(1),
             a.pairs.iter().map(|p| p.src.as_str()),
         )
         .unwrap();
@@ -481,7 +602,7 @@ mod tests {
             dir.path(),
             "en",
             &b.content_hash,
-            1,
+            &TokenizerOptions::word(1),
             b.pairs.iter().map(|p| p.src.as_str()),
         )
         .unwrap();
@@ -493,9 +614,14 @@ mod tests {
             format!("tokenizer-en-{}-min1.json", &a.content_hash[..16])
         );
         // same key -> loaded from disk: texts are ignored (an empty iterator would fail training)
-        let (ta2, pa2) =
-            load_or_train_tokenizer(dir.path(), "en", &a.content_hash, 1, std::iter::empty())
-                .unwrap();
+        let (ta2, pa2) = load_or_train_tokenizer(
+            dir.path(),
+            "en",
+            &a.content_hash,
+            &TokenizerOptions::word(1),
+            std::iter::empty(),
+        )
+        .unwrap();
         assert_eq!(pa2, pa);
         assert_eq!(ta2.vocab_size(), ta.vocab_size());
         // another min_frequency is another file
@@ -503,7 +629,7 @@ mod tests {
             dir.path(),
             "en",
             &a.content_hash,
-            2,
+            &TokenizerOptions::word(2),
             a.pairs.iter().map(|p| p.src.as_str()),
         )
         .unwrap();
@@ -515,7 +641,7 @@ mod tests {
             dir.path(),
             "en",
             &a.content_hash,
-            1,
+            &TokenizerOptions::word(1),
             a.pairs.iter().map(|p| p.src.as_str()),
         )
         .unwrap();

@@ -7,6 +7,7 @@ mod checkpoints;
 mod configs;
 mod corpora;
 mod error;
+mod evaluate;
 mod events;
 mod guard;
 mod jobs;
@@ -85,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .merge(checkpoints::router())
         .merge(corpora::router())
         .merge(models::router())
+        .merge(evaluate::router())
         .merge(translate::router())
         .merge(configs::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));

@@ -4,7 +4,7 @@ use super::jobs::load_job;
 use super::{ApiError, ApiPath, ApiQuery, ApiResult, AppState};
 use crate::infer::cache::LoadedInfo;
 use crate::infer::CheckpointChoice;
-use crate::store::ModelRow;
+use crate::store::{EvaluationRow, ModelRow};
 use crate::worker::ExportFailure;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -46,9 +46,16 @@ pub struct ModelView {
     runtime: Option<LoadedInfo>,
     /// sha256 and size of every file (from the manifest).
     files: Value,
+    /// Test-set scores from `POST /api/models/{id}/evaluate`, oldest first.
+    evaluations: Vec<EvaluationRow>,
 }
 
-fn view(state: &AppState, r: ModelRow) -> ModelView {
+async fn view(state: &AppState, r: ModelRow) -> ApiResult<ModelView> {
+    let evaluations = state.store.list_evaluations(r.id).await?;
+    Ok(view_with(state, r, evaluations))
+}
+
+fn view_with(state: &AppState, r: ModelRow, evaluations: Vec<EvaluationRow>) -> ModelView {
     let runtime = state.models.info(r.id);
     let files = serde_json::from_str::<Value>(&r.manifest_json)
         .ok()
@@ -58,6 +65,7 @@ fn view(state: &AppState, r: ModelRow) -> ModelView {
         loaded: runtime.is_some(),
         runtime,
         files,
+        evaluations,
         id: r.id,
         name: r.name,
         job_id: r.job_id,
@@ -90,9 +98,11 @@ struct ModelList {
 
 async fn list(State(state): State<AppState>) -> ApiResult<Json<ModelList>> {
     let rows = state.store.list_models().await?;
-    Ok(Json(ModelList {
-        models: rows.into_iter().map(|r| view(&state, r)).collect(),
-    }))
+    let mut models = Vec::with_capacity(rows.len());
+    for r in rows {
+        models.push(view(&state, r).await?);
+    }
+    Ok(Json(ModelList { models }))
 }
 
 async fn show(
@@ -100,7 +110,7 @@ async fn show(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Json<ModelView>> {
     let r = load_model(&state, id).await?;
-    Ok(Json(view(&state, r)))
+    Ok(Json(view(&state, r).await?))
 }
 
 async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
@@ -124,6 +134,9 @@ async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> Api
 #[serde(deny_unknown_fields)]
 struct ExportQuery {
     checkpoint: Option<String>,
+    /// Average this many checkpoints ending at `checkpoint` (absent: the job's
+    /// `checkpoint.average_last`).
+    average_last: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -142,10 +155,18 @@ async fn export(
             .parse()
             .map_err(|m: String| ApiError::invalid("checkpoint", m))?,
     };
+    if let Some(n) = q.average_last {
+        if !(1..=1000).contains(&n) {
+            return Err(ApiError::invalid(
+                "average_last",
+                format!("{n} is out of range; allowed 1..=1000"),
+            ));
+        }
+    }
     let job = load_job(&state, id).await?;
     let row = state
         .pool
-        .export_job(&job, choice)
+        .export_job(&job, choice, q.average_last)
         .await
         .map_err(|e| match e {
             ExportFailure::NotFound(m) => {
@@ -156,7 +177,7 @@ async fn export(
     Ok((
         StatusCode::CREATED,
         Json(Exported {
-            model: view(&state, row),
+            model: view_with(&state, row, Vec::new()),
         }),
     ))
 }

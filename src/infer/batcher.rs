@@ -493,6 +493,7 @@ mod tests {
             tutorial_layer_norm: true,
             norm_eps: 1e-6,
             max_positions: 32,
+            tie_embeddings: false,
         };
         let model = Transformer::new(&cfg, 1, &Device::Cpu).unwrap();
         let manifest = Manifest {
@@ -511,6 +512,7 @@ mod tests {
             dtype: "f16".into(),
             params: model.num_parameters(),
             created_unix: 0,
+            averaged_steps: Vec::new(),
             files: Default::default(),
         };
         let config = ModelConfig {
@@ -518,6 +520,7 @@ mod tests {
             src_lang: "x".into(),
             tgt_lang: "y".into(),
             train_max_len: 30,
+            unk_policy: Default::default(),
         };
         Translator::from_parts(manifest, config, model, Precision::Fp32, tok.clone(), tok)
     }

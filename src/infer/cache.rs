@@ -114,6 +114,18 @@ impl ModelCache {
     }
 
     /// Drop model `id` from the cache (after a delete). True when it was loaded.
+    /// Score the exported model in `dir` on the TSV at `tsv` ([`super::evaluate_tsv`]) with a
+    /// translator of its own on this cache's device, so serving is not held up by it.
+    pub fn evaluate(
+        &self,
+        dir: &Path,
+        tsv: &Path,
+        beam_size: usize,
+    ) -> Result<super::EvalReport, InferError> {
+        let t = super::Translator::load(dir, &self.device, self.cfg.compute)?;
+        Ok(super::evaluate_tsv(&t, tsv, beam_size, 32)?.0)
+    }
+
     pub fn unload(&self, id: i64) -> bool {
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let before = e.len();

@@ -67,6 +67,9 @@ pub struct ModelConfig {
     pub tgt_lang: String,
     /// `data.max_len` of the training run (source/target positions incl. specials).
     pub train_max_len: usize,
+    /// `train.unk_policy` of the run: what translation does with `[UNK]`.
+    #[serde(default)]
+    pub unk_policy: crate::config::UnkPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +99,9 @@ pub struct Manifest {
     pub dtype: String,
     pub params: usize,
     pub created_unix: u64,
+    /// Steps of the checkpoints whose weights were averaged into this model (empty: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub averaged_steps: Vec<u64>,
     /// sha256 and size of every other file in the directory.
     pub files: BTreeMap<String, FileEntry>,
 }
@@ -160,7 +166,8 @@ fn file_entry(path: &Path) -> Result<FileEntry, InferError> {
 }
 
 /// Export checkpoint `choice` of the run in `run_dir` to the new directory `out_dir` (which
-/// must not exist). Returns the manifest written into it.
+/// must not exist), averaging as the run's `checkpoint.average_last` says. Returns the manifest
+/// written into it.
 pub fn export(
     run_dir: &Path,
     choice: CheckpointChoice,
@@ -168,13 +175,89 @@ pub fn export(
     name: &str,
     job_id: Option<i64>,
 ) -> Result<Manifest, InferError> {
+    export_averaged(run_dir, choice, out_dir, name, job_id, None)
+}
+
+/// The checkpoints to average: `anchor` and the `n - 1` newest before it, oldest first, each
+/// checksum-verified. Fewer than `n` of them is an error that says how many there are.
+pub fn averaging_set(
+    run_dir: &Path,
+    anchor: &CheckpointMeta,
+    n: usize,
+) -> Result<Vec<(CheckpointMeta, PathBuf)>, InferError> {
+    let all: Vec<_> = checkpoint::list(&run_dir.join("checkpoints"))
+        .into_iter()
+        .filter(|(m, _)| m.step <= anchor.step)
+        .collect();
+    if all.len() < n {
+        return Err(InferError::NotFound(format!(
+            "average_last = {n} needs {n} checkpoints up to step {}, {} has {}",
+            anchor.step,
+            run_dir.display(),
+            all.len()
+        )));
+    }
+    let set = all[all.len() - n..].to_vec();
+    for (m, p) in &set {
+        if checkpoint::sha256_file(p)? != m.sha256 {
+            return Err(InferError::Invalid(format!(
+                "checkpoint {} does not match its recorded sha256",
+                p.display()
+            )));
+        }
+    }
+    Ok(set)
+}
+
+/// The element-wise mean of the `param.*` tensors of `set` (f32), by parameter name.
+pub fn average_weights(
+    set: &[(CheckpointMeta, PathBuf)],
+) -> Result<HashMap<String, Tensor>, InferError> {
+    let mut sum: HashMap<String, Tensor> = HashMap::new();
+    for (_, p) in set {
+        let t = checkpoint::load_tensors(p, &Device::Cpu).map_err(InferError::Invalid)?;
+        for (n, x) in t {
+            if let Some(name) = n.strip_prefix("param.") {
+                let x = x.to_dtype(DType::F32)?;
+                let acc = match sum.remove(name) {
+                    Some(a) => (a + x)?,
+                    None => x,
+                };
+                sum.insert(name.to_string(), acc);
+            }
+        }
+    }
+    let k = set.len() as f64;
+    sum.into_iter().map(|(n, t)| Ok((n, (t / k)?))).collect()
+}
+
+/// [`export`] with an explicit averaging choice: `Some(n)` averages `n` checkpoints ending at
+/// `choice` (0 or 1: none); `None` takes the run's `checkpoint.average_last`, and then, when
+/// it averages, ends at the latest checkpoint (the best one's neighbours may be deleted).
+pub fn export_averaged(
+    run_dir: &Path,
+    choice: CheckpointChoice,
+    out_dir: &Path,
+    name: &str,
+    job_id: Option<i64>,
+    average_last: Option<usize>,
+) -> Result<Manifest, InferError> {
     if out_dir.exists() {
         return Err(InferError::Invalid(format!(
             "{} already exists",
             out_dir.display()
         )));
     }
-    let (meta, ckpt) = find_checkpoint(run_dir, choice)?;
+    let (mut meta, mut ckpt) = find_checkpoint(run_dir, choice)?;
+    let n = average_last.unwrap_or(meta.spec.checkpoint.average_last);
+    if average_last.is_none() && n > 1 && choice == CheckpointChoice::Best {
+        (meta, ckpt) = find_checkpoint(run_dir, CheckpointChoice::Latest)?;
+    }
+    let set = if n > 1 {
+        averaging_set(run_dir, &meta, n)?
+    } else {
+        Vec::new()
+    };
     let tok = |p: &Option<PathBuf>, side: &str| -> Result<PathBuf, InferError> {
         let p = p.as_ref().ok_or_else(|| {
             InferError::Invalid(format!(
@@ -210,14 +293,20 @@ pub fn export(
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
     let result = (|| -> Result<Manifest, InferError> {
-        let tensors = checkpoint::load_tensors(&ckpt, &Device::Cpu).map_err(InferError::Invalid)?;
+        let masters: HashMap<String, Tensor> = if set.is_empty() {
+            checkpoint::load_tensors(&ckpt, &Device::Cpu)
+                .map_err(InferError::Invalid)?
+                .into_iter()
+                .filter_map(|(n, t)| n.strip_prefix("param.").map(|s| (s.to_string(), t)))
+                .collect()
+        } else {
+            average_weights(&set)?
+        };
         let mut weights: HashMap<String, Tensor> = HashMap::new();
         let mut params = 0usize;
-        for (n, t) in tensors {
-            if let Some(name) = n.strip_prefix("param.") {
-                params += t.elem_count();
-                weights.insert(name.to_string(), t.to_dtype(DType::F16)?);
-            }
+        for (name, t) in masters {
+            params += t.elem_count();
+            weights.insert(name, t.to_dtype(DType::F16)?);
         }
         if weights.is_empty() {
             return Err(InferError::Invalid(format!(
@@ -233,6 +322,7 @@ pub fn export(
             src_lang: meta.spec.data.src_lang.clone(),
             tgt_lang: meta.spec.data.tgt_lang.clone(),
             train_max_len: meta.spec.data.max_len,
+            unk_policy: meta.spec.train.unk_policy,
         };
         fs::write(
             tmp.join(CONFIG_FILE),
@@ -256,13 +346,15 @@ pub fn export(
             step: meta.step,
             epoch: meta.epoch,
             checkpoint_sha256: meta.sha256.clone(),
-            val_bleu: meta.val_bleu,
+            // an averaged model was never validated as such
+            val_bleu: if set.is_empty() { meta.val_bleu } else { None },
             src_lang: cfg.src_lang.clone(),
             tgt_lang: cfg.tgt_lang.clone(),
             train_precision: meta.spec.train.precision.to_string(),
             dtype: "f16".into(),
             params,
             created_unix: now_unix(),
+            averaged_steps: set.iter().map(|(m, _)| m.step).collect(),
             files,
         };
         checkpoint::write_atomic(

@@ -7,6 +7,7 @@
 pub mod batcher;
 pub mod cache;
 pub mod decode;
+pub mod evaluate;
 pub mod export;
 pub mod translator;
 
@@ -16,6 +17,7 @@ pub use batcher::{
 };
 pub use cache::{CacheConfig, ModelCache};
 pub use decode::{DecodeOptions, Hypothesis};
+pub use evaluate::{evaluate_tsv, EvalReport};
 pub use export::{CheckpointChoice, Manifest, ModelConfig};
 pub use translator::{default_compute, Translation, Translator};
 

@@ -4,7 +4,7 @@ use super::decode::{self, DecodeOptions, Hypothesis};
 use super::export::{self, Manifest, ModelConfig};
 use super::InferError;
 use crate::amp::Autocast;
-use crate::config::Precision;
+use crate::config::{Precision, UnkPolicy};
 use crate::data::{WordTokenizer, EOS_ID, SOS_ID};
 use crate::model::Transformer;
 use candle_core::Device;
@@ -174,12 +174,18 @@ impl Translator {
                 v
             })
             .collect();
-        Ok(decode::decode(&self.model, &self.ac, &src, limits, opts)?)
+        let mut opts = opts.clone();
+        if self.config.unk_policy == UnkPolicy::Drop {
+            // the `drop` policy: [UNK] may win, and is left out of the text
+            opts.ban_unk = false;
+        }
+        Ok(decode::decode(&self.model, &self.ac, &src, limits, &opts)?)
     }
 
     /// Turn hypotheses back into text.
     pub fn detokenize(&self, h: &Hypothesis) -> String {
-        self.tgt_tok.decode(&h.tokens)
+        self.tgt_tok
+            .decode_with(&h.tokens, self.config.unk_policy == UnkPolicy::Drop)
     }
 
     /// Tokenize, decode as one batch, detokenize.

@@ -4,6 +4,7 @@
 
 pub mod checkpoints;
 pub mod corpora;
+pub mod evaluations;
 pub mod jobs;
 pub mod metrics;
 pub mod models;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 pub use checkpoints::CheckpointRow;
 pub use corpora::CorpusRow;
+pub use evaluations::EvaluationRow;
 pub use jobs::{JobRow, JobStatus, NewJob};
 pub use metrics::MetricRow;
 pub use models::{ModelRow, NewModel};

@@ -97,6 +97,9 @@ pub struct Summary {
     /// Mean non-pad target tokens per second over the run's steps.
     pub tokens_per_s: f64,
     pub cancelled: bool,
+    /// Why the run ended before its epochs / max_steps: `early_stopping` or `max_time_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

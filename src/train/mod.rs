@@ -3,13 +3,16 @@
 //! drive it.
 
 pub mod checkpoint;
+pub mod early_stop;
 pub mod events;
 pub mod metrics;
 mod runner;
 pub mod tensorboard;
 
 pub use events::*;
-pub use runner::{evaluate, prepare, run, Evaluation, Prepared, StepOut, Stepper};
+pub use runner::{
+    evaluate, prepare, run, validation_sample, Evaluation, Prepared, StepOut, Stepper,
+};
 
 use crate::config::SpecError;
 use std::path::PathBuf;

@@ -6,7 +6,7 @@ use super::metrics;
 use super::tensorboard;
 use super::{RunOptions, TrainError};
 use crate::amp::{Autocast, GradScaler, ScalerConfig};
-use crate::config::TrainSpec;
+use crate::config::{TrainSpec, UnkPolicy};
 use crate::data::{self, Example, Pair, WordTokenizer};
 use crate::infer::decode::{self, DecodeOptions};
 use crate::model::{self, Ctx, Transformer};
@@ -84,22 +84,40 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
         hex::encode(h.finalize())
     };
     let tok_dir = out_dir.join("tokenizers");
-    let (src_tok, src_tok_path) = data::load_or_train_tokenizer(
-        &tok_dir,
-        &d.src_lang,
-        &key,
-        d.min_frequency,
-        train_pairs.iter().map(|p| p.src.as_str()),
-    )
-    .map_err(data_err)?;
-    let (tgt_tok, tgt_tok_path) = data::load_or_train_tokenizer(
-        &tok_dir,
-        &d.tgt_lang,
-        &key,
-        d.min_frequency,
-        train_pairs.iter().map(|p| p.tgt.as_str()),
-    )
-    .map_err(data_err)?;
+    let opts = data::TokenizerOptions::from_spec(d);
+    let ((src_tok, src_tok_path), (tgt_tok, tgt_tok_path)) = if d.joint_vocab {
+        // one vocabulary for both sides: trained on the source and target sentences together
+        let joint = data::load_or_train_tokenizer(
+            &tok_dir,
+            &format!("joint-{}-{}", d.src_lang, d.tgt_lang),
+            &key,
+            &opts,
+            train_pairs
+                .iter()
+                .flat_map(|p| [p.src.as_str(), p.tgt.as_str()]),
+        )
+        .map_err(data_err)?;
+        (joint.clone(), joint)
+    } else {
+        (
+            data::load_or_train_tokenizer(
+                &tok_dir,
+                &d.src_lang,
+                &key,
+                &opts,
+                train_pairs.iter().map(|p| p.src.as_str()),
+            )
+            .map_err(data_err)?,
+            data::load_or_train_tokenizer(
+                &tok_dir,
+                &d.tgt_lang,
+                &key,
+                &opts,
+                train_pairs.iter().map(|p| p.tgt.as_str()),
+            )
+            .map_err(data_err)?,
+        )
+    };
     let (train, stats) = data::encode_pairs(&train_pairs, &src_tok, &tgt_tok, d.max_len, d.on_long);
     if train.is_empty() {
         return Err(TrainError::Data(format!(
@@ -120,6 +138,7 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
             valid.push((e, p));
         }
     }
+    let valid = validation_sample(valid, spec.train.valid_max_sentences, spec.train.seed);
     let rel = |p: PathBuf| p.strip_prefix(out_dir).map(Path::to_path_buf).unwrap_or(p);
     Ok(Prepared {
         src_tok_file: rel(src_tok_path),
@@ -132,6 +151,36 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
         stats,
         malformed,
     })
+}
+
+/// `n` = 0: all of `valid`. Otherwise a seeded sample of up to `n` pairs whose sources are all
+/// distinct (first occurrence kept), in corpus order: the first lines of a validation file often
+/// repeat sources, and a score on repeats overstates what a model does on unseen text.
+pub fn validation_sample(valid: Vec<(Example, Pair)>, n: usize, seed: u64) -> Vec<(Example, Pair)> {
+    if n == 0 {
+        return valid;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let distinct: Vec<(Example, Pair)> = valid
+        .into_iter()
+        .filter(|(_, p)| seen.insert(p.src.clone()))
+        .collect();
+    if distinct.len() <= n {
+        return distinct;
+    }
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut idx: Vec<usize> = (0..distinct.len()).collect();
+    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed_7a11d));
+    let mut keep = vec![false; distinct.len()];
+    for &i in &idx[..n] {
+        keep[i] = true;
+    }
+    distinct
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(v, k)| k.then_some(v))
+        .collect()
 }
 
 /// Result of evaluating a model on a validation set.
@@ -147,7 +196,7 @@ pub struct Evaluation {
 }
 
 /// Validation loss (token-weighted, no dropout) and greedy-decoded BLEU / chrF / CER / WER on
-/// up to `max_sentences` validation pairs (0 = all).
+/// up to `max_sentences` validation pairs (0 = all), `[UNK]` handled as `unk` says.
 pub fn evaluate(
     model: &Transformer,
     ac: &Autocast,
@@ -155,6 +204,7 @@ pub fn evaluate(
     tgt_tok: &WordTokenizer,
     max_sentences: usize,
     label_smoothing: f64,
+    unk: UnkPolicy,
 ) -> Result<Evaluation, TrainError> {
     let n = if max_sentences == 0 {
         valid.len()
@@ -184,9 +234,13 @@ pub fn evaluate(
             .map(|&i| decode::default_max_len(exs[i].src.len().saturating_sub(2)))
             .collect();
         let srcs: Vec<Vec<u32>> = chunk.iter().map(|&i| exs[i].src.clone()).collect();
-        let out = decode::greedy(model, ac, &srcs, &max_len, &DecodeOptions::default())?;
+        let opts = DecodeOptions {
+            ban_unk: unk == UnkPolicy::Ban,
+            ..DecodeOptions::default()
+        };
+        let out = decode::greedy(model, ac, &srcs, &max_len, &opts)?;
         for (k, &i) in chunk.iter().enumerate() {
-            hyps[i] = tgt_tok.decode(&out[k].tokens);
+            hyps[i] = tgt_tok.decode_with(&out[k].tokens, unk == UnkPolicy::Drop);
         }
     }
     let refs: Vec<String> = set.iter().map(|(_, p)| p.tgt.clone()).collect();
@@ -263,6 +317,7 @@ struct RunState {
     step_time_total: f64,
     last_loss: f64,
     tokenizers: (PathBuf, PathBuf),
+    early_stop: Option<super::early_stop::EarlyStop>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -328,17 +383,18 @@ fn run_validation(
     st: &mut RunState,
     log: &mut Jsonl,
     sink: &mut dyn FnMut(TrainEvent),
-) -> Result<(), TrainError> {
+) -> Result<bool, TrainError> {
     if prep.valid.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let ev = evaluate(
         model,
         ac,
         &prep.valid,
         &prep.tgt_tok,
-        spec.train.valid_max_sentences,
+        0, // prepare() already took the validation sample
         spec.train.label_smoothing,
+        spec.train.unk_policy,
     )?;
     let samples = (0..spec.train.valid_samples.min(ev.sentences))
         .map(|i| Sample {
@@ -362,7 +418,11 @@ fn run_validation(
     st.best_bleu = Some(st.best_bleu.map_or(ev.bleu, |b| b.max(ev.bleu)));
     log.write(&rec);
     sink(TrainEvent::Validation(rec));
-    Ok(())
+    // true: early stopping says stop
+    Ok(st
+        .early_stop
+        .as_mut()
+        .is_some_and(|e| e.observe(ev.bleu, ev.val_loss)))
 }
 
 /// Run (or resume) a training job. `sink` receives every event in order; `cancel` is checked
@@ -407,6 +467,10 @@ pub fn run(
         step_time_total: 0.0,
         last_loss: f64::NAN,
         tokenizers: (prep.src_tok_file.clone(), prep.tgt_tok_file.clone()),
+        early_stop: spec
+            .train
+            .early_stopping
+            .map(super::early_stop::EarlyStop::new),
     };
     if opts.resume {
         if let Some((meta, path)) = checkpoint::latest_valid(&ckpt_dir) {
@@ -477,6 +541,10 @@ pub fn run(
     }));
 
     let mut cancelled = false;
+    let mut stopped_by: Option<String> = None;
+    let out_of_time = |st: &RunState| {
+        tr.max_time_s > 0.0 && st.wall_prev + t0.elapsed().as_secs_f64() >= tr.max_time_s
+    };
     let max_steps = if tr.max_steps > 0 {
         tr.max_steps as u64
     } else {
@@ -490,6 +558,10 @@ pub fn run(
             }
             if cancel.load(Ordering::Relaxed) {
                 cancelled = true;
+                break 'epochs;
+            }
+            if out_of_time(&st) {
+                stopped_by = Some("max_time_s".into());
                 break 'epochs;
             }
             let ts = Instant::now();
@@ -516,17 +588,28 @@ pub fn run(
             };
             mlog.write(&rec);
             sink(TrainEvent::Step(rec));
-            if tr.valid_every > 0 && st.step.is_multiple_of(tr.valid_every as u64) {
-                run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?;
+            if tr.valid_every > 0
+                && st.step.is_multiple_of(tr.valid_every as u64)
+                && run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?
+            {
+                stopped_by = Some("early_stopping".into());
             }
             if (st.batch_pos as usize) >= plan.len() {
                 st.epoch += 1;
                 st.batch_pos = 0;
-                if st.last_bleu.map(|(s, _)| s) != Some(st.step) {
-                    run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?;
+                if st.last_bleu.map(|(s, _)| s) != Some(st.step)
+                    && run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?
+                {
+                    stopped_by = Some("early_stopping".into());
                 }
                 save_checkpoint(spec, &ckpt_dir, &model, &stepper, &mut st, t0, sink)?;
+                if stopped_by.is_some() {
+                    break 'epochs;
+                }
                 continue 'epochs;
+            }
+            if stopped_by.is_some() {
+                break 'epochs;
             }
             let every = spec.checkpoint.every_steps as u64;
             if every > 0 && st.step.is_multiple_of(every) {
@@ -561,6 +644,7 @@ pub fn run(
             0.0
         },
         cancelled,
+        stopped_by,
     };
     sink(TrainEvent::Finished(summary.clone()));
     Ok(summary)

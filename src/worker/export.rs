@@ -24,11 +24,13 @@ impl PoolHandle {
             .unwrap_or_else(|| self.runs_dir().join("models"))
     }
 
-    /// Export checkpoint `choice` of `job` and insert its `models` row.
+    /// Export checkpoint `choice` of `job` (averaging `average_last` checkpoints; `None`: as
+    /// the job's spec says) and insert its `models` row.
     pub async fn export_job(
         &self,
         job: &JobRow,
         choice: CheckpointChoice,
+        average_last: Option<usize>,
     ) -> Result<ModelRow, ExportFailure> {
         let run_dir = job
             .run_dir
@@ -47,7 +49,14 @@ impl PoolHandle {
         let manifest = tokio::task::spawn_blocking(move || {
             let (meta, _) = infer::export::find_checkpoint(&run_dir, choice)?;
             let name = format!("{job_name}@{}", meta.step);
-            infer::export::export(&run_dir, choice, &out2, &name, Some(job_id))
+            infer::export::export_averaged(
+                &run_dir,
+                choice,
+                &out2,
+                &name,
+                Some(job_id),
+                average_last,
+            )
         })
         .await
         .map_err(|e| ExportFailure::Failed(format!("export task failed: {e}")))?

@@ -445,7 +445,7 @@ impl Worker {
         };
         match self
             .pool
-            .export_job(&job, crate::infer::CheckpointChoice::Best)
+            .export_job(&job, crate::infer::CheckpointChoice::Best, None)
             .await
         {
             Ok(m) => {

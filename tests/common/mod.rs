@@ -314,6 +314,7 @@ fn summary(
         wall_s: t0.elapsed().as_secs_f64(),
         tokens_per_s: 1000.0,
         cancelled,
+        stopped_by: None,
     }
 }
 

@@ -1,0 +1,57 @@
+//! Test-set scores of exported models: why a table of their own? A model is scored on several
+//! corpora (and beam sizes) over its life, and each score must stay next to the model it
+//! describes (rows go with the model on delete).
+
+use super::{Store, StoreResult};
+
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
+pub struct EvaluationRow {
+    pub id: i64,
+    pub model_id: i64,
+    pub corpus: String,
+    pub sentences: i64,
+    pub beam_size: i64,
+    pub bleu: f64,
+    pub chrf: f64,
+    #[serde(skip)]
+    pub report_json: String,
+    pub created_at: String,
+}
+
+impl Store {
+    #[allow(clippy::too_many_arguments)]
+    pub async fn insert_evaluation(
+        &self,
+        model_id: i64,
+        corpus: &str,
+        sentences: i64,
+        beam_size: i64,
+        bleu: f64,
+        chrf: f64,
+        report_json: &str,
+    ) -> StoreResult<EvaluationRow> {
+        Ok(sqlx::query_as::<_, EvaluationRow>(
+            "INSERT INTO model_evaluations (model_id, corpus, sentences, beam_size, bleu, chrf, report_json)
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+        )
+        .bind(model_id)
+        .bind(corpus)
+        .bind(sentences)
+        .bind(beam_size)
+        .bind(bleu)
+        .bind(chrf)
+        .bind(report_json)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// Oldest first.
+    pub async fn list_evaluations(&self, model_id: i64) -> StoreResult<Vec<EvaluationRow>> {
+        Ok(sqlx::query_as::<_, EvaluationRow>(
+            "SELECT * FROM model_evaluations WHERE model_id = ? ORDER BY id",
+        )
+        .bind(model_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
