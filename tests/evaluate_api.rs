@@ -51,8 +51,7 @@ async fn evaluating_the_test_split_scores_it_like_evaluate_tsv_and_keeps_the_sco
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
-    let test = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("data/tatoeba-en-it/test.en-it.tsv");
+    let test = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/tatoeba-en-it/test.en-it.tsv");
     let t = ampserve::infer::Translator::load(
         &PathBuf::from(m["path"].as_str().unwrap()),
         &candle_core::Device::Cpu,
