@@ -11,7 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-600}
 CONFIG=${CONFIG:-configs/tiny.toml}
-TEST=${TEST:-../shared/data/tatoeba-en-it/test.en-it.tsv}
+# The presets name corpora relative to a data root: the bundled data/ by default
+# (DATA_ROOT=../shared/data for Multi30k and the `small` preset).
+DATA_ROOT=${DATA_ROOT:-data}
+TEST=${TEST:-$DATA_ROOT/tatoeba-en-it/test.en-it.tsv}
 CPUS=${CPUS:-0-1}
 AVERAGE_LAST=${AVERAGE_LAST:-}
 # averaging ends at the latest checkpoint (the best one's neighbours may have been deleted)
@@ -25,7 +28,7 @@ mkdir -p "$OUT"
 echo "results in $OUT" >&2
 
 # --- ours ---------------------------------------------------------------------------------------
-taskset -c "$CPUS" "$BIN" train --config "$CONFIG" --max-time-s "$BUDGET" --epochs 10000 \
+taskset -c "$CPUS" "$BIN" train --config "$CONFIG" --data-root "$DATA_ROOT" --max-time-s "$BUDGET" --epochs 10000 \
   --out "$OUT/ours" --json > "$OUT/ours-train.jsonl"
 "$BIN" export --run "$OUT/ours" --checkpoint "$CHECKPOINT" --out "$OUT/ours-model" \
   ${AVERAGE_LAST:+--average-last "$AVERAGE_LAST"} > "$OUT/ours-manifest.json"
@@ -44,14 +47,17 @@ if [ ! -x "$PY" ]; then
   "$PY" -m pip install -r "$REF/quality/requirements.txt"
 fi
 # the same sizes and optimisation settings as CONFIG
-read -r D L H F DROP B LR ML TRAIN VALID < <(python3 - "$CONFIG" <<'PY'
-import sys, tomllib
+read -r D L H F DROP B LR ML TRAIN VALID < <(python3 - "$CONFIG" "$DATA_ROOT" <<'PY'
+import os, sys, tomllib
 c = tomllib.load(open(sys.argv[1], "rb"))
+root = sys.argv[2]
+def corpus(p):
+    return p if os.path.isabs(p) else os.path.join(root, p)
 m, t, d = c.get("model", {}), c.get("train", {}), c.get("data", {})
 print(m.get("d_model", 512), m.get("layers", 6), m.get("heads", 8), m.get("d_ff", 2048),
       m.get("dropout", 0.1), t.get("batch_size", 8), t.get("lr", 1e-4), d.get("max_len", 64),
-      d.get("train", "../shared/data/tatoeba-en-it/train.en-it.tsv"),
-      d.get("valid", "../shared/data/tatoeba-en-it/valid.en-it.tsv"))
+      corpus(d.get("train", "tatoeba-en-it/train.en-it.tsv")),
+      corpus(d.get("valid", "tatoeba-en-it/valid.en-it.tsv")))
 PY
 )
 taskset -c "$CPUS" "$PY" "$REF/quality/train_ref.py" --train "$TRAIN" --valid "$VALID" --eval "$TEST" \

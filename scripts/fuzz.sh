@@ -10,7 +10,7 @@ mkdir -p "$seeds/spec_parser" "$seeds/tsv_reader" "$seeds/translate_request"
 # Seeds from the repository: the presets as JSON bodies, a real corpus slice, a translate body.
 echo '{"config": "tiny", "name": "seed", "train": {"max_steps": 10}}' >"$seeds/spec_parser/preset.json"
 for f in configs/*.toml; do cp "$f" "$seeds/spec_parser/$(basename "$f")"; done
-head -n 50 ../shared/data/tatoeba-en-it/valid.en-it.tsv >"$seeds/tsv_reader/tatoeba.tsv" 2>/dev/null || true
+head -n 50 data/tatoeba-en-it/valid.en-it.tsv >"$seeds/tsv_reader/tatoeba.tsv"
 echo '{"model": 1, "texts": ["A man is riding a bike."], "beam_size": 4, "alpha": 0.6}' \
   >"$seeds/translate_request/texts.json"
 for target in spec_parser tsv_reader translate_request; do
