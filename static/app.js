@@ -857,17 +857,17 @@
   }
 
   /** PNG and SVG buttons on a chart card; `what` names the file, `title` heads the picture. */
-  function chartButtons(hostId, what, title, jobOf) {
+  function chartButtons(hostId, what, title, jobOf, headingOf, stem) {
     const save = async (kind) => {
       const host = $(hostId);
       const job = jobOf();
-      const heading = job ? `${title} · #${job.id} ${job.name}` : title;
+      const heading = headingOf ? headingOf() : job ? `${title} · #${job.id} ${job.name}` : title;
       try {
         const blob = kind === "svg"
           ? (() => { const t = Chart.svgText(host, heading); return t && new Blob([t], { type: "image/svg+xml" }); })()
           : await Chart.pngBlob(host, heading);
         if (!blob) { toast("This chart has no data to download yet.", "error"); return; }
-        saveBlob(blob, `${fileStem(job, what)}.${kind}`);
+        saveBlob(blob, `${stem || fileStem(job, what)}.${kind}`);
       } catch (e) {
         toast(`Could not make the ${kind.toUpperCase()}: ${e.message}`, "error");
       }
@@ -1018,7 +1018,9 @@
       ["Median step time", A.ms ? `${A.ms.toFixed(1)} ms` : "–", B.ms ? `${B.ms.toFixed(1)} ms` : "–"],
     ];
     out.replaceChildren(
-      h("figure", { class: "card chart-card" }, h("figcaption", { text: "Training loss, overlaid" }), chartHost),
+      h("figure", { class: "card chart-card" }, h("figcaption", null, h("span", { id: "cmp-caption", text: "Training loss, overlaid" }),
+        h("span", { class: "dl", role: "group", "aria-label": "Download the comparison" },
+          ...chartButtons("chart-compare", "compare", "Training loss", () => null, () => `Training loss · A ${label(A)} vs B ${label(B)}`, `compare-${ia}-${ib}`))), chartHost),
       h("section", { class: "card", "aria-labelledby": "h-tput" },
         h("div", { class: "card-head" }, h("h2", { id: "h-tput", text: "Throughput" })),
         h("div", { class: "tput" }, runCard(A, "a"), runCard(B, "b"),
@@ -1051,8 +1053,7 @@
     const time = (document.querySelector('input[name="cmp-x"]:checked') || {}).value === "time";
     const { A, B, label } = c;
     const pts = (r) => (time ? withElapsed(r.pts).map((p) => ({ x: p.elapsed_s, y: p.loss })) : r.pts.map((p) => ({ x: p.step, y: p.loss })));
-    const cap = host.closest("figure").querySelector("figcaption");
-    if (cap) cap.textContent = time ? "Training loss, overlaid, against time" : "Training loss, overlaid";
+    $("cmp-caption").textContent = time ? "Training loss, overlaid, against time" : "Training loss, overlaid";
     Chart.line(host, {
       label: `Training loss of both runs by ${time ? "time in seconds" : "step"}`,
       xLabel: time ? "time (s)" : "step", yLabel: "loss", height: 280,

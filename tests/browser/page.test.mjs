@@ -381,6 +381,15 @@ async function main() {
     const xTicks = ticks.filter((t) => / s$/.test(t));
     assert.ok(xTicks.length >= 2, JSON.stringify(ticks));
     await shot("04b-compare-time.png");
+    // The overlay downloads too, with both curves and their legend.
+    const f = await download('figure:has(#chart-compare) [data-download="svg"]');
+    assert.equal(f.name, `compare-${a.id}-${b.id}.svg`);
+    const svg = await page.evaluate((text) => {
+      const root = new DOMParser().parseFromString(text, "image/svg+xml").documentElement;
+      return { lines: root.querySelectorAll("path.line").length, text: root.textContent };
+    }, f.bytes.toString("utf8"));
+    assert.equal(svg.lines, 2);
+    assert.ok(svg.text.includes("time (s)") && svg.text.includes("A #") && svg.text.includes("B #"), svg.text);
     await page.check('input[name="cmp-x"][value="step"]');
     await page.waitForFunction(() => document.querySelector("#chart-compare .axis-label")?.textContent === "step");
     assert.ok((await page.locator("#chart-compare > svg").getAttribute("aria-label")).includes("latest step 40:"));
