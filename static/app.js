@@ -840,6 +840,96 @@
     }
   }
 
+  /* ---------------- downloads: charts as PNG / SVG, metrics as CSV ---------------- */
+
+  function saveBlob(blob, filename) {
+    const url = URL.createObjectURL(blob);
+    const a = h("a", { href: url, download: filename, hidden: true });
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  }
+
+  function fileStem(job, what) {
+    const name = job && job.name ? job.name.replace(/[^A-Za-z0-9._-]+/g, "-") : "job";
+    return `job-${job ? job.id : "x"}-${name}-${what}`;
+  }
+
+  /** PNG and SVG buttons on a chart card; `what` names the file, `title` heads the picture. */
+  function chartButtons(hostId, what, title, jobOf, headingOf, stem) {
+    const save = async (kind) => {
+      const host = $(hostId);
+      const job = jobOf();
+      const heading = headingOf ? headingOf() : job ? `${title} · #${job.id} ${job.name}` : title;
+      try {
+        const blob = kind === "svg"
+          ? (() => { const t = Chart.svgText(host, heading); return t && new Blob([t], { type: "image/svg+xml" }); })()
+          : await Chart.pngBlob(host, heading);
+        if (!blob) { toast("This chart has no data to download yet.", "error"); return; }
+        saveBlob(blob, `${stem || fileStem(job, what)}.${kind}`);
+      } catch (e) {
+        toast(`Could not make the ${kind.toUpperCase()}: ${e.message}`, "error");
+      }
+    };
+    return ["png", "svg"].map((kind) => h("button", {
+      type: "button", class: "btn small ghost", "data-download": kind,
+      "aria-label": `Download the ${title.toLowerCase()} chart as ${kind.toUpperCase()}`, onclick: () => save(kind),
+    }, kind.toUpperCase()));
+  }
+
+  const CSV_COLUMNS = ["step", "epoch", "loss", "lr", "loss_scale", "found_inf", "skipped", "grad_norm", "tokens_per_s", "step_ms"];
+
+  /** Every metric row of a job (paged, not downsampled) as CSV, with elapsed_s = running sum of step_ms. */
+  async function metricsCsv(id) {
+    const lines = [[...CSV_COLUMNS, "elapsed_s"].join(",")];
+    let after = 0, elapsedMs = 0;
+    for (;;) {
+      const r = await api(`/api/jobs/${id}/metrics?after_step=${after}&limit=100000`);
+      if (!r.points.length) break;
+      for (const p of r.points) {
+        elapsedMs += p.step_ms > 0 ? p.step_ms : 0;
+        const cells = CSV_COLUMNS.map((k) => (p[k] === null || p[k] === undefined ? "" : typeof p[k] === "boolean" ? (p[k] ? 1 : 0) : p[k]));
+        lines.push([...cells, (elapsedMs / 1000).toFixed(3)].join(","));
+      }
+      if (r.next_after_step === null || r.next_after_step === undefined || r.next_after_step <= after) break;
+      after = r.next_after_step;
+    }
+    return lines.join("\n") + "\n";
+  }
+
+  function csvButton(jobOf) {
+    return h("button", {
+      type: "button", class: "btn small ghost", "data-download": "csv", "aria-label": "Download every metric row as CSV",
+      onclick: async () => {
+        const job = jobOf();
+        if (!job) return;
+        try {
+          saveBlob(new Blob([await metricsCsv(job.id)], { type: "text/csv" }), `${fileStem(job, "metrics")}.csv`);
+        } catch (e) {
+          toast(`Could not download the metrics: ${e.message}`, "error");
+        }
+      },
+    }, "CSV");
+  }
+
+  const DETAIL_CHARTS = [
+    ["chart-loss", "loss", "Training loss"],
+    ["chart-val", "val-loss", "Validation loss"],
+    ["chart-bleu", "bleu", "BLEU and chrF"],
+    ["chart-scale", "loss-scale", "Loss scale"],
+    ["chart-tps", "tokens-per-s", "Throughput"],
+  ];
+
+  function addDetailDownloads() {
+    const jobOf = () => state.detail && state.jobs.get(state.detail.id);
+    for (const [id, what, title] of DETAIL_CHARTS) {
+      const cap = $(id).closest("figure").querySelector("figcaption");
+      const extra = id === "chart-loss" ? [csvButton(jobOf)] : [];
+      cap.appendChild(h("span", { class: "dl", role: "group", "aria-label": `Download ${title.toLowerCase()}` }, ...chartButtons(id, what, title, jobOf), ...extra));
+    }
+  }
+
   /* ---------------- compare ---------------- */
 
   const median = (xs) => {
@@ -928,7 +1018,9 @@
       ["Median step time", A.ms ? `${A.ms.toFixed(1)} ms` : "–", B.ms ? `${B.ms.toFixed(1)} ms` : "–"],
     ];
     out.replaceChildren(
-      h("figure", { class: "card chart-card" }, h("figcaption", { text: "Training loss, overlaid" }), chartHost),
+      h("figure", { class: "card chart-card" }, h("figcaption", null, h("span", { id: "cmp-caption", text: "Training loss, overlaid" }),
+        h("span", { class: "dl", role: "group", "aria-label": "Download the comparison" },
+          ...chartButtons("chart-compare", "compare", "Training loss", () => null, () => `Training loss · A ${label(A)} vs B ${label(B)}`, `compare-${ia}-${ib}`))), chartHost),
       h("section", { class: "card", "aria-labelledby": "h-tput" },
         h("div", { class: "card-head" }, h("h2", { id: "h-tput", text: "Throughput" })),
         h("div", { class: "tput" }, runCard(A, "a"), runCard(B, "b"),
@@ -941,11 +1033,35 @@
       h("div", { class: "table-wrap" }, h("table", { class: "cmp-table" },
         h("thead", null, h("tr", null, h("th", { scope: "col", text: "" }), h("th", { scope: "col", text: "A: " + label(A) }), h("th", { scope: "col", text: "B: " + label(B) }))),
         h("tbody", null, rows.map(([k, x, y]) => h("tr", null, h("th", { scope: "row", text: k }), h("td", { class: "tnum", text: x }), h("td", { class: "tnum", text: y })))))));
-    Chart.line(chartHost, {
-      label: "Training loss of both runs by step", xLabel: "step", yLabel: "loss", height: 280,
+    state.compare = { A, B, label };
+    drawCompareChart();
+  }
+
+  /** Seconds into each point's run: the running sum of step_ms (a downsampled point stands for
+   * `bucket` steps, each counted at its last step's time). Validation and checkpoint pauses are not in it. */
+  function withElapsed(pts) {
+    let ms = 0;
+    return pts.map((p) => {
+      ms += (p.step_ms > 0 ? p.step_ms : 0) * (p.bucket || 1);
+      return { ...p, elapsed_s: ms / 1000 };
+    });
+  }
+
+  function drawCompareChart() {
+    const c = state.compare, host = $("chart-compare");
+    if (!c || !host) return;
+    const time = (document.querySelector('input[name="cmp-x"]:checked') || {}).value === "time";
+    const { A, B, label } = c;
+    const pts = (r) => (time ? withElapsed(r.pts).map((p) => ({ x: p.elapsed_s, y: p.loss })) : r.pts.map((p) => ({ x: p.step, y: p.loss })));
+    $("cmp-caption").textContent = time ? "Training loss, overlaid, against time" : "Training loss, overlaid";
+    Chart.line(host, {
+      label: `Training loss of both runs by ${time ? "time in seconds" : "step"}`,
+      xLabel: time ? "time (s)" : "step", yLabel: "loss", height: 280,
+      xInteger: !time,
+      xFormat: time ? (v) => Chart.compact(v) + " s" : undefined,
       series: [
-        { name: "A " + label(A), points: A.pts.map((p) => ({ x: p.step, y: p.loss })) },
-        { name: "B " + label(B), points: B.pts.map((p) => ({ x: p.step, y: p.loss })) },
+        { name: "A " + label(A), points: pts(A) },
+        { name: "B " + label(B), points: pts(B) },
       ],
     });
   }
@@ -1166,6 +1282,7 @@
     $("samples-step").addEventListener("change", renderSamples);
     $("cmp-a").addEventListener("change", renderCompare);
     $("cmp-b").addEventListener("change", renderCompare);
+    for (const r of document.querySelectorAll('input[name="cmp-x"]')) r.addEventListener("change", drawCompareChart);
     $("compare-form").addEventListener("submit", (e) => e.preventDefault());
     $("f-config").addEventListener("change", () => { clearFormErrors($("new-form")); fillFromPreset(); });
     $("new-form").addEventListener("submit", submitNew);
@@ -1175,6 +1292,7 @@
       state.tokenDeclined = false;
       if (await askToken("")) { toast("Token saved for this tab"); route(); }
     });
+    addDetailDownloads();
     setConn("idle");
     probeReads().finally(() => {
       route();

@@ -7,7 +7,10 @@
  *     empty?: "text when there is no data", label: "what the chart shows (for screen readers)",
  *     zero?: bool (include 0 on the y axis), xInteger?: bool (default true: whole-number x ticks)
  *   })
- * Calling it again on the same element redraws with the new options. */
+ * Calling it again on the same element redraws with the new options.
+ *
+ *   Chart.svgText(element, title) -> a standalone SVG document of the drawn chart (or null)
+ *   Chart.pngBlob(element, title, scale?) -> Promise of a PNG Blob of the same picture (or null) */
 (function () {
   "use strict";
   const NS = "http://www.w3.org/2000/svg";
@@ -253,6 +256,82 @@
       })
     : null;
 
+  /* ---- export: a standalone SVG (the page's CSS does not travel with a file, so the computed
+   * colours and strokes are written onto each element) and a PNG rendered from it. ---- */
+  const STYLE_PROPS = ["fill", "fill-opacity", "stroke", "stroke-width", "stroke-dasharray", "stroke-opacity",
+    "stroke-linejoin", "stroke-linecap", "opacity", "font-family", "font-size", "font-weight"];
+
+  function build(host, title) {
+    const src = host && host.querySelector(":scope > svg");
+    if (!src || src.dataset.points === "0") return null;
+    const [, , width, height] = src.getAttribute("viewBox").split(" ").map(Number);
+    const body = src.cloneNode(true);
+    const from = [src, ...src.querySelectorAll("*")], to = [body, ...body.querySelectorAll("*")];
+    from.forEach((e, i) => {
+      const cs = getComputedStyle(e);
+      to[i].setAttribute("style", STYLE_PROPS.map((p) => `${p}:${cs.getPropertyValue(p)}`).join(";"));
+    });
+    // The hover cross-hair and highlighted dots are not part of the picture.
+    for (const e of to) if (e.getAttribute("visibility") === "hidden") e.remove();
+    const bg = getComputedStyle(host.closest(".card") || document.body).backgroundColor;
+    const ink = getComputedStyle(host).color;
+    const head = title ? 22 : 0;
+    const names = Array.from(host.querySelectorAll(":scope > .legend > span"), (s) => s.textContent);
+    const foot = names.length ? 20 : 0;
+    const W = width, H = height + head + foot;
+    const svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("xmlns", NS);
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    svg.setAttribute("width", W);
+    svg.setAttribute("height", H);
+    el("rect", { x: 0, y: 0, width: W, height: H, style: `fill:${bg}` }, svg);
+    if (title) {
+      const t = el("text", { x: 8, y: 16, style: `fill:${ink};font-family:${getComputedStyle(src).fontFamily};font-size:13px;font-weight:600` }, svg);
+      t.textContent = title;
+    }
+    const g = el("g", { transform: `translate(0 ${head})` }, svg);
+    while (body.firstChild) g.appendChild(body.firstChild);
+    if (names.length) {
+      const sw = Array.from(host.querySelectorAll(":scope > .legend line"));
+      let x = 56;
+      names.forEach((name, i) => {
+        const y = head + height + 10;
+        const cs = sw[i] ? getComputedStyle(sw[i]) : null;
+        el("line", { x1: x, x2: x + 24, y1: y, y2: y, style: cs ? `stroke:${cs.stroke};stroke-width:2;stroke-dasharray:${cs.strokeDasharray}` : null }, svg);
+        const t = el("text", { x: x + 30, y: y + 4, style: `fill:${ink};font-family:${getComputedStyle(src).fontFamily};font-size:11px` }, svg);
+        t.textContent = name;
+        x += 30 + name.length * 6.5 + 20;
+      });
+    }
+    return { text: '<?xml version="1.0" encoding="UTF-8"?>\n' + new XMLSerializer().serializeToString(svg), width: W, height: H };
+  }
+
+  function svgText(host, title) {
+    const b = build(host, title);
+    return b ? b.text : null;
+  }
+
+  function pngBlob(host, title, scale = 2) {
+    const b = build(host, title);
+    if (!b) return Promise.resolve(null);
+    return new Promise((resolve, reject) => {
+      // A data: URL, not a blob: one: the page's Content-Security-Policy allows img-src 'self' data:.
+      const url = "data:image/svg+xml;charset=utf-8," + encodeURIComponent(b.text);
+      const img = new Image();
+      img.onload = () => {
+        const c = document.createElement("canvas");
+        c.width = Math.round(b.width * scale);
+        c.height = Math.round(b.height * scale);
+        const ctx = c.getContext("2d");
+        ctx.scale(scale, scale);
+        ctx.drawImage(img, 0, 0, b.width, b.height);
+        c.toBlob((blob) => (blob ? resolve(blob) : reject(new Error("the browser could not encode a PNG"))), "image/png");
+      };
+      img.onerror = () => reject(new Error("the browser could not draw the chart"));
+      img.src = url;
+    });
+  }
+
   function line(host, opts) {
     if (!host) return;
     host._chart = opts;
@@ -261,5 +340,5 @@
     if (observer && !host._observed) { observer.observe(host); host._observed = true; }
   }
 
-  window.Chart = { line, compact };
+  window.Chart = { line, compact, svgText, pngBlob };
 })();

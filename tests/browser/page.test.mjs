@@ -11,7 +11,8 @@
 // step, validation curves, sample translations and (f16) the loss scale on a log axis with every
 // skipped step marked; the compare view overlays both runs with a throughput ratio; the form
 // shows the API's error next to the batch-size field; the page works at 390 px without
-// sideways scrolling; with --api-token --protect-reads the page asks for the token once, keeps
+// sideways scrolling; the job page downloads its metrics as CSV and its loss chart as SVG and
+// PNG, and the compare view switches its x axis to seconds; with --api-token --protect-reads the page asks for the token once, keeps
 // it for the tab and follows jobs by polling; the translate box translates a sentence.
 // Screenshots go to target/screenshots/.
 //
@@ -19,7 +20,7 @@
 // Also: AMPSERVE_BIN (default <target>/debug/ampserve), CHROMIUM (default /usr/bin/chromium).
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
-import { mkdtempSync, mkdirSync, rmSync, existsSync } from "node:fs";
+import { mkdtempSync, mkdirSync, rmSync, existsSync, readFileSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -123,6 +124,12 @@ async function step(name, fn) {
 async function shot(name, { keepToasts = false } = {}) {
   if (!keepToasts) await page.evaluate(() => document.getElementById("toasts").replaceChildren());
   await page.screenshot({ path: join(SHOTS, name), fullPage: true });
+}
+
+/** Click `selector` and return the file the page downloads: {name, bytes}. */
+async function download(selector) {
+  const [dl] = await Promise.all([page.waitForEvent("download"), page.click(selector)]);
+  return { name: dl.suggestedFilename(), bytes: readFileSync(await dl.path()) };
 }
 
 async function main() {
@@ -261,6 +268,83 @@ async function main() {
     await page.mouse.move(0, 0);
   });
 
+  await step("job detail: the metrics download as CSV with a header and one line per metric row", async () => {
+    await page.goto(`${srv.base}/#/jobs/${a.id}`);
+    await page.waitForFunction(() => Number(document.querySelector("#chart-loss svg")?.dataset.points) === 40);
+    const rows = (await (await fetch(`${srv.base}/api/jobs/${a.id}/metrics?limit=100000`)).json()).points;
+    assert.equal(rows.length, 40);
+    const f = await download('figure:has(#chart-loss) [data-download="csv"]');
+    assert.equal(f.name, `job-${a.id}-tatoeba-fp32-metrics.csv`);
+    const lines = f.bytes.toString("utf8").trimEnd().split("\n");
+    assert.equal(lines[0], "step,epoch,loss,lr,loss_scale,found_inf,skipped,grad_norm,tokens_per_s,step_ms,elapsed_s");
+    assert.equal(lines.length, 1 + rows.length);
+    let elapsed = 0;
+    rows.forEach((r, i) => {
+      const cells = lines[i + 1].split(",");
+      assert.equal(cells.length, 11, lines[i + 1]);
+      assert.equal(Number(cells[0]), r.step);
+      assert.equal(Number(cells[2]), r.loss);
+      elapsed += r.step_ms;
+      assert.ok(Math.abs(Number(cells[10]) - elapsed / 1000) < 0.002, lines[i + 1]);
+    });
+  });
+
+  await step("job detail: the loss chart downloads as an SVG holding its curve", async () => {
+    const f = await download('figure:has(#chart-loss) [data-download="svg"]');
+    assert.equal(f.name, `job-${a.id}-tatoeba-fp32-loss.svg`);
+    const onPage = await page.locator("#chart-loss path.line").getAttribute("d");
+    const parsed = await page.evaluate((text) => {
+      const doc = new DOMParser().parseFromString(text, "image/svg+xml");
+      const root = doc.documentElement;
+      const line = root.querySelector("path.line");
+      return {
+        error: doc.querySelector("parsererror")?.textContent || null,
+        root: root.localName, ns: root.namespaceURI,
+        d: line?.getAttribute("d"), stroke: line?.getAttribute("style") || "",
+        title: root.querySelector(":scope > text")?.textContent,
+      };
+    }, f.bytes.toString("utf8"));
+    assert.equal(parsed.error, null);
+    assert.equal(parsed.root, "svg");
+    assert.equal(parsed.ns, "http://www.w3.org/2000/svg");
+    assert.equal(parsed.d, onPage);
+    assert.equal((parsed.d.match(/L/g) || []).length, 39);
+    // The page's stylesheet does not travel with the file: the curve carries its own stroke.
+    assert.match(parsed.stroke, /stroke:\s*rgb\(/);
+    assert.match(parsed.stroke, /fill:\s*none/);
+    assert.match(parsed.title, /^Training loss · #\d+ tatoeba-fp32$/);
+  });
+
+  await step("job detail: the loss chart downloads as a PNG of the drawn chart", async () => {
+    const f = await download('figure:has(#chart-loss) [data-download="png"]');
+    assert.equal(f.name, `job-${a.id}-tatoeba-fp32-loss.png`);
+    writeFileSync(join(SHOTS, "03d-downloaded-loss.png"), f.bytes); // to look at
+    assert.deepEqual([...f.bytes.subarray(0, 8)], [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+    assert.equal(f.bytes.toString("latin1", 12, 16), "IHDR");
+    const w = f.bytes.readUInt32BE(16), h = f.bytes.readUInt32BE(20);
+    const vb = (await page.locator("#chart-loss svg").getAttribute("viewBox")).split(" ").map(Number);
+    assert.equal(w, 2 * vb[2]); // drawn at twice the page's size
+    assert.equal(h, 2 * (vb[3] + 22)); // plus the title line
+    assert.ok(f.bytes.length > 8000, `PNG is only ${f.bytes.length} bytes`);
+    // Not a blank picture: the curve's colour is in it.
+    const colours = await page.evaluate(async (b64) => {
+      // (fetch of a data: URL is outside the page's connect-src, so decode by hand)
+      const bytes = Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+      const img = await createImageBitmap(new Blob([bytes], { type: "image/png" }));
+      const c = new OffscreenCanvas(img.width, img.height);
+      const ctx = c.getContext("2d");
+      ctx.drawImage(img, 0, 0);
+      const px = ctx.getImageData(0, 0, img.width, img.height).data;
+      const seen = new Set();
+      for (let i = 0; i < px.length; i += 4) seen.add((px[i] << 16) | (px[i + 1] << 8) | px[i + 2]);
+      const line = getComputedStyle(document.querySelector("#chart-loss path.line")).stroke.match(/\d+/g).map(Number);
+      return { count: seen.size, hasLine: seen.has((line[0] << 16) | (line[1] << 8) | line[2]) };
+    }, f.bytes.toString("base64"));
+    assert.ok(colours.count > 10, `only ${colours.count} colours`);
+    assert.ok(colours.hasLine, "the curve's colour is not in the PNG");
+    await shot("03c-detail-downloads.png");
+  });
+
   await step("job detail (f16): loss scale on a log axis", async () => {
     await page.goto(`${srv.base}/#/jobs/${b.id}`);
     await page.waitForFunction(() => Number(document.querySelector("#chart-scale svg")?.dataset.points) === 40);
@@ -282,6 +366,33 @@ async function main() {
     assert.equal(await page.locator("#cmp-a").inputValue(), String(a.id));
     assert.equal(await page.locator("#cmp-b").inputValue(), String(b.id));
     await shot("04-compare.png");
+  });
+
+  await step("compare: the x axis switches to seconds of summed step time", async () => {
+    const rows = (await (await fetch(`${srv.base}/api/jobs/${a.id}/metrics?limit=100000`)).json()).points;
+    const seconds = rows.reduce((s, r) => s + r.step_ms, 0) / 1000;
+    await page.check('input[name="cmp-x"][value="time"]');
+    await page.waitForFunction(() => document.querySelector("#chart-compare .axis-label")?.textContent === "time (s)");
+    assert.equal(await page.locator("#chart-compare path.line").count(), 2);
+    const want = await page.evaluate((v) => Chart.compact(v) + " s", seconds);
+    const aria = await page.locator("#chart-compare > svg").getAttribute("aria-label");
+    assert.ok(aria.includes(`latest time (s) ${want}:`), `${aria} should end run A at ${want}`);
+    const ticks = await page.locator("#chart-compare text.tick").allTextContents();
+    const xTicks = ticks.filter((t) => / s$/.test(t));
+    assert.ok(xTicks.length >= 2, JSON.stringify(ticks));
+    await shot("04b-compare-time.png");
+    // The overlay downloads too, with both curves and their legend.
+    const f = await download('figure:has(#chart-compare) [data-download="svg"]');
+    assert.equal(f.name, `compare-${a.id}-${b.id}.svg`);
+    const svg = await page.evaluate((text) => {
+      const root = new DOMParser().parseFromString(text, "image/svg+xml").documentElement;
+      return { lines: root.querySelectorAll("path.line").length, text: root.textContent };
+    }, f.bytes.toString("utf8"));
+    assert.equal(svg.lines, 2);
+    assert.ok(svg.text.includes("time (s)") && svg.text.includes("A #") && svg.text.includes("B #"), svg.text);
+    await page.check('input[name="cmp-x"][value="step"]');
+    await page.waitForFunction(() => document.querySelector("#chart-compare .axis-label")?.textContent === "step");
+    assert.ok((await page.locator("#chart-compare > svg").getAttribute("aria-label")).includes("latest step 40:"));
   });
 
   await step("new-job form: the API's error shows next to the field it names", async () => {
