@@ -5,7 +5,7 @@ use crate::config::Precision;
 use crate::http::{self, AppState, HttpStats, Settings};
 use crate::infer::{BatcherConfig, CacheConfig, ModelCache};
 use crate::store::Store;
-use crate::worker::{parse_devices, CandleTrainer, DeviceSpec, PoolConfig, PoolHandle, Trainer};
+use crate::worker::{parse_devices, DeviceSpec, PoolConfig, PoolHandle, ProcessTrainer, Trainer};
 use anyhow::Context;
 use axum::Router;
 use std::path::{Path, PathBuf};
@@ -56,6 +56,10 @@ pub struct ServeArgs {
     /// Translation requests that may wait per model before new ones get 429.
     #[arg(long, env = "AMPSERVE_TRANSLATE_QUEUE", default_value_t = 64)]
     pub translate_queue: usize,
+    /// A job whose training process crashed this many times (server crashes while it ran
+    /// included) is failed instead of re-queued at start.
+    #[arg(long, env = "AMPSERVE_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
 }
 
 impl Default for ServeArgs {
@@ -73,6 +77,7 @@ impl Default for ServeArgs {
             translate_compute: "auto".into(),
             max_loaded_models: 4,
             translate_queue: 64,
+            max_attempts: 3,
         }
     }
 }
@@ -119,8 +124,12 @@ pub async fn build_app(args: &ServeArgs, trainer: Arc<dyn Trainer>) -> anyhow::R
 pub async fn build_app_with(
     args: &ServeArgs,
     trainer: Arc<dyn Trainer>,
-    pool_config: PoolConfig,
+    mut pool_config: PoolConfig,
 ) -> anyhow::Result<App> {
+    if args.max_attempts == 0 {
+        anyhow::bail!("--max-attempts must be at least 1");
+    }
+    pool_config.max_attempts = args.max_attempts;
     let devices = parse_devices(&args.devices)?;
     let models = Arc::new(model_cache(args, &devices)?);
     let data_dir = &args.data_dir;
@@ -254,7 +263,9 @@ async fn shutdown_signal() {
 
 /// Run the server until Ctrl-C / SIGTERM; running jobs then checkpoint and go back to `queued`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let app = build_app(&args, Arc::new(CandleTrainer)).await?;
+    // Each job in its own process of this binary: a job that dies takes only itself down.
+    let trainer = ProcessTrainer::current_exe().context("cannot find the ampserve executable")?;
+    let app = build_app(&args, Arc::new(trainer)).await?;
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await
         .with_context(|| format!("cannot listen on {}", args.bind))?;
