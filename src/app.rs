@@ -152,6 +152,11 @@ pub async fn build_app_with(
             data_dir.display()
         )
     })?;
+    // Nothing writes yet (we hold the lock): what a crash left half-written goes now.
+    let swept = crate::tempfiles::sweep(&data_dir, 3);
+    if !swept.is_empty() {
+        tracing::warn!(count = swept.len(), "removed leftovers of an earlier crash");
+    }
     let corpora_dir = canonical_dir(&corpora_dir)?;
     let runs_dir = canonical_dir(&runs_dir)?;
     let mut roots = vec![corpora_dir.clone()];

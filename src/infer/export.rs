@@ -199,16 +199,18 @@ pub fn export(
         .parent()
         .ok_or_else(|| InferError::Invalid(format!("{} has no parent", out_dir.display())))?;
     fs::create_dir_all(parent)?;
-    let tmp = parent.join(format!(
-        ".{}.partial-{}",
-        out_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("model"),
-        std::process::id()
+    // Unique per export: concurrent exports never share (and delete) each other's directory.
+    let tmp = parent.join(crate::tempfiles::unique_name(
+        ".",
+        &format!(
+            "{}.partial",
+            out_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("model")
+        ),
     ));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp)?;
+    fs::create_dir(&tmp)?;
     let result = (|| -> Result<Manifest, InferError> {
         let tensors = checkpoint::load_tensors(&ckpt, &Device::Cpu).map_err(InferError::Invalid)?;
         let mut weights: HashMap<String, Tensor> = HashMap::new();

@@ -120,7 +120,9 @@ struct Inner {
     trainer: Arc<dyn Trainer>,
     runs_dir: PathBuf,
     config: PoolConfig,
-    events: broadcast::Sender<JobEvent>,
+    /// One channel per job with subscribers: a subscriber gets only its job's events, and a
+    /// busy job cannot make another job's subscribers lag.
+    events: Mutex<HashMap<i64, broadcast::Sender<JobEvent>>>,
     wake: Notify,
     shutting_down: AtomicBool,
     cancels: Mutex<HashMap<i64, Arc<CancelState>>>,
@@ -128,7 +130,12 @@ struct Inner {
     write_stats: Mutex<WriteStats>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     devices: Vec<DeviceSpec>,
+    exports: Mutex<HashMap<(i64, String), ExportSlot>>,
 }
+
+/// One export per (job, checkpoint choice) at a time; holds the last result (checkpoint
+/// sha256, model id) so a concurrent second request returns the first's model.
+pub(super) type ExportSlot = Arc<tokio::sync::Mutex<Option<(String, i64)>>>;
 
 /// Handle on the running pool; cheap to clone.
 #[derive(Clone)]
@@ -175,13 +182,12 @@ impl PoolHandle {
         if !cancelled.is_empty() {
             tracing::info!(jobs = ?cancelled, "jobs that were being cancelled are now cancelled");
         }
-        let (events, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
             store,
             trainer,
             runs_dir,
             config,
-            events,
+            events: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
             cancels: Mutex::new(HashMap::new()),
@@ -189,6 +195,7 @@ impl PoolHandle {
             write_stats: Mutex::new(WriteStats::default()),
             tasks: Mutex::new(Vec::new()),
             devices: devices.clone(),
+            exports: Mutex::new(HashMap::new()),
         });
         let handle = PoolHandle { inner };
         let mut tasks = Vec::new();
@@ -204,6 +211,16 @@ impl PoolHandle {
         }
         *handle.inner.tasks.lock().unwrap() = tasks;
         Ok(handle)
+    }
+
+    pub(super) fn export_slot(&self, job_id: i64, choice: String) -> ExportSlot {
+        self.inner
+            .exports
+            .lock()
+            .unwrap()
+            .entry((job_id, choice))
+            .or_default()
+            .clone()
     }
 
     pub fn store(&self) -> &Store {
@@ -223,13 +240,23 @@ impl PoolHandle {
         self.inner.wake.notify_waiters();
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
-        self.inner.events.subscribe()
+    /// Events of job `job_id` from now on.
+    pub fn subscribe(&self, job_id: i64) -> broadcast::Receiver<JobEvent> {
+        let mut map = self.inner.events.lock().unwrap();
+        map.retain(|_, tx| tx.receiver_count() > 0);
+        map.entry(job_id)
+            .or_insert_with(|| broadcast::channel(4096).0)
+            .subscribe()
     }
 
     pub fn publish(&self, job_id: i64, kind: JobEventKind) {
-        // No subscribers is fine.
-        let _ = self.inner.events.send(JobEvent { job_id, kind });
+        let mut map = self.inner.events.lock().unwrap();
+        if let Some(tx) = map.get(&job_id) {
+            if tx.send(JobEvent { job_id, kind }).is_err() {
+                // nobody listens any more
+                map.remove(&job_id);
+            }
+        }
     }
 
     /// Ask a running job to stop (the trainer checkpoints and returns). The caller has already
