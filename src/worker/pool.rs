@@ -693,6 +693,22 @@ impl Worker {
                 let m = store.delete_metrics_after(id, from).await?;
                 store.delete_validations_after(id, from).await?;
                 store.delete_checkpoints_after(id, from).await?;
+                // Rows of files that are gone (removed by retention just before a crash).
+                let gone: Vec<String> = store
+                    .list_checkpoints(id)
+                    .await?
+                    .into_iter()
+                    .map(|c| c.path)
+                    .filter(|p| !std::path::Path::new(p).exists())
+                    .collect();
+                if !gone.is_empty() {
+                    tracing::info!(
+                        job = id,
+                        rows = gone.len(),
+                        "dropped rows of checkpoints no longer on disk"
+                    );
+                    store.forget_checkpoints(id, &gone).await?;
+                }
                 let skipped = store.count_skipped_steps(id, from).await?;
                 store
                     .set_job_started(id, info.total_steps as i64, from, skipped)
