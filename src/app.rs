@@ -5,7 +5,7 @@ use crate::config::Precision;
 use crate::http::{self, AppState, HttpStats, Settings};
 use crate::infer::{BatcherConfig, CacheConfig, ModelCache};
 use crate::store::Store;
-use crate::worker::{parse_devices, CandleTrainer, DeviceSpec, PoolConfig, PoolHandle, Trainer};
+use crate::worker::{parse_devices, DeviceSpec, PoolConfig, PoolHandle, ProcessTrainer, Trainer};
 use anyhow::Context;
 use axum::Router;
 use std::path::{Path, PathBuf};
@@ -88,6 +88,10 @@ pub struct ServeArgs {
     /// Open connections at most; further ones wait in the kernel's accept queue.
     #[arg(long, env = "AMPSERVE_MAX_CONNECTIONS", default_value_t = 512)]
     pub max_connections: usize,
+    /// A job whose training process crashed this many times (server crashes while it ran
+    /// included) is failed instead of re-queued at start.
+    #[arg(long, env = "AMPSERVE_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
 }
 
 impl Default for ServeArgs {
@@ -111,6 +115,7 @@ impl Default for ServeArgs {
             allowed_hosts: Vec::new(),
             header_timeout_s: 10,
             max_connections: 512,
+            max_attempts: 3,
         }
     }
 }
@@ -158,7 +163,7 @@ pub async fn build_app(args: &ServeArgs, trainer: Arc<dyn Trainer>) -> anyhow::R
 pub async fn build_app_with(
     args: &ServeArgs,
     trainer: Arc<dyn Trainer>,
-    pool_config: PoolConfig,
+    mut pool_config: PoolConfig,
 ) -> anyhow::Result<App> {
     if args
         .api_token
@@ -167,6 +172,10 @@ pub async fn build_app_with(
     {
         anyhow::bail!("--api-token (AMPSERVE_API_TOKEN) is empty; give a token or leave it unset");
     }
+    if args.max_attempts == 0 {
+        anyhow::bail!("--max-attempts must be at least 1");
+    }
+    pool_config.max_attempts = args.max_attempts;
     let devices = parse_devices(&args.devices)?;
     let models = Arc::new(model_cache(args, &devices)?);
     let data_dir = &args.data_dir;
@@ -189,6 +198,11 @@ pub async fn build_app_with(
             data_dir.display()
         )
     })?;
+    // Nothing writes yet (we hold the lock): what a crash left half-written goes now.
+    let swept = crate::tempfiles::sweep(&data_dir, 3);
+    if !swept.is_empty() {
+        tracing::warn!(count = swept.len(), "removed leftovers of an earlier crash");
+    }
     let corpora_dir = canonical_dir(&corpora_dir)?;
     let runs_dir = canonical_dir(&runs_dir)?;
     let mut roots = vec![corpora_dir.clone()];
@@ -339,7 +353,9 @@ async fn shutdown_signal() {
 
 /// Run the server until Ctrl-C / SIGTERM; running jobs then checkpoint and go back to `queued`.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let app = build_app(&args, Arc::new(CandleTrainer)).await?;
+    // Each job in its own process of this binary: a job that dies takes only itself down.
+    let trainer = ProcessTrainer::current_exe().context("cannot find the ampserve executable")?;
+    let app = build_app(&args, Arc::new(trainer)).await?;
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await
         .with_context(|| format!("cannot listen on {}", args.bind))?;

@@ -131,6 +131,7 @@ pub fn train(args: TrainArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
         out_dir: out,
         device: parse_device(&args.device)?,
         resume: args.resume.is_some(),
+        barrier: None,
     };
     let json = args.json;
     let mut total = 0u64;

@@ -20,6 +20,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod store;
+pub mod tempfiles;
 pub mod train;
 pub mod worker;
 

@@ -91,6 +91,10 @@ enum Cmd {
     /// Benchmarks: `ampserve bench train --size tiny --precision fp32,bf16,f16`, `ampserve bench translate`
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Internal: the server runs each training job in a child process with this subcommand
+    /// (job request on stdin, events on stdout).
+    #[command(name = "run-job", hide = true)]
+    RunJob,
 }
 
 #[derive(Subcommand)]
@@ -133,5 +137,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Eval(a) => ampserve::cli::eval(a),
         Cmd::Bench(BenchCmd::Train(a)) => ampserve::bench::run_train_bench(&a),
         Cmd::Bench(BenchCmd::Translate(a)) => ampserve::bench::run_translate_bench(&a),
+        Cmd::RunJob => ampserve::worker::process::child_main(),
     }
 }

@@ -47,6 +47,7 @@ fn train_run(spec: &TrainSpec, dir: &Path) {
         out_dir: dir.to_path_buf(),
         device: Device::Cpu,
         resume: false,
+        barrier: None,
     };
     train::run(spec, &opts, &mut |_| {}, &AtomicBool::new(false)).expect("training failed");
 }

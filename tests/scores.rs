@@ -49,6 +49,7 @@ fn run(spec: &TrainSpec, dir: &Path) -> (usize, Vec<ValidationRecord>) {
         out_dir: dir.to_path_buf(),
         device: Device::Cpu,
         resume: false,
+        barrier: None,
     };
     train::run(
         spec,

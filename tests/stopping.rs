@@ -46,6 +46,7 @@ fn run(spec: &TrainSpec, dir: &Path) -> (Vec<(Instant, TrainEvent)>, train::Summ
         out_dir: dir.to_path_buf(),
         device: Device::Cpu,
         resume: false,
+        barrier: None,
     };
     let s = train::run(
         spec,

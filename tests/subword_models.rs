@@ -55,6 +55,7 @@ fn train_export_translate(kind: TokenizerKind) {
         out_dir: run_dir.clone(),
         device: Device::Cpu,
         resume: false,
+        barrier: None,
     };
     train::run(
         &spec,

@@ -42,6 +42,7 @@ fn run(spec: &TrainSpec, dir: &Path, resume: bool) {
         out_dir: dir.to_path_buf(),
         device: candle_core::Device::Cpu,
         resume,
+        barrier: None,
     };
     train::run(spec, &opts, &mut |_| {}, &AtomicBool::new(false)).expect("training run");
 }

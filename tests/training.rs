@@ -50,6 +50,7 @@ fn run(spec: &TrainSpec, dir: &Path, resume: bool) -> Outcome {
         out_dir: dir.to_path_buf(),
         device: candle_core::Device::Cpu,
         resume,
+        barrier: None,
     };
     let summary = train::run(
         spec,

@@ -69,6 +69,7 @@ fn trained() -> &'static Trained {
             out_dir: run_dir.clone(),
             device: Device::Cpu,
             resume: false,
+            barrier: None,
         };
         let summary = train::run(&spec, &opts, &mut |_| {}, &AtomicBool::new(false))
             .expect("training failed");

@@ -144,7 +144,8 @@ async fn upload(
         .await
         .map_err(|e| ApiError::internal(format!("cannot create {}: {e}", dir.display())))?;
     let final_path = dir.join(format!("{name}.{src_lang}-{tgt_lang}.tsv"));
-    let tmp_path = dir.join(format!(".upload-{name}-{}", std::process::id()));
+    // Unique per request: two uploads of one name never share (and truncate) a temp file.
+    let tmp_path = dir.join(crate::tempfiles::unique_name(".upload-", &name));
     let limit = state.settings.max_upload_bytes;
 
     let result = async {
@@ -203,16 +204,19 @@ async fn upload(
             return Err(e);
         }
     };
-    if tokio::fs::try_exists(&final_path).await.unwrap_or(false) {
-        let _ = tokio::fs::remove_file(&tmp_path).await;
-        return Err(ApiError::conflict(format!(
-            "{} exists already",
-            final_path.display()
-        )));
+    // A hard link fails atomically when the name is taken (a rename would replace it), so
+    // of two concurrent uploads exactly one file wins and the other gets 409.
+    let linked = tokio::fs::hard_link(&tmp_path, &final_path).await;
+    let _ = tokio::fs::remove_file(&tmp_path).await;
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(ApiError::conflict(format!(
+                "a corpus file for `{name}` ({src_lang}-{tgt_lang}) exists already"
+            )));
+        }
+        Err(e) => return Err(ApiError::internal(format!("cannot store upload: {e}"))),
     }
-    tokio::fs::rename(&tmp_path, &final_path)
-        .await
-        .map_err(|e| ApiError::internal(format!("cannot store upload: {e}")))?;
     let row = state
         .store
         .insert_corpus(&NewCorpus {

@@ -1,6 +1,7 @@
 //! `/api/jobs/{id}/events`: Server-Sent Events. The first event is the job's current status;
 //! then `started`, `step`, `validation`, `checkpoint`, `finished` and `status` events as they
-//! happen. The stream ends after a terminal status (or when the server shuts down).
+//! happen. The stream ends after a terminal status (or when the server shuts down). Each job
+//! has its own channel, so a subscriber receives only its job's events.
 
 use super::jobs::load_job;
 use super::{ApiPath, ApiResult, AppState};
@@ -41,7 +42,7 @@ async fn events(
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     // Subscribe before reading the status so nothing between the two is lost.
-    let rx = state.pool.subscribe();
+    let rx = state.pool.subscribe(id);
     let job = load_job(&state, id).await?;
     let first = JobEvent {
         job_id: id,
@@ -65,22 +66,21 @@ async fn events(
             st.done = is_end(&ev);
             return Some((Ok(to_sse(&ev)), st));
         }
-        loop {
-            tokio::select! {
-                r = st.rx.recv() => match r {
-                    Ok(ev) if ev.job_id == st.job_id => {
-                        st.done = is_end(&ev);
-                        return Some((Ok(to_sse(&ev)), st));
-                    }
-                    Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let e = Event::default().event("lagged").data(format!("{n} events dropped"));
-                        return Some((Ok(e), st));
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                },
-                _ = st.shutdown.changed() => return None,
-            }
+        tokio::select! {
+            r = st.rx.recv() => match r {
+                Ok(ev) => {
+                    // the job's own channel; the check guards the contract
+                    debug_assert_eq!(ev.job_id, st.job_id);
+                    st.done = is_end(&ev);
+                    Some((Ok(to_sse(&ev)), st))
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let e = Event::default().event("lagged").data(format!("{n} events dropped"));
+                    Some((Ok(e), st))
+                }
+                Err(broadcast::error::RecvError::Closed) => None,
+            },
+            _ = st.shutdown.changed() => None,
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))

@@ -116,7 +116,9 @@ async fn show(
 async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
     let r = load_model(&state, id).await?;
     state.store.delete_model(id).await?;
-    state.models.unload(id);
+    // Waits for a load of this model in progress: its readers must not see the files vanish.
+    let cache = state.models.clone();
+    let _ = tokio::task::spawn_blocking(move || cache.forget(id)).await;
     // only ever delete inside <data-dir>/models
     let dir = Path::new(&r.path);
     let models_dir = state.pool.models_dir();

@@ -224,6 +224,9 @@ async fn batcher_for(state: &AppState, m: &ModelRow) -> ApiResult<Arc<Batcher>> 
         .await
         .map_err(|e| ApiError::internal(format!("model loading task failed: {e}")))?
         .map_err(|e| match e {
+            InferError::Deleted(id) => {
+                ApiError::not_found(format!("model {id} was deleted")).with_field("model")
+            }
             InferError::NotFound(msg) | InferError::Invalid(msg) => {
                 tracing::error!(model = id, "cannot load model: {msg}");
                 ApiError::internal(format!("model {id} cannot be loaded: {msg}"))

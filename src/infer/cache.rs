@@ -49,7 +49,9 @@ pub struct ModelCache {
     device: Device,
     cfg: CacheConfig,
     entries: Mutex<Vec<Entry>>,
-    load_lock: Mutex<()>,
+    /// Held while loading; also holds the ids of deleted models, so that a deletion waits for
+    /// a load in progress and no load starts on a directory being removed.
+    load_lock: Mutex<std::collections::HashSet<i64>>,
 }
 
 impl ModelCache {
@@ -58,7 +60,7 @@ impl ModelCache {
             device,
             cfg,
             entries: Mutex::new(Vec::new()),
-            load_lock: Mutex::new(()),
+            load_lock: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -77,7 +79,10 @@ impl ModelCache {
         if let Some(b) = self.get(id) {
             return Ok(b);
         }
-        let _one_load_at_a_time = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let deleted = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if deleted.contains(&id) {
+            return Err(InferError::Deleted(id));
+        }
         if let Some(b) = self.get(id) {
             return Ok(b);
         }
@@ -127,6 +132,17 @@ impl ModelCache {
     }
 
     pub fn unload(&self, id: i64) -> bool {
+        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let before = e.len();
+        e.retain(|x| x.id != id);
+        e.len() != before
+    }
+
+    /// Model `id` is being deleted: wait for a load of it in progress (blocking), drop it, and
+    /// answer every later load with [`InferError::Deleted`]. Its files may go once this returns.
+    pub fn forget(&self, id: i64) -> bool {
+        let mut deleted = self.load_lock.lock().unwrap_or_else(|p| p.into_inner());
+        deleted.insert(id);
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let before = e.len();
         e.retain(|x| x.id != id);

@@ -282,16 +282,18 @@ pub fn export_averaged(
         .parent()
         .ok_or_else(|| InferError::Invalid(format!("{} has no parent", out_dir.display())))?;
     fs::create_dir_all(parent)?;
-    let tmp = parent.join(format!(
-        ".{}.partial-{}",
-        out_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("model"),
-        std::process::id()
+    // Unique per export: concurrent exports never share (and delete) each other's directory.
+    let tmp = parent.join(crate::tempfiles::unique_name(
+        ".",
+        &format!(
+            "{}.partial",
+            out_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("model")
+        ),
     ));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp)?;
+    fs::create_dir(&tmp)?;
     let result = (|| -> Result<Manifest, InferError> {
         let masters: HashMap<String, Tensor> = if set.is_empty() {
             checkpoint::load_tensors(&ckpt, &Device::Cpu)

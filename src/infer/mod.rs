@@ -26,6 +26,9 @@ pub enum InferError {
     /// Something asked for does not exist (no checkpoint, missing file).
     #[error("{0}")]
     NotFound(String),
+    /// The model was deleted (possibly while this request waited for it to load).
+    #[error("model {0} was deleted")]
+    Deleted(i64),
     /// A model directory or checkpoint is unusable (bad manifest, checksum mismatch, ...).
     #[error("{0}")]
     Invalid(String),

@@ -84,6 +84,19 @@ impl Store {
         Ok(r.rows_affected())
     }
 
+    /// Drop the rows of these checkpoint files (gone from disk: retention removed them and
+    /// a crash came before the event that reports it).
+    pub async fn forget_checkpoints(&self, job_id: i64, paths: &[String]) -> StoreResult<()> {
+        for path in paths {
+            sqlx::query("DELETE FROM checkpoints WHERE job_id = ? AND path = ?")
+                .bind(job_id)
+                .bind(path)
+                .execute(self.pool())
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn list_checkpoints(&self, job_id: i64) -> StoreResult<Vec<CheckpointRow>> {
         Ok(sqlx::query_as::<_, CheckpointRow>(
             "SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step, id",

@@ -73,6 +73,8 @@ pub struct JobRow {
     pub worker: Option<String>,
     pub device: Option<String>,
     pub attempts: i64,
+    /// Runner crashes since a user last queued the job (see migration 0003).
+    pub crashes: i64,
     pub error: Option<String>,
     pub total_steps: Option<i64>,
     pub current_step: i64,
@@ -295,7 +297,8 @@ impl Store {
     /// `cancelled | failed → queued`; the worker resumes it from its latest checkpoint.
     pub async fn requeue_job(&self, id: i64) -> StoreResult<bool> {
         let r = sqlx::query(&format!(
-            "UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL, updated_at = {NOW}
+            "UPDATE jobs SET status = 'queued', error = NULL, finished_at = NULL, crashes = 0,
+                 updated_at = {NOW}
              WHERE id = ? AND status IN ('cancelled', 'failed')"
         ))
         .bind(id)
@@ -323,6 +326,41 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// The job's training process died: count it. Returns the count so far.
+    pub async fn record_crash(&self, id: i64) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(&format!(
+            "UPDATE jobs SET crashes = crashes + 1, updated_at = {NOW} WHERE id = ? RETURNING crashes"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?
+        .unwrap_or(0))
+    }
+
+    /// At start, before [`Store::recover_jobs`]: each job still `running` was interrupted by a
+    /// server crash, which counts as a crash of its runner. Those that have now crashed
+    /// `max_attempts` times are failed (not re-queued, so a job that kills the server cannot do
+    /// it forever). Returns (id, crashes) of the failed ones.
+    pub async fn fail_crash_loops(&self, max_attempts: i64) -> StoreResult<Vec<(i64, i64)>> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("UPDATE jobs SET crashes = crashes + 1 WHERE status = 'running'")
+            .execute(&mut *tx)
+            .await?;
+        let failed: Vec<(i64, i64)> = sqlx::query_as(&format!(
+            "UPDATE jobs SET status = 'failed',
+                 error = 'its runner crashed ' || crashes || ' times (the last time the server ' ||
+                         'stopped while it ran); not re-queued (--max-attempts ' || ?1 || '); ' ||
+                         'resume it to try again',
+                 finished_at = {NOW}, updated_at = {NOW}
+             WHERE status = 'running' AND crashes >= ?1 RETURNING id, crashes"
+        ))
+        .bind(max_attempts)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(failed)
     }
 
     /// At start, no trainer runs: jobs left `running` by a crash go back to `queued` (they

@@ -1,8 +1,15 @@
 //! What a training run reports while it runs. The CLI prints these; the server's worker stores
 //! them in SQLite and streams them as Server-Sent Events. Plain data, serde-serialisable.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::path::PathBuf;
+
+/// JSON has no NaN or infinity: serde_json writes them as `null`. Reading `null` back as NaN
+/// lets events cross a pipe (the isolated training process) and come out as they went in
+/// (an infinite grad norm comes back NaN: both mean "not finite" everywhere they are used).
+fn nan_if_null<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
 
 /// One optimizer step (skipped steps included: `skipped = true`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -11,16 +18,22 @@ pub struct StepRecord {
     pub step: u64,
     pub epoch: u64,
     /// Unscaled training loss (label-smoothed cross-entropy per non-pad target token).
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub lr: f64,
     /// The loss scale used for this step (1.0 when the scaler is disabled).
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss_scale: f64,
     pub found_inf: bool,
     pub skipped: bool,
     /// Global L2 norm of the unscaled gradients (before clipping); NaN/inf when found_inf.
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     /// Non-pad target tokens per second for this step.
+    #[serde(deserialize_with = "nan_if_null")]
     pub tokens_per_s: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub step_ms: f64,
 }
 
@@ -35,14 +48,19 @@ pub struct Sample {
 pub struct ValidationRecord {
     pub step: u64,
     pub epoch: u64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub val_loss: f64,
     /// Corpus BLEU (sacreBLEU-compatible, 13a tokenisation), 0-100.
+    #[serde(deserialize_with = "nan_if_null")]
     pub bleu: f64,
     /// chrF (sacreBLEU defaults: char order 6, beta 2), 0-100.
+    #[serde(deserialize_with = "nan_if_null")]
     pub chrf: f64,
     /// Character error rate (edit distance / reference characters), 0-1 (can exceed 1).
+    #[serde(deserialize_with = "nan_if_null")]
     pub cer: f64,
     /// Word error rate, 0-1 (can exceed 1).
+    #[serde(deserialize_with = "nan_if_null")]
     pub wer: f64,
     pub sentences: u64,
     pub samples: Vec<Sample>,
@@ -88,13 +106,17 @@ pub struct Summary {
     pub steps: u64,
     pub epochs_completed: u64,
     pub skipped_steps: u64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub final_loss: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub final_loss_scale: f64,
     pub best_bleu: Option<f64>,
     pub best_checkpoint: Option<PathBuf>,
     pub latest_checkpoint: Option<PathBuf>,
+    #[serde(deserialize_with = "nan_if_null")]
     pub wall_s: f64,
     /// Mean non-pad target tokens per second over the run's steps.
+    #[serde(deserialize_with = "nan_if_null")]
     pub tokens_per_s: f64,
     pub cancelled: bool,
     /// Why the run ended before its epochs / max_steps: `early_stopping` or `max_time_s`.

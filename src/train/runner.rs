@@ -328,8 +328,18 @@ fn save_checkpoint(
     stepper: &Stepper,
     st: &mut RunState,
     t0: Instant,
+    barrier: Option<&super::Barrier>,
     sink: &mut dyn FnMut(TrainEvent),
 ) -> Result<(), TrainError> {
+    // The rows this checkpoint covers must be durable before the checkpoint exists.
+    if let Some(b) = barrier {
+        b.wait(st.step).map_err(|e| {
+            TrainError::Checkpoint(format!(
+                "step {}: the metrics it covers could not be made durable ({e}); not writing it",
+                st.step
+            ))
+        })?;
+    }
     let val_bleu = st.last_bleu.filter(|(s, _)| *s == st.step).map(|(_, b)| b);
     let mut meta = CheckpointMeta {
         step: st.step,
@@ -472,6 +482,7 @@ pub fn run(
             .early_stopping
             .map(super::early_stop::EarlyStop::new),
     };
+    let mut resumed_path = None;
     if opts.resume {
         if let Some((meta, path)) = checkpoint::latest_valid(&ckpt_dir) {
             if meta.model != mcfg {
@@ -493,6 +504,7 @@ pub fn run(
             st.wall_prev = meta.wall_s;
             st.tokens_total = meta.tokens_total;
             st.step_time_total = meta.step_time_total_s;
+            resumed_path = Some(path);
         }
     }
     let resumed_from = st.step;
@@ -539,6 +551,27 @@ pub fn run(
         parameters: model.num_parameters(),
         device: format!("{dev:?}"),
     }));
+
+    // Announce the checkpoint the run resumed from: a crash may have come between writing it
+    // and the event that records it (re-recording one is idempotent).
+    if let Some(path) = resumed_path {
+        let best = checkpoint::best(&ckpt_dir);
+        if let Some((meta, _)) = checkpoint::list(&ckpt_dir)
+            .into_iter()
+            .find(|(_, p)| *p == path)
+        {
+            sink(TrainEvent::Checkpoint(CheckpointRecord {
+                step: meta.step,
+                epoch: meta.epoch,
+                is_best: best.is_some_and(|(b, _)| b.step == meta.step),
+                path,
+                size_bytes: meta.size_bytes,
+                sha256: meta.sha256,
+                val_bleu: meta.val_bleu,
+                removed: Vec::new(),
+            }));
+        }
+    }
 
     let mut cancelled = false;
     let mut stopped_by: Option<String> = None;
@@ -602,7 +635,16 @@ pub fn run(
                 {
                     stopped_by = Some("early_stopping".into());
                 }
-                save_checkpoint(spec, &ckpt_dir, &model, &stepper, &mut st, t0, sink)?;
+                save_checkpoint(
+                    spec,
+                    &ckpt_dir,
+                    &model,
+                    &stepper,
+                    &mut st,
+                    t0,
+                    opts.barrier.as_ref(),
+                    sink,
+                )?;
                 if stopped_by.is_some() {
                     break 'epochs;
                 }
@@ -613,7 +655,16 @@ pub fn run(
             }
             let every = spec.checkpoint.every_steps as u64;
             if every > 0 && st.step.is_multiple_of(every) {
-                save_checkpoint(spec, &ckpt_dir, &model, &stepper, &mut st, t0, sink)?;
+                save_checkpoint(
+                    spec,
+                    &ckpt_dir,
+                    &model,
+                    &stepper,
+                    &mut st,
+                    t0,
+                    opts.barrier.as_ref(),
+                    sink,
+                )?;
             }
         }
         // an empty plan (or a resume exactly at an epoch boundary): next epoch
@@ -624,7 +675,16 @@ pub fn run(
         run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?;
     }
     if st.last_ckpt_step != Some(st.step) || st.step == 0 {
-        save_checkpoint(spec, &ckpt_dir, &model, &stepper, &mut st, t0, sink)?;
+        save_checkpoint(
+            spec,
+            &ckpt_dir,
+            &model,
+            &stepper,
+            &mut st,
+            t0,
+            opts.barrier.as_ref(),
+            sink,
+        )?;
     }
     let best = checkpoint::best(&ckpt_dir);
     let summary = Summary {

@@ -1,5 +1,6 @@
 //! Export a job's checkpoint as an f16 model directory under `<data-dir>/models/` and record it
-//! in the `models` table. Used when a job succeeds and by `POST /api/jobs/{id}/export`.
+//! in the `models` table. Used when a job succeeds and by `POST /api/jobs/{id}/export`. One
+//! export per job and checkpoint choice runs at a time; each writes its own unique directory.
 
 use super::PoolHandle;
 use crate::infer::{self, CheckpointChoice, InferError};
@@ -37,13 +38,28 @@ impl PoolHandle {
             .as_ref()
             .map(PathBuf::from)
             .unwrap_or_else(|| self.runs_dir().join(job.id.to_string()));
-        let millis = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        let out = self
-            .models_dir()
-            .join(format!("job{}-{choice}-{millis}", job.id));
+        // One export of this job and choice at a time; a request that waited for another
+        // gets that one's model when it exported the same checkpoint.
+        let slot = self.export_slot(job.id, choice.to_string());
+        let mut last = slot.lock().await;
+        if let Some((sha, model_id)) = last.clone() {
+            let dir = run_dir.clone();
+            let current = tokio::task::spawn_blocking(move || {
+                infer::export::find_checkpoint(&dir, choice).map(|(m, _)| m.sha256)
+            })
+            .await
+            .ok()
+            .and_then(Result::ok);
+            if current.as_deref() == Some(sha.as_str()) {
+                if let Ok(Some(m)) = self.store().get_model(model_id).await {
+                    return Ok(m);
+                }
+            }
+        }
+        let out = self.models_dir().join(crate::tempfiles::unique_name(
+            "",
+            &format!("job{}-{choice}", job.id),
+        ));
         let (job_id, job_name) = (job.id, job.name.clone());
         let out2 = out.clone();
         let manifest = tokio::task::spawn_blocking(move || {
@@ -80,7 +96,10 @@ impl PoolHandle {
             manifest_json: serde_json::to_string(&manifest).unwrap_or_default(),
         };
         match self.store().insert_model(&row).await {
-            Ok(r) => Ok(r),
+            Ok(r) => {
+                *last = Some((manifest.checkpoint_sha256.clone(), r.id));
+                Ok(r)
+            }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&out);
                 Err(ExportFailure::Failed(format!(

@@ -1,12 +1,15 @@
 //! The device pool: one worker per device claims queued jobs, runs the trainer on a dedicated
 //! OS thread (never on tokio's threads), persists the events it streams back (batched metric
-//! inserts), honours cancellation, and re-queues interrupted jobs at start.
+//! inserts), honours cancellation, and re-queues interrupted jobs at start. The server's trainer
+//! is [`ProcessTrainer`]: each job in its own process, so a crash fails the job, not the server.
 
 mod export;
 mod pool;
+pub mod process;
 
 pub use export::ExportFailure;
 pub use pool::{JobEvent, JobEventKind, LiveJob, PoolConfig, PoolHandle, WriteStats};
+pub use process::ProcessTrainer;
 
 use crate::config::TrainSpec;
 use crate::train::{RunOptions, Summary, TrainError, TrainEvent};

@@ -6,7 +6,8 @@ use crate::store::checkpoints::NewCheckpoint;
 use crate::store::jobs::Progress;
 use crate::store::{JobRow, JobStatus, MetricRow, Store, ValidationRow};
 use crate::train::{
-    CheckpointRecord, RunOptions, StartInfo, StepRecord, Summary, TrainEvent, ValidationRecord,
+    Barrier, CheckpointRecord, RunOptions, StartInfo, StepRecord, Summary, TrainEvent,
+    ValidationRecord,
 };
 use serde::Serialize;
 use std::collections::HashMap;
@@ -26,6 +27,9 @@ pub struct PoolConfig {
     pub flush_rows: usize,
     /// Fallback poll for queued jobs (new jobs also wake workers directly).
     pub poll_every: Duration,
+    /// A job whose runner crashed this many times (server crashes during it included) is
+    /// failed at start instead of re-queued.
+    pub max_attempts: u32,
 }
 
 impl Default for PoolConfig {
@@ -34,6 +38,7 @@ impl Default for PoolConfig {
             flush_every: Duration::from_millis(250),
             flush_rows: 200,
             poll_every: Duration::from_secs(2),
+            max_attempts: 3,
         }
     }
 }
@@ -115,7 +120,9 @@ struct Inner {
     trainer: Arc<dyn Trainer>,
     runs_dir: PathBuf,
     config: PoolConfig,
-    events: broadcast::Sender<JobEvent>,
+    /// One channel per job with subscribers: a subscriber gets only its job's events, and a
+    /// busy job cannot make another job's subscribers lag.
+    events: Mutex<HashMap<i64, broadcast::Sender<JobEvent>>>,
     wake: Notify,
     shutting_down: AtomicBool,
     cancels: Mutex<HashMap<i64, Arc<CancelState>>>,
@@ -123,7 +130,12 @@ struct Inner {
     write_stats: Mutex<WriteStats>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     devices: Vec<DeviceSpec>,
+    exports: Mutex<HashMap<(i64, String), ExportSlot>>,
 }
+
+/// One export per (job, checkpoint choice) at a time; holds the last result (checkpoint
+/// sha256, model id) so a concurrent second request returns the first's model.
+pub(super) type ExportSlot = Arc<tokio::sync::Mutex<Option<(String, i64)>>>;
 
 /// Handle on the running pool; cheap to clone.
 #[derive(Clone)]
@@ -149,6 +161,17 @@ impl PoolHandle {
             .map(|d| d.open())
             .collect::<Result<Vec<_>, _>>()?;
         std::fs::create_dir_all(&runs_dir)?;
+        for (id, crashes) in store
+            .fail_crash_loops(config.max_attempts.max(1) as i64)
+            .await?
+        {
+            tracing::error!(
+                job = id,
+                crashes,
+                "job failed: the server stopped while it ran, {crashes} runner crashes in all (--max-attempts {})",
+                config.max_attempts
+            );
+        }
         let (requeued, cancelled) = store.recover_jobs().await?;
         if !requeued.is_empty() {
             tracing::warn!(
@@ -159,13 +182,12 @@ impl PoolHandle {
         if !cancelled.is_empty() {
             tracing::info!(jobs = ?cancelled, "jobs that were being cancelled are now cancelled");
         }
-        let (events, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
             store,
             trainer,
             runs_dir,
             config,
-            events,
+            events: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             shutting_down: AtomicBool::new(false),
             cancels: Mutex::new(HashMap::new()),
@@ -173,6 +195,7 @@ impl PoolHandle {
             write_stats: Mutex::new(WriteStats::default()),
             tasks: Mutex::new(Vec::new()),
             devices: devices.clone(),
+            exports: Mutex::new(HashMap::new()),
         });
         let handle = PoolHandle { inner };
         let mut tasks = Vec::new();
@@ -188,6 +211,16 @@ impl PoolHandle {
         }
         *handle.inner.tasks.lock().unwrap() = tasks;
         Ok(handle)
+    }
+
+    pub(super) fn export_slot(&self, job_id: i64, choice: String) -> ExportSlot {
+        self.inner
+            .exports
+            .lock()
+            .unwrap()
+            .entry((job_id, choice))
+            .or_default()
+            .clone()
     }
 
     pub fn store(&self) -> &Store {
@@ -207,13 +240,23 @@ impl PoolHandle {
         self.inner.wake.notify_waiters();
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
-        self.inner.events.subscribe()
+    /// Events of job `job_id` from now on.
+    pub fn subscribe(&self, job_id: i64) -> broadcast::Receiver<JobEvent> {
+        let mut map = self.inner.events.lock().unwrap();
+        map.retain(|_, tx| tx.receiver_count() > 0);
+        map.entry(job_id)
+            .or_insert_with(|| broadcast::channel(4096).0)
+            .subscribe()
     }
 
     pub fn publish(&self, job_id: i64, kind: JobEventKind) {
-        // No subscribers is fine.
-        let _ = self.inner.events.send(JobEvent { job_id, kind });
+        let mut map = self.inner.events.lock().unwrap();
+        if let Some(tx) = map.get(&job_id) {
+            if tx.send(JobEvent { job_id, kind }).is_err() {
+                // nobody listens any more
+                map.remove(&job_id);
+            }
+        }
     }
 
     /// Ask a running job to stop (the trainer checkpoints and returns). The caller has already
@@ -269,9 +312,21 @@ impl PoolHandle {
     }
 }
 
+/// Events a trainer may have in flight before it waits for the worker to persist them.
+const EVENT_QUEUE: usize = 1024;
+
 enum Msg {
     Event(TrainEvent),
-    Done(Result<Summary, String>),
+    /// The trainer is about to write the checkpoint at this step: flush, then answer.
+    Barrier(u64, std::sync::mpsc::SyncSender<Result<(), String>>),
+    Done(Result<Summary, Failure>),
+}
+
+/// Why a run ended without a summary.
+struct Failure {
+    message: String,
+    /// The training process died (as opposed to the trainer reporting an error).
+    crashed: bool,
 }
 
 struct Worker {
@@ -360,9 +415,19 @@ impl Worker {
             .store
             .set_job_run_dir(id, &run_dir.to_string_lossy())
             .await?;
-        let cancel = inner.cancels.lock().unwrap().entry(id).or_default().clone();
+        // A fresh cancel state: one left by a cancel that came after the previous run of this
+        // job ended must not stop this one. A cancel that came between the claim and now is
+        // in the database.
+        let cancel = Arc::new(CancelState::default());
+        inner.cancels.lock().unwrap().insert(id, cancel.clone());
         if inner.shutting_down.load(Ordering::SeqCst) {
             cancel.flag.store(true, Ordering::SeqCst);
+        }
+        if let Some(j) = inner.store.get_job(id).await? {
+            if j.status() == JobStatus::Cancelling {
+                cancel.by_user.store(true, Ordering::SeqCst);
+                cancel.flag.store(true, Ordering::SeqCst);
+            }
         }
         tracing::info!(job = id, worker = %self.name, device = %self.device_name, attempt = job.attempts, "job started");
         self.pool.publish(
@@ -373,11 +438,23 @@ impl Worker {
             },
         );
 
-        let (tx, rx) = mpsc::unbounded_channel::<Msg>();
+        // Bounded: a trainer faster than the database waits instead of growing a queue.
+        let (tx, rx) = mpsc::channel::<Msg>(EVENT_QUEUE);
+        let barrier_tx = tx.clone();
+        let barrier = Barrier::new(move |step| {
+            let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
+            barrier_tx
+                .blocking_send(Msg::Barrier(step, ack_tx))
+                .map_err(|_| "the worker stopped listening".to_string())?;
+            ack_rx
+                .recv()
+                .map_err(|_| "the worker stopped listening".to_string())?
+        });
         let opts = RunOptions {
             out_dir: run_dir,
             device: self.device.clone(),
             resume: true,
+            barrier: Some(barrier),
         };
         let trainer = inner.trainer.clone();
         let flag = cancel.flag.clone();
@@ -387,16 +464,22 @@ impl Worker {
                 let events = tx.clone();
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let mut sink = |ev: TrainEvent| {
-                        let _ = events.send(Msg::Event(ev));
+                        let _ = events.blocking_send(Msg::Event(ev));
                     };
                     trainer.run(&spec, &opts, &mut sink, &flag)
                 }));
                 let result = match result {
                     Ok(Ok(summary)) => Ok(summary),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(panic) => Err(format!("trainer panicked: {}", panic_message(&*panic))),
+                    Ok(Err(e)) => Err(Failure {
+                        crashed: matches!(e, crate::train::TrainError::Crashed(_)),
+                        message: e.to_string(),
+                    }),
+                    Err(panic) => Err(Failure {
+                        message: format!("trainer panicked: {}", panic_message(&*panic)),
+                        crashed: false,
+                    }),
                 };
-                let _ = tx.send(Msg::Done(result));
+                let _ = tx.blocking_send(Msg::Done(result));
             });
         let outcome = match thread {
             Ok(handle) => {
@@ -404,7 +487,10 @@ impl Worker {
                 let _ = tokio::task::spawn_blocking(move || handle.join()).await;
                 r?
             }
-            Err(e) => Err(format!("cannot spawn the trainer thread: {e}")),
+            Err(e) => Err(Failure {
+                message: format!("cannot spawn the trainer thread: {e}"),
+                crashed: false,
+            }),
         };
         inner.cancels.lock().unwrap().remove(&id);
         inner.live.lock().unwrap().remove(&id);
@@ -418,7 +504,34 @@ impl Worker {
                     (JobStatus::Queued, None)
                 }
             }
-            Err(msg) => (JobStatus::Failed, Some(msg)),
+            // Killed along with the server (a service manager stopping the whole group): the
+            // shutdown re-queues it like any other running job.
+            Err(f) if f.crashed && self.pool.is_shutting_down() => (JobStatus::Queued, None),
+            Err(f) => {
+                if f.crashed {
+                    let n = inner.store.record_crash(id).await?;
+                    tracing::error!(
+                        job = id,
+                        crashes = n,
+                        "training process died: {}",
+                        f.message
+                    );
+                }
+                (JobStatus::Failed, Some(f.message))
+            }
+        };
+        // A cancel that was answered 202 wins over a run that finished in the meantime.
+        let status = if status == JobStatus::Succeeded
+            && (cancel.by_user.load(Ordering::SeqCst)
+                || inner
+                    .store
+                    .get_job(id)
+                    .await?
+                    .is_some_and(|j| j.status() == JobStatus::Cancelling))
+        {
+            JobStatus::Cancelled
+        } else {
+            status
         };
         let changed = inner.store.finish_job(id, status, error.as_deref()).await?;
         if changed {
@@ -471,8 +584,8 @@ impl Worker {
     async fn consume(
         &self,
         id: i64,
-        mut rx: mpsc::UnboundedReceiver<Msg>,
-    ) -> anyhow::Result<Result<Summary, String>> {
+        mut rx: mpsc::Receiver<Msg>,
+    ) -> anyhow::Result<Result<Summary, Failure>> {
         let inner = &self.pool.inner;
         let mut buf: Vec<MetricRow> = Vec::new();
         let mut progress = Progress::default();
@@ -514,13 +627,27 @@ impl Worker {
                         self.flush(id, &mut buf, &progress).await?;
                         self.handle_event(id, ev, &mut progress, &mut total_steps).await?;
                     }
+                    Some(Msg::Barrier(_step, ack)) => {
+                        match self.flush(id, &mut buf, &progress).await {
+                            Ok(()) => {
+                                let _ = ack.send(Ok(()));
+                            }
+                            Err(e) => {
+                                let _ = ack.send(Err(format!("{e:#}")));
+                                return Err(e);
+                            }
+                        }
+                    }
                     Some(Msg::Done(result)) => {
                         self.flush(id, &mut buf, &progress).await?;
                         return Ok(result);
                     }
                     None => {
                         self.flush(id, &mut buf, &progress).await?;
-                        return Ok(Err("the trainer thread exited without a result".into()));
+                        return Ok(Err(Failure {
+                            message: "the trainer thread exited without a result".into(),
+                            crashed: false,
+                        }));
                     }
                 },
                 _ = ticker.tick() => {
@@ -566,6 +693,22 @@ impl Worker {
                 let m = store.delete_metrics_after(id, from).await?;
                 store.delete_validations_after(id, from).await?;
                 store.delete_checkpoints_after(id, from).await?;
+                // Rows of files that are gone (removed by retention just before a crash).
+                let gone: Vec<String> = store
+                    .list_checkpoints(id)
+                    .await?
+                    .into_iter()
+                    .map(|c| c.path)
+                    .filter(|p| !std::path::Path::new(p).exists())
+                    .collect();
+                if !gone.is_empty() {
+                    tracing::info!(
+                        job = id,
+                        rows = gone.len(),
+                        "dropped rows of checkpoints no longer on disk"
+                    );
+                    store.forget_checkpoints(id, &gone).await?;
+                }
                 let skipped = store.count_skipped_steps(id, from).await?;
                 store
                     .set_job_started(id, info.total_steps as i64, from, skipped)
@@ -660,7 +803,7 @@ fn metric_row(s: &StepRecord) -> MetricRow {
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+pub(super) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {

@@ -498,3 +498,150 @@ pub fn fake_job(name: &str) -> Value {
         "checkpoint": {"every_steps": 20, "keep_last": 2}
     })
 }
+
+/// The real `ampserve serve` binary on a data directory (port chosen by the OS), its log
+/// drained (and echoed) so it never blocks on a full pipe.
+pub struct BinServer {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+pub fn spawn_bin_server(data_dir: &Path, extra: &[&str]) -> BinServer {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ampserve"))
+        .args([
+            "serve",
+            "--bind",
+            "127.0.0.1:0",
+            "--devices",
+            "cpu",
+            "--data-dir",
+        ])
+        .arg(data_dir)
+        .args(extra)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("{line}");
+            if let Some(i) = line.find("http://127.0.0.1:") {
+                let rest = &line[i + "http://127.0.0.1:".len()..];
+                let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+                let _ = tx.send(port);
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("server did not start");
+    BinServer {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+impl BinServer {
+    pub async fn get(&self, c: &reqwest::Client, path: &str) -> Value {
+        c.get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post(&self, c: &reqwest::Client, path: &str, body: &Value) -> (StatusCode, Value) {
+        split(
+            c.post(format!("{}{path}", self.base))
+                .json(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// SIGKILL (no graceful anything) and reap.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// Send a signal with `kill(1)` (keeps the tests free of libc). False when the process is gone.
+pub fn signal(pid: u32, sig: &str) -> bool {
+    std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Live child processes of `parent` (from /proc; zombies excluded).
+pub fn child_pids(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.to_string()) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 1 && f[0] != "Z" && f[1].parse::<u32>().ok() == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// A tiny real job on Tatoeba en-it (300 pairs, 32-wide model, one layer).
+pub fn tiny_real_job(name: &str, max_steps: u64, checkpoint_every: u64) -> Value {
+    serde_json::json!({
+        "config": "tiny",
+        "name": name,
+        "data": {"max_train_pairs": 300},
+        "model": {"d_model": 32, "layers": 1, "heads": 2, "d_ff": 64},
+        "train": {"batch_size": 16, "max_steps": max_steps, "epochs": 1000, "warmup_steps": 10,
+                  "valid_every": 0, "valid_max_sentences": 10, "valid_samples": 1},
+        "checkpoint": {"every_steps": checkpoint_every, "keep_last": 2}
+    })
+}
+
+/// Steps of the stored metric rows, in order.
+pub fn metric_steps(points: &Value) -> Vec<i64> {
+    points["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["step"].as_i64().unwrap())
+        .collect()
+}
