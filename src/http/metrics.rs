@@ -52,27 +52,6 @@ struct MetricsPage {
     downsampled: bool,
 }
 
-/// Split `rows` (in step order) into consecutive buckets of `size` and keep each bucket's last
-/// row plus its min/max loss. The overall last row is always kept.
-pub fn downsample(rows: Vec<MetricRow>, size: usize) -> Vec<Point> {
-    let size = size.max(1);
-    rows.chunks(size)
-        .map(|chunk| {
-            let losses = chunk.iter().filter_map(|r| r.loss);
-            let min = losses
-                .clone()
-                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))));
-            let max = losses.fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
-            Point {
-                row: chunk[chunk.len() - 1].clone(),
-                loss_min: min,
-                loss_max: max,
-                bucket: chunk.len(),
-            }
-        })
-        .collect()
-}
-
 async fn metrics(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -113,15 +92,28 @@ async fn metrics(
                 bucket: 1,
             })
             .collect(),
+        // Downsampled in SQL: only the buckets' rows leave the database.
         Some(b) => {
-            let rows = state.store.list_metrics(id, after, None).await?;
             let size = match b {
-                Bucket::Every(n) => n,
-                Bucket::Points(n) => rows.len().div_ceil(n),
+                Bucket::Every(n) => n as i64,
+                Bucket::Points(n) => state
+                    .store
+                    .count_metrics(id, after)
+                    .await?
+                    .div_ceil(n as i64),
             };
-            let mut pts = downsample(rows, size);
-            pts.truncate(limit as usize);
-            pts
+            state
+                .store
+                .downsample_metrics(id, after, size, limit)
+                .await?
+                .into_iter()
+                .map(|b| Point {
+                    row: b.row,
+                    loss_min: b.loss_min,
+                    loss_max: b.loss_max,
+                    bucket: b.rows_in_bucket as usize,
+                })
+                .collect()
         }
     };
     Ok(Json(MetricsPage {
@@ -176,58 +168,4 @@ async fn validations(
     Ok(Json(
         serde_json::json!({ "job_id": id, "validations": views }),
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(step: i64, loss: f64) -> MetricRow {
-        MetricRow {
-            step,
-            epoch: 1,
-            loss: Some(loss),
-            lr: Some(1e-3),
-            loss_scale: Some(1.0),
-            found_inf: false,
-            skipped: false,
-            grad_norm: Some(1.0),
-            tokens_per_s: Some(100.0),
-            step_ms: Some(10.0),
-        }
-    }
-
-    #[test]
-    fn downsample_keeps_last_and_extremes() {
-        // Losses 10, 3, 7, 1, 9, 2, 8 in buckets of 3: [10,3,7] [1,9,2] [8].
-        let losses = [10.0, 3.0, 7.0, 1.0, 9.0, 2.0, 8.0];
-        let rows: Vec<_> = losses
-            .iter()
-            .enumerate()
-            .map(|(i, l)| row(i as i64 + 1, *l))
-            .collect();
-        let pts = downsample(rows.clone(), 3);
-        assert_eq!(pts.len(), 3);
-        assert_eq!(
-            pts.iter().map(|p| p.row.step).collect::<Vec<_>>(),
-            [3, 6, 7]
-        );
-        assert_eq!(
-            pts.iter()
-                .map(|p| (p.loss_min.unwrap(), p.loss_max.unwrap()))
-                .collect::<Vec<_>>(),
-            [(3.0, 10.0), (1.0, 9.0), (8.0, 8.0)]
-        );
-        assert_eq!(pts.iter().map(|p| p.bucket).sum::<usize>(), 7);
-        // A bucket larger than the data collapses to the last point with global extremes.
-        let one = downsample(rows, 100);
-        assert_eq!(one.len(), 1);
-        assert_eq!(one[0].row.step, 7);
-        assert_eq!((one[0].loss_min, one[0].loss_max), (Some(1.0), Some(10.0)));
-        // Non-finite losses are stored as NULL and ignored for the range.
-        let mut r = row(1, 0.0);
-        r.loss = None;
-        let pts = downsample(vec![r, row(2, 4.0)], 2);
-        assert_eq!((pts[0].loss_min, pts[0].loss_max), (Some(4.0), Some(4.0)));
-    }
 }

@@ -18,6 +18,16 @@ pub struct MetricRow {
     pub step_ms: Option<f64>,
 }
 
+/// One bucket of [`Store::downsample_metrics`]: its last row and the bucket's loss range.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct MetricBucket {
+    #[sqlx(flatten)]
+    pub row: MetricRow,
+    pub loss_min: Option<f64>,
+    pub loss_max: Option<f64>,
+    pub rows_in_bucket: i64,
+}
+
 fn finite(v: Option<f64>) -> Option<f64> {
     v.filter(|x| x.is_finite())
 }
@@ -85,6 +95,51 @@ impl Store {
         .bind(limit.unwrap_or(-1))
         .fetch_all(self.pool())
         .await?)
+    }
+
+    /// Rows after `after_step` in consecutive buckets of `size` rows (in step order), computed in
+    /// SQL so a long job's rows never sit in memory: each bucket's last row, its loss range
+    /// (non-finite losses, stored as NULL, are ignored) and its row count; at most `limit` buckets.
+    pub async fn downsample_metrics(
+        &self,
+        job_id: i64,
+        after_step: i64,
+        size: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<MetricBucket>> {
+        Ok(sqlx::query_as::<_, MetricBucket>(
+            "WITH r AS (
+                 SELECT step, epoch, loss, lr, loss_scale, found_inf, skipped, grad_norm,
+                        tokens_per_s, step_ms,
+                        (ROW_NUMBER() OVER (ORDER BY step) - 1) / ? AS b
+                 FROM metrics WHERE job_id = ? AND step > ?
+             ), g AS (
+                 SELECT b, MAX(step) AS last_step, MIN(loss) AS loss_min, MAX(loss) AS loss_max,
+                        COUNT(*) AS rows_in_bucket
+                 FROM r GROUP BY b
+             )
+             SELECT r.step, r.epoch, r.loss, r.lr, r.loss_scale, r.found_inf, r.skipped,
+                    r.grad_norm, r.tokens_per_s, r.step_ms, g.loss_min, g.loss_max, g.rows_in_bucket
+             FROM g JOIN r ON r.step = g.last_step
+             ORDER BY r.step LIMIT ?",
+        )
+        .bind(size.max(1))
+        .bind(job_id)
+        .bind(after_step)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Rows after `after_step`.
+    pub async fn count_metrics(&self, job_id: i64, after_step: i64) -> StoreResult<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM metrics WHERE job_id = ? AND step > ?")
+                .bind(job_id)
+                .bind(after_step)
+                .fetch_one(self.pool())
+                .await?,
+        )
     }
 
     pub async fn count_skipped_steps(&self, job_id: i64, up_to_step: i64) -> StoreResult<i64> {
@@ -168,6 +223,34 @@ mod tests {
             back.iter().map(|r| (r.step, r.loss)).collect::<Vec<_>>(),
             [(99, Some(1.0 / 99.0)), (100, Some(9.0)), (101, Some(8.0))]
         );
+        // Downsampling in SQL: buckets of 3 over steps 96..=101, their last rows and loss ranges.
+        let b = s.downsample_metrics(job, 95, 3, 100).await.unwrap();
+        assert_eq!(
+            b.iter()
+                .map(|b| (b.row.step, b.rows_in_bucket))
+                .collect::<Vec<_>>(),
+            [(98, 3), (101, 3)]
+        );
+        assert_eq!(
+            (b[0].loss_min, b[0].loss_max),
+            (Some(1.0 / 98.0), Some(1.0 / 96.0))
+        );
+        assert_eq!(
+            (b[1].loss_min, b[1].loss_max),
+            (Some(1.0 / 99.0), Some(9.0))
+        );
+        assert_eq!(s.count_metrics(job, 95).await.unwrap(), 6);
+        // A bucket larger than the data is one point: the last row, the global range.
+        let one = s.downsample_metrics(job, 0, 1_000, 100).await.unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].row.step, one[0].rows_in_bucket), (101, 101));
+        assert_eq!(
+            (one[0].loss_min, one[0].loss_max),
+            (Some(1.0 / 99.0), Some(9.0))
+        );
+        // `limit` caps the buckets, from the first.
+        let two = s.downsample_metrics(job, 0, 10, 2).await.unwrap();
+        assert_eq!(two.iter().map(|b| b.row.step).collect::<Vec<_>>(), [10, 20]);
         // Deleting the job removes its rows (foreign key cascade).
         s.delete_job(job).await.unwrap().unwrap();
         assert!(s.list_metrics(job, 0, None).await.unwrap().is_empty());

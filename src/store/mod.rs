@@ -19,7 +19,7 @@ pub use checkpoints::CheckpointRow;
 pub use corpora::CorpusRow;
 pub use evaluations::EvaluationRow;
 pub use jobs::{JobRow, JobStatus, NewJob};
-pub use metrics::MetricRow;
+pub use metrics::{MetricBucket, MetricRow};
 pub use models::{ModelRow, NewModel};
 pub use validations::ValidationRow;
 
