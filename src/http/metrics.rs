@@ -79,7 +79,7 @@ async fn metrics(
         (None, Some(n)) => Some(Bucket::Points(n)),
         (None, None) => None,
     };
-    let points = match bucket {
+    let points: Vec<Point> = match bucket {
         None => state
             .store
             .list_metrics(id, after, Some(limit))
@@ -96,11 +96,10 @@ async fn metrics(
         Some(b) => {
             let size = match b {
                 Bucket::Every(n) => n as i64,
-                Bucket::Points(n) => state
-                    .store
-                    .count_metrics(id, after)
-                    .await?
-                    .div_ceil(n as i64),
+                Bucket::Points(n) => {
+                    let rows = state.store.count_metrics(id, after).await?.max(0) as u64;
+                    rows.div_ceil(n as u64) as i64
+                }
             };
             state
                 .store
