@@ -33,6 +33,7 @@ struct CheckpointList {
     checkpoints: Vec<CheckpointView>,
 }
 
+#[utoipa::path(get, path = "/api/jobs/{id}/checkpoints", operation_id = "job_checkpoints", tag = "jobs", params(("id" = i64, Path, description = "id")), responses((status = 200, description = "checkpoints on disk", body = Object), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,

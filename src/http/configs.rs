@@ -59,6 +59,7 @@ pub fn preset_names(dir: &Path) -> Vec<String> {
     names
 }
 
+#[utoipa::path(get, path = "/api/configs", operation_id = "list_configs", tag = "configs", responses((status = 200, description = "presets with resolved specs", body = Object)))]
 async fn list(State(state): State<AppState>) -> ApiResult<Json<ConfigList>> {
     let settings = state.settings.clone();
     // File reads and canonicalisation: off the async workers.

@@ -126,6 +126,7 @@ fn check_name(v: Option<String>, field: &str, max: usize) -> ApiResult<String> {
     }
 }
 
+#[utoipa::path(post, path = "/api/corpora", operation_id = "upload_corpus", tag = "corpora", params(("name" = String, Query, description = "corpus name"), ("src_lang" = String, Query, description = "source language"), ("tgt_lang" = String, Query, description = "target language")), request_body(content = String, content_type = "text/tab-separated-values", description = "one `source<TAB>target` pair a line"), responses((status = 201, description = "stored", body = Object), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody), (status = 413, description = "too large", body = crate::http::openapi::ErrorBody)))]
 async fn upload(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<UploadQuery>,
@@ -245,6 +246,7 @@ async fn upload(
     ))
 }
 
+#[utoipa::path(get, path = "/api/corpora", operation_id = "list_corpora", tag = "corpora", responses((status = 200, description = "uploaded corpora", body = Object)))]
 async fn list(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
     let rows = state.store.list_corpora().await?;
     Ok(Json(serde_json::json!({ "corpora": rows })))

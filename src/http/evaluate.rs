@@ -21,14 +21,16 @@ pub fn router() -> Router<AppState> {
         .route("/api/models/{id}/evaluations", get(list))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EvalBody {
     /// A `source<TAB>reference` TSV under the data roots.
+    #[schema(value_type = Option<String>)]
     corpus: Option<PathBuf>,
     /// `test`: the `test*.{src}-{tgt}.tsv` file beside the model's training corpus.
     split: Option<String>,
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 16)]
     beam_size: usize,
 }
 
@@ -86,6 +88,7 @@ fn test_split(run_dir: &Path, src: &str, tgt: &str) -> ApiResult<PathBuf> {
     }
 }
 
+#[utoipa::path(post, path = "/api/models/{id}/evaluate", operation_id = "evaluate_model", tag = "models", params(("id" = i64, Path, description = "id")), request_body(content = EvalBody, content_type = "application/json"), responses((status = 201, description = "scores", body = Object), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody)))]
 async fn evaluate(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -168,6 +171,7 @@ async fn evaluate(
     ))
 }
 
+#[utoipa::path(get, path = "/api/models/{id}/evaluations", operation_id = "list_evaluations", tag = "models", params(("id" = i64, Path, description = "id")), responses((status = 200, description = "evaluations, oldest first", body = Object), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,

@@ -37,6 +37,7 @@ fn is_end(ev: &JobEvent) -> bool {
     matches!(&ev.kind, JobEventKind::Status { status, .. } if status.is_terminal())
 }
 
+#[utoipa::path(get, path = "/api/jobs/{id}/events", operation_id = "job_events", tag = "jobs", params(("id" = i64, Path, description = "id")), responses((status = 200, description = "server-sent events (status, step, checkpoint, ...)", content_type = "text/event-stream"), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody)))]
 async fn events(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,

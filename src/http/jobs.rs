@@ -21,10 +21,11 @@ pub fn router() -> Router<AppState> {
         .route("/api/jobs/{id}/resume", post(resume))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: i64,
     pub name: String,
+    #[schema(value_type = String, example = "running")]
     pub status: JobStatus,
     pub priority: i64,
     pub worker: Option<String>,
@@ -38,10 +39,12 @@ pub struct JobView {
     pub updated_at: String,
     pub progress: ProgressView,
     pub metrics: MetricsView,
+    /// The full validated TrainSpec.
+    #[schema(value_type = Object)]
     pub spec: Value,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ProgressView {
     pub step: i64,
     pub total_steps: Option<i64>,
@@ -51,7 +54,7 @@ pub struct ProgressView {
     pub resumed_from_step: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct MetricsView {
     pub loss: Option<f64>,
     pub lr: Option<f64>,
@@ -120,6 +123,7 @@ pub(super) async fn load_job(state: &AppState, id: i64) -> ApiResult<JobRow> {
         .ok_or_else(|| ApiError::job_not_found(id))
 }
 
+#[utoipa::path(post, path = "/api/jobs", operation_id = "create_job", tag = "jobs", request_body(content = crate::http::openapi::JobSubmission, content_type = "application/json"), responses((status = 201, description = "queued", body = JobView), (status = 400, description = "malformed JSON", body = crate::http::openapi::ErrorBody), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody), (status = 507, description = "over the memory admission limit", body = crate::http::openapi::ErrorBody)))]
 async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl IntoResponse> {
     let req = parse_job_request(&body, &state.settings)?;
     super::admission::admit(&state, &req.spec).await?;
@@ -152,7 +156,7 @@ struct ListQuery {
     offset: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct JobList {
     jobs: Vec<JobView>,
     total: i64,
@@ -160,6 +164,7 @@ struct JobList {
     offset: i64,
 }
 
+#[utoipa::path(get, path = "/api/jobs", operation_id = "list_jobs", tag = "jobs", params(("status" = Option<String>, Query, description = "queued|running|succeeded|failed|cancelled"), ("limit" = Option<i64>, Query, description = "page size"), ("offset" = Option<i64>, Query, description = "rows to skip")), responses((status = 200, description = "jobs, newest first", body = JobList), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<ListQuery>,
@@ -193,6 +198,7 @@ async fn list(
     }))
 }
 
+#[utoipa::path(get, path = "/api/jobs/{id}", operation_id = "show_job", tag = "jobs", params(("id" = i64, Path, description = "id")), responses((status = 200, description = "the job", body = JobView), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -202,6 +208,7 @@ async fn show(
 
 /// Queued jobs are cancelled at once (200); running ones move to `cancelling` (202) and the
 /// trainer checkpoints and stops at its next step.
+#[utoipa::path(post, path = "/api/jobs/{id}/cancel", operation_id = "cancel_job", tag = "jobs", params(("id" = i64, Path, description = "id")), responses((status = 200, description = "cancelled", body = JobView), (status = 202, description = "cancel requested (running)", body = JobView), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 409, description = "already finished", body = crate::http::openapi::ErrorBody)))]
 async fn cancel(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -238,6 +245,7 @@ async fn cancel(
 }
 
 /// `cancelled | failed → queued`: the worker continues from the latest valid checkpoint.
+#[utoipa::path(post, path = "/api/jobs/{id}/resume", operation_id = "resume_job", tag = "jobs", params(("id" = i64, Path, description = "id")), responses((status = 200, description = "queued again", body = JobView), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 409, description = "not resumable", body = crate::http::openapi::ErrorBody)))]
 async fn resume(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -262,6 +270,7 @@ async fn resume(
 }
 
 /// Refused (409) while the job runs; otherwise removes its rows and its run directory.
+#[utoipa::path(delete, path = "/api/jobs/{id}", operation_id = "delete_job", tag = "jobs", params(("id" = i64, Path, description = "id")), responses((status = 204, description = "deleted"), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 409, description = "still running", body = crate::http::openapi::ErrorBody)))]
 async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
     match state.store.delete_job(id).await? {
         Some(row) => {

@@ -52,6 +52,7 @@ struct MetricsPage {
     downsampled: bool,
 }
 
+#[utoipa::path(get, path = "/api/jobs/{id}/metrics", operation_id = "job_metrics", tag = "jobs", params(("id" = i64, Path, description = "job id"), ("after_step" = Option<i64>, Query, description = "steps after this one"), ("limit" = Option<i64>, Query, description = "most points"), ("every" = Option<i64>, Query, description = "buckets of N consecutive steps"), ("points" = Option<i64>, Query, description = "at most N buckets")), responses((status = 200, description = "training curve points", body = Object), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody)))]
 async fn metrics(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -143,6 +144,7 @@ struct ValidationView {
     created_at: String,
 }
 
+#[utoipa::path(get, path = "/api/jobs/{id}/validations", operation_id = "job_validations", tag = "jobs", params(("id" = i64, Path, description = "id")), responses((status = 200, description = "validation results", body = Object), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody)))]
 async fn validations(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,

@@ -13,6 +13,7 @@ mod guard;
 mod jobs;
 mod metrics;
 mod models;
+pub mod openapi;
 mod ops;
 pub mod page;
 mod server;
@@ -94,6 +95,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ops::router())
         .merge(page::router())
+        .merge(openapi::router())
         .merge(api)
         .fallback(|| async { ApiError::from_status(StatusCode::NOT_FOUND) })
         .layer(DefaultBodyLimit::max(state.settings.max_json_bytes))

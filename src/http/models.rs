@@ -22,7 +22,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/jobs/{id}/export", post(export))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ModelView {
     id: i64,
     name: String,
@@ -43,10 +43,13 @@ pub struct ModelView {
     loaded: bool,
     /// Compute dtype, resident bytes and batcher counters while loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     runtime: Option<LoadedInfo>,
     /// sha256 and size of every file (from the manifest).
+    #[schema(value_type = Object)]
     files: Value,
     /// Test-set scores from `POST /api/models/{id}/evaluate`, oldest first.
+    #[schema(value_type = Vec<Object>)]
     evaluations: Vec<EvaluationRow>,
 }
 
@@ -91,11 +94,12 @@ pub(super) async fn load_model(state: &AppState, id: i64) -> ApiResult<ModelRow>
         .ok_or_else(|| ApiError::not_found(format!("no model with id {id}")).with_field("model"))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ModelList {
     models: Vec<ModelView>,
 }
 
+#[utoipa::path(get, path = "/api/models", operation_id = "list_models", tag = "models", responses((status = 200, description = "models, newest first", body = ModelList)))]
 async fn list(State(state): State<AppState>) -> ApiResult<Json<ModelList>> {
     let rows = state.store.list_models().await?;
     let mut models = Vec::with_capacity(rows.len());
@@ -105,6 +109,7 @@ async fn list(State(state): State<AppState>) -> ApiResult<Json<ModelList>> {
     Ok(Json(ModelList { models }))
 }
 
+#[utoipa::path(get, path = "/api/models/{id}", operation_id = "show_model", tag = "models", params(("id" = i64, Path, description = "id")), responses((status = 200, description = "the model", body = ModelView), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
@@ -113,6 +118,7 @@ async fn show(
     Ok(Json(view(&state, r).await?))
 }
 
+#[utoipa::path(delete, path = "/api/models/{id}", operation_id = "delete_model", tag = "models", params(("id" = i64, Path, description = "id")), responses((status = 204, description = "deleted"), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody)))]
 async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
     let r = load_model(&state, id).await?;
     state.store.delete_model(id).await?;
@@ -146,6 +152,7 @@ struct Exported {
     model: ModelView,
 }
 
+#[utoipa::path(post, path = "/api/jobs/{id}/export", operation_id = "export_model", tag = "models", params(("id" = i64, Path, description = "job id"), ("checkpoint" = Option<String>, Query, description = "best|last|step number"), ("average_last" = Option<i64>, Query, description = "average this many checkpoints")), responses((status = 201, description = "exported", body = Object), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody), (status = 409, description = "no checkpoint yet", body = crate::http::openapi::ErrorBody)))]
 async fn export(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,

@@ -63,10 +63,12 @@ impl HttpStats {
     }
 }
 
+#[utoipa::path(get, path = "/healthz", operation_id = "healthz", tag = "ops", responses((status = 200, description = "the process serves", body = Object)))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
+#[utoipa::path(get, path = "/readyz", operation_id = "readyz", tag = "ops", responses((status = 200, description = "ready", body = Object), (status = 503, description = "database does not answer", body = Object)))]
 async fn readyz(State(state): State<AppState>) -> Response {
     match state.store.ping().await {
         Ok(()) => Json(serde_json::json!({ "status": "ready", "database": "ok" })).into_response(),
@@ -95,6 +97,7 @@ fn num(v: f64) -> String {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", operation_id = "prometheus", tag = "ops", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 async fn prometheus(State(state): State<AppState>) -> Result<Response, ApiError> {
     let mut out = String::new();
     let by_status: BTreeMap<String, i64> = state

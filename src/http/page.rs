@@ -43,6 +43,11 @@ pub const ASSETS: &[Asset] = &[
         body: include_str!("../../static/chart.js"),
     },
     Asset {
+        name: "docs.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("../../static/docs.js"),
+    },
+    Asset {
         name: "favicon.svg",
         content_type: "image/svg+xml",
         body: include_str!("../../static/favicon.svg"),
@@ -53,7 +58,8 @@ pub const ASSETS: &[Asset] = &[
 const PAGE_CACHE: &str = "no-cache";
 const ASSET_CACHE: &str = "public, max-age=60";
 /// Scripts and styles from this server only; no inline scripts.
-const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+pub(super) const CSP: &str =
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
                    img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; \
                    base-uri 'none'; form-action 'self'";
 
@@ -92,6 +98,7 @@ fn respond(a: &Asset, cache: &'static str) -> Response {
     resp
 }
 
+#[utoipa::path(get, path = "/", operation_id = "status_page", tag = "page", responses((status = 200, description = "status page", content_type = "text/html")))]
 async fn index() -> Response {
     let mut resp = respond(
         find("index.html").expect("index.html is embedded"),
@@ -109,6 +116,7 @@ async fn index() -> Response {
     resp
 }
 
+#[utoipa::path(get, path = "/static/{file}", operation_id = "static_asset", tag = "page", params(("file" = String, Path, description = "embedded file name")), responses((status = 200, description = "the file"), (status = 404, description = "no such file", body = crate::http::openapi::ErrorBody)))]
 async fn asset(Path(file): Path<String>) -> Response {
     match find(&file).filter(|a| a.name != "index.html") {
         Some(a) => respond(a, ASSET_CACHE),

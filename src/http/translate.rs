@@ -28,7 +28,7 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/translate", get(translate_get).post(translate_post))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TranslateBody {
     model: Option<i64>,
@@ -49,7 +49,7 @@ struct TranslateQuery {
     alpha: Option<f64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct TranslationView {
     text: String,
     source_tokens: usize,
@@ -57,7 +57,7 @@ struct TranslationView {
     score: f64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Timing {
     queue_ms: f64,
     decode_ms: f64,
@@ -68,7 +68,7 @@ struct Timing {
     decode_calls: usize,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct TranslateResponse {
     model: i64,
     model_name: String,
@@ -78,6 +78,7 @@ struct TranslateResponse {
     timing: Timing,
 }
 
+#[utoipa::path(get, path = "/api/translate", operation_id = "translate_get", tag = "translate", params(("model" = Option<i64>, Query, description = "model id (default: newest)"), ("text" = String, Query, description = "source text"), ("beam_size" = Option<i64>, Query, description = "1..=16"), ("max_length" = Option<i64>, Query, description = "1..=512"), ("alpha" = Option<f64>, Query, description = "0..=2")), responses((status = 200, description = "translations", body = TranslateResponse), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody), (status = 429, description = "queue full (Retry-After)", body = crate::http::openapi::ErrorBody)))]
 async fn translate_get(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<TranslateQuery>,
@@ -93,6 +94,7 @@ async fn translate_get(
     translate(state, req).await
 }
 
+#[utoipa::path(post, path = "/api/translate", operation_id = "translate_post", tag = "translate", request_body(content = TranslateBody, content_type = "application/json"), responses((status = 200, description = "translations", body = TranslateResponse), (status = 400, description = "malformed JSON", body = crate::http::openapi::ErrorBody), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody), (status = 429, description = "queue full (Retry-After)", body = crate::http::openapi::ErrorBody)))]
 async fn translate_post(
     State(state): State<AppState>,
     body: Bytes,
