@@ -2,40 +2,22 @@
 //! exported weights are the mean of the last N checkpoints' master weights, the averaged model
 //! translates, and asking for more checkpoints than exist is a clear error.
 
-use ampserve::config::{Precision, TrainSpec};
+mod tiny;
+use tiny::tiny_spec;
+
+use ampserve::config::TrainSpec;
 use ampserve::infer::{export, CheckpointChoice, DecodeOptions, InferError, Translator};
 use ampserve::train::{self, checkpoint, RunOptions};
 use candle_core::{DType, Device, Tensor};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
-
-fn data(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data/tatoeba-en-it")
-        .join(file)
-}
 
 /// 30 steps with a checkpoint every 10 and at each epoch end; the last 3 are kept.
 fn spec(average_last: usize) -> TrainSpec {
-    let mut s = TrainSpec {
-        name: "avg".into(),
-        ..TrainSpec::default()
-    };
-    s.data.train = data("train.en-it.tsv");
-    s.data.valid = Some(data("valid.en-it.tsv"));
-    s.data.max_train_pairs = 400;
-    s.data.max_len = 12;
-    s.model.d_model = 32;
-    s.model.layers = 1;
-    s.model.heads = 2;
-    s.model.d_ff = 64;
-    s.train.precision = Precision::Fp32;
-    s.train.batch_size = 16;
+    let mut s = tiny_spec("avg");
     s.train.epochs = 100;
     s.train.max_steps = 30;
-    s.train.lr = 3e-3;
     s.train.valid_max_sentences = 8;
-    s.train.valid_samples = 0;
     s.checkpoint.every_steps = 10;
     s.checkpoint.keep_last = 3;
     s.checkpoint.average_last = average_last;

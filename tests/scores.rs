@@ -3,38 +3,22 @@
 //! reports is the corpus BLEU of its own hypotheses, and `evaluate_tsv` scores a test file the
 //! way the scorer does.
 
-use ampserve::config::{Precision, TrainSpec};
+mod tiny;
+use tiny::{data, tiny_spec};
+
+use ampserve::config::TrainSpec;
 use ampserve::infer::{evaluate_tsv, export, CheckpointChoice, DecodeOptions, Translator};
 use ampserve::train::{self, metrics, RunOptions, TrainEvent, ValidationRecord};
 use candle_core::Device;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-fn data(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data/tatoeba-en-it")
-        .join(file)
-}
-
 fn spec(valid_max_sentences: usize, valid_samples: usize) -> TrainSpec {
-    let mut s = TrainSpec {
-        name: "scores".into(),
-        ..TrainSpec::default()
-    };
-    s.data.train = data("train.en-it.tsv");
-    s.data.valid = Some(data("valid.en-it.tsv"));
-    s.data.max_train_pairs = 400;
-    s.data.max_len = 12;
-    s.model.d_model = 32;
-    s.model.layers = 1;
-    s.model.heads = 2;
-    s.model.d_ff = 64;
-    s.train.precision = Precision::Fp32;
+    let mut s = tiny_spec("scores");
     s.train.batch_size = 32;
     s.train.epochs = 100;
     s.train.max_steps = 30;
-    s.train.lr = 3e-3;
     s.train.valid_max_sentences = valid_max_sentences;
     s.train.valid_samples = valid_samples;
     s.checkpoint.every_steps = 0;

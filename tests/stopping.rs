@@ -2,39 +2,21 @@
 //! run after `patience` validations without a new best, and `max_time_s` ends it within one step
 //! of its budget; both end cleanly with a validation and a checkpoint at the last step.
 
-use ampserve::config::{EarlyStopping, Precision, StopMetric, TrainSpec};
+mod tiny;
+use tiny::tiny_spec;
+
+use ampserve::config::{EarlyStopping, StopMetric, TrainSpec};
 use ampserve::train::{self, RunOptions, TrainEvent};
 use candle_core::Device;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-fn data(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data/tatoeba-en-it")
-        .join(file)
-}
-
 fn spec() -> TrainSpec {
-    let mut s = TrainSpec {
-        name: "stop".into(),
-        ..TrainSpec::default()
-    };
-    s.data.train = data("train.en-it.tsv");
-    s.data.valid = Some(data("valid.en-it.tsv"));
-    s.data.max_train_pairs = 400;
-    s.data.max_len = 12;
-    s.model.d_model = 32;
-    s.model.layers = 1;
-    s.model.heads = 2;
-    s.model.d_ff = 64;
-    s.train.precision = Precision::Fp32;
-    s.train.batch_size = 16;
+    let mut s = tiny_spec("stop");
     s.train.epochs = 1000;
     s.train.max_steps = 2000;
-    s.train.lr = 3e-3;
     s.train.valid_max_sentences = 16;
-    s.train.valid_samples = 0;
     s.checkpoint.every_steps = 0;
     s.checkpoint.keep_last = 2;
     s

@@ -1,0 +1,35 @@
+//! Shared by the library-level training tests (averaging, stopping, scores): the bundled Tatoeba
+//! en-it files and the tiny spec they all start from, so each test states only what it changes.
+#![allow(dead_code)]
+
+use ampserve::config::{Precision, TrainSpec};
+use std::path::{Path, PathBuf};
+
+/// A file of the bundled Tatoeba en-it corpus.
+pub fn data(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/tatoeba-en-it")
+        .join(file)
+}
+
+/// 400 pairs of at most 12 tokens, a 1-layer d_model 32 model in fp32, batch 16, lr 3e-3,
+/// validation without samples.
+pub fn tiny_spec(name: &str) -> TrainSpec {
+    let mut s = TrainSpec {
+        name: name.into(),
+        ..TrainSpec::default()
+    };
+    s.data.train = data("train.en-it.tsv");
+    s.data.valid = Some(data("valid.en-it.tsv"));
+    s.data.max_train_pairs = 400;
+    s.data.max_len = 12;
+    s.model.d_model = 32;
+    s.model.layers = 1;
+    s.model.heads = 2;
+    s.model.d_ff = 64;
+    s.train.precision = Precision::Fp32;
+    s.train.batch_size = 16;
+    s.train.lr = 3e-3;
+    s.train.valid_samples = 0;
+    s
+}
