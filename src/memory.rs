@@ -287,58 +287,35 @@ mod tests {
     use candle_core::Device;
 
     #[test]
-    fn the_parameter_count_matches_the_model_it_builds() {
-        let mut spec = TrainSpec::default();
-        spec.model.d_model = 24;
-        spec.model.layers = 2;
-        spec.model.heads = 3;
-        spec.model.d_ff = 40;
-        let cfg = Config {
-            src_vocab: 50,
-            tgt_vocab: 70,
-            d_model: 24,
-            layers: 2,
-            heads: 3,
-            d_ff: 40,
-            dropout: 0.0,
-            tutorial_layer_norm: true,
-            norm_eps: 1e-6,
-            max_positions: 16,
-            tie_embeddings: false,
-        };
-        let model = Transformer::new(&cfg, 1, &Device::Cpu).unwrap();
-        assert_eq!(
-            parameter_count(&spec, 50, 70),
-            model.num_parameters() as u64
-        );
-    }
-
-    #[test]
-    fn the_parameter_count_of_a_tied_model_counts_the_shared_matrix_once() {
-        let mut spec = TrainSpec::default();
-        spec.model.d_model = 24;
-        spec.model.layers = 2;
-        spec.model.heads = 3;
-        spec.model.d_ff = 40;
-        spec.model.tie_embeddings = true;
-        let cfg = Config {
-            src_vocab: 60,
-            tgt_vocab: 60,
-            d_model: 24,
-            layers: 2,
-            heads: 3,
-            d_ff: 40,
-            dropout: 0.0,
-            tutorial_layer_norm: true,
-            norm_eps: 1e-6,
-            max_positions: 16,
-            tie_embeddings: true,
-        };
-        let model = Transformer::new(&cfg, 1, &Device::Cpu).unwrap();
-        assert_eq!(
-            parameter_count(&spec, 60, 60),
-            model.num_parameters() as u64
-        );
+    fn the_parameter_count_matches_the_model_it_builds_tied_or_not() {
+        // Untied: two vocabularies; tied: one joint vocabulary, the shared matrix counted once.
+        for (src_vocab, tgt_vocab, tie) in [(50, 70, false), (60, 60, true)] {
+            let mut spec = TrainSpec::default();
+            spec.model.d_model = 24;
+            spec.model.layers = 2;
+            spec.model.heads = 3;
+            spec.model.d_ff = 40;
+            spec.model.tie_embeddings = tie;
+            let cfg = Config {
+                src_vocab,
+                tgt_vocab,
+                d_model: 24,
+                layers: 2,
+                heads: 3,
+                d_ff: 40,
+                dropout: 0.0,
+                tutorial_layer_norm: true,
+                norm_eps: 1e-6,
+                max_positions: 16,
+                tie_embeddings: tie,
+            };
+            let model = Transformer::new(&cfg, 1, &Device::Cpu).unwrap();
+            assert_eq!(
+                parameter_count(&spec, src_vocab as u64, tgt_vocab as u64),
+                model.num_parameters() as u64,
+                "tie_embeddings = {tie}"
+            );
+        }
     }
 
     #[test]
