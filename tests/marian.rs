@@ -424,3 +424,73 @@ fn importing_weights_without_a_tensor_the_network_needs_names_it() {
     assert!(err.contains("model.safetensors"), "{err}");
     assert!(err.contains("decoder.layers.0.fc2.weight"), "{err}");
 }
+
+/// A model trained here (a few real steps on the bundled corpus), exported when its job
+/// succeeds: (server, model id).
+async fn server_with_trained_model(tmp: &Path) -> (TestServer, i64) {
+    let s = TestServer::start(
+        args_for(tmp),
+        std::sync::Arc::new(ampserve::worker::CandleTrainer),
+    )
+    .await;
+    let job = s
+        .submit(&json!({
+            "config": "tiny", "name": "sampling",
+            "data": {"max_train_pairs": 200},
+            "model": {"d_model": 32, "layers": 1, "heads": 2, "d_ff": 64},
+            "train": {"batch_size": 16, "max_steps": 6, "epochs": 1000, "warmup_steps": 2,
+                      "valid_every": 6, "valid_max_sentences": 4, "valid_samples": 0},
+            "checkpoint": {"every_steps": 6, "keep_last": 1}
+        }))
+        .await;
+    s.wait_status(job, "succeeded").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let (_, v) = s.get("/api/models").await;
+        if let Some(id) = v["models"][0]["id"].as_i64() {
+            return (s, id);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no model was exported"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_an_ampserve_model_is_reproducible_and_temperature_zero_is_its_greedy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, id) = server_with_trained_model(tmp.path()).await;
+    let translate = |extra: Value| {
+        let mut body = json!({"model": id, "texts": SENTENCES, "max_length": 10});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let s = &s;
+        async move {
+            let (st, v) = s.post("/api/translate", &body).await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            assert_eq!(v["model_kind"], "ampserve", "{v}");
+            v["translations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["text"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        }
+    };
+    let greedy = translate(json!({})).await;
+    assert_eq!(translate(json!({"temperature": 0})).await, greedy);
+    let hot = json!({"temperature": 1.2, "top_p": 0.9, "seed": 7});
+    assert_eq!(translate(hot.clone()).await, translate(hot).await);
+    let mut differs = false;
+    for seed in 0..8 {
+        differs |= translate(json!({"temperature": 2.0, "seed": seed})).await != greedy;
+    }
+    assert!(
+        differs,
+        "sampling at temperature 2 never left the greedy path"
+    );
+    s.stop().await;
+}
