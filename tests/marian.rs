@@ -494,3 +494,58 @@ async fn sampling_an_ampserve_model_is_reproducible_and_temperature_zero_is_its_
     );
     s.stop().await;
 }
+
+fn import_args(ckpt: &Path, data_dir: &Path) -> ampserve::import_marian::ImportMarianArgs {
+    ampserve::import_marian::ImportMarianArgs {
+        dir: ckpt.to_path_buf(),
+        name: "opus-mt-tiny-en-it".into(),
+        src_lang: "en".into(),
+        tgt_lang: "it".into(),
+        src_tokenizer: None,
+        tgt_tokenizer: None,
+        data_dir: data_dir.to_path_buf(),
+    }
+}
+
+#[test]
+fn the_import_command_records_the_model_for_the_next_server_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    write_checkpoint(&ckpt);
+    let data = tmp.path().join("data");
+    ampserve::import_marian::run(import_args(&ckpt, &data)).expect("import");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let s = TestServer::start(args_for(&data), FakeTrainer::new()).await;
+        let (_, v) = s.get("/api/models").await;
+        assert_eq!(v["models"][0]["kind"], "marian", "{v}");
+        let (st, v) = s
+            .post("/api/translate", &json!({"text": SENTENCES[1]}))
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["model_kind"], "marian", "{v}");
+        s.stop().await;
+    });
+}
+
+#[tokio::test]
+async fn the_import_command_refuses_while_a_server_holds_the_data_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    write_checkpoint(&ckpt);
+    let data = tmp.path().join("data");
+    let s = TestServer::start(args_for(&data), FakeTrainer::new()).await;
+    let args = import_args(&ckpt, &data);
+    let err = std::thread::spawn(move || ampserve::import_marian::run(args))
+        .join()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("a server is using the data directory"),
+        "{err}"
+    );
+    let (_, v) = s.get("/api/models").await;
+    assert_eq!(v["models"].as_array().map(Vec::len), Some(0), "{v}");
+    s.stop().await;
+}
