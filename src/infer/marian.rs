@@ -60,10 +60,11 @@ impl MarianImport {
     fn sources(&self) -> Result<[PathBuf; 4], InferError> {
         let d = &self.dir;
         if !d.is_dir() {
-            return Err(InferError::Missing {
-                dir: d.display().to_string(),
-                files: vec!["the directory itself".into()],
-            });
+            return Err(InferError::NotFound(format!(
+                "{} is not a directory (expected a Marian checkpoint: {CONFIG_FILE}, \
+                 {WEIGHTS_FILE}, tokenizer files)",
+                d.display()
+            )));
         }
         let tok = |given: &Option<PathBuf>, own: &str| -> Result<PathBuf, String> {
             match given {
