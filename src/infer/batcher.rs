@@ -1,7 +1,8 @@
-//! Dynamic batching: one thread per loaded model owns the [`Translator`]; requests wait in a
+//! Dynamic batching: one thread per loaded model owns it (an [`Engine`]); requests wait in a
 //! bounded queue; the thread takes the first, then keeps collecting for at most `max_wait` or
 //! until the token budget is reached, and decodes what it collected in calls that share
-//! decoding options (beam size / alpha) and stay within the budget (source tokens × beam,
+//! decoding options (beam size / alpha, or the same temperature / top-p when sampling) and
+//! stay within the budget (source tokens × beam,
 //! `max_batch_tokens`): a request larger than the budget is split across calls, never decoded
 //! whole, so one request cannot take gigabytes. Requests whose caller has gone are dropped,
 //! not decoded. Each request is answered through its own callback. A full queue is refused at
