@@ -312,7 +312,7 @@ pub struct TranslateArgs {
 
 /// `ampserve translate`: one output line per input line (blank in, blank out), in order.
 pub fn translate(a: TranslateArgs) -> anyhow::Result<()> {
-    use crate::infer::{DecodeOptions, Translator};
+    use crate::infer::DecodeOptions;
     use std::io::BufRead;
     if !(1..=16).contains(&a.beam) {
         anyhow::bail!("--beam must be in 1..=16");
@@ -339,7 +339,9 @@ pub fn translate(a: TranslateArgs) -> anyhow::Result<()> {
         .model
         .as_ref()
         .expect("clap requires --model without --server");
-    let t = Translator::load(model, &dev, a.compute)?;
+    // an exported ampserve model or an imported Marian one, as its manifest says
+    let t = crate::infer::engine::load(model, &dev, a.compute)?;
+    let enc = t.source_encoder();
     let opts = DecodeOptions {
         beam_size: a.beam,
         alpha: a.alpha,
@@ -349,10 +351,10 @@ pub fn translate(a: TranslateArgs) -> anyhow::Result<()> {
     let mut out = stdout.lock();
     for chunk in lines.chunks(a.batch.max(1)) {
         let idx: Vec<usize> = (0..chunk.len())
-            .filter(|&i| !t.encode(&chunk[i]).is_empty())
+            .filter(|&i| !enc.encode(&chunk[i]).is_empty())
             .collect();
         let texts: Vec<&str> = idx.iter().map(|&i| chunk[i].as_str()).collect();
-        let res = t.translate(&texts, &opts, a.max_length)?;
+        let res = t.translate_texts(&texts, &opts, a.max_length)?;
         let mut results: Vec<Option<crate::infer::Translation>> = vec![None; chunk.len()];
         for (&i, tr) in idx.iter().zip(res) {
             results[i] = Some(tr);
@@ -400,13 +402,13 @@ pub struct EvalArgs {
 
 /// `ampserve eval`: print the report as JSON (and a one-line summary on stderr).
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    use crate::infer::{evaluate_tsv, Translator};
+    use crate::infer::evaluate_tsv;
     if !(1..=16).contains(&a.beam) {
         anyhow::bail!("--beam must be in 1..=16");
     }
     let dev = parse_device(&a.device)?;
-    let t = Translator::load(&a.model, &dev, a.compute)?;
-    let (r, hyps) = evaluate_tsv(&t, &a.tsv, a.beam, a.batch)?;
+    let t = crate::infer::engine::load(&a.model, &dev, a.compute)?;
+    let (r, hyps) = evaluate_tsv(t.as_ref(), &a.tsv, a.beam, a.batch)?;
     if let Some(p) = &a.hyps {
         let mut text = hyps.join("\n");
         text.push('\n');

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod data;
 pub mod http;
+pub mod import_marian;
 pub mod infer;
 pub mod kernels;
 pub mod memory;

@@ -108,6 +108,9 @@ pub enum ModelsCmd {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Import a pretrained MarianMT checkpoint (OPUS-MT: config.json, model.safetensors,
+    /// tokenizer.json files) into a data directory, offline; run while the server is stopped
+    ImportMarian(crate::import_marian::ImportMarianArgs),
 }
 
 /// The request body `jobs submit` sends.
@@ -413,7 +416,10 @@ pub async fn watch(client: &ApiClient, id: i64, err: &mut dyn Write) -> anyhow::
 
 /// `ampserve models list`
 pub fn run_models(cmd: ModelsCmd) -> anyhow::Result<()> {
-    let ModelsCmd::List { json, server } = cmd;
+    let (json, server) = match cmd {
+        ModelsCmd::List { json, server } => (json, server),
+        ModelsCmd::ImportMarian(a) => return crate::import_marian::run(a),
+    };
     runtime()?.block_on(async move {
         let v = server.client().get("/api/models").await?;
         let mut out = std::io::stdout();
@@ -424,13 +430,13 @@ pub fn run_models(cmd: ModelsCmd) -> anyhow::Result<()> {
         let models = v["models"].as_array().cloned().unwrap_or_default();
         writeln!(
             out,
-            "{:>5}  {:<32}  {:>5}  {:>6}  {:>7}  {:>9}",
-            "id", "name", "job", "pair", "bleu", "params"
+            "{:>5}  {:<32}  {:<8}  {:>5}  {:>6}  {:>7}  {:>9}",
+            "id", "name", "kind", "job", "pair", "bleu", "params"
         )?;
         for m in &models {
             writeln!(
                 out,
-                "{:>5}  {:<32}  {:>5}  {:>6}  {:>7}  {:>9}",
+                "{:>5}  {:<32}  {:<8}  {:>5}  {:>6}  {:>7}  {:>9}",
                 m["id"],
                 m["name"]
                     .as_str()
@@ -438,6 +444,7 @@ pub fn run_models(cmd: ModelsCmd) -> anyhow::Result<()> {
                     .chars()
                     .take(32)
                     .collect::<String>(),
+                m["kind"].as_str().unwrap_or("ampserve"),
                 m["job_id"],
                 format!(
                     "{}-{}",

@@ -112,6 +112,14 @@ async fn evaluate(
         ));
     }
     let m = load_model(&state, id).await?;
+    if req.beam_size > 1
+        && crate::infer::kind_of_manifest(&m.manifest_json) == crate::infer::engine::KIND_MARIAN
+    {
+        return Err(ApiError::invalid(
+            "beam_size",
+            format!("model {id} is a Marian model: it decodes greedily (beam_size 1)"),
+        ));
+    }
     let tsv = match (&req.corpus, req.split.as_deref()) {
         (Some(c), None) => confine(c, &state.settings.data_roots, "corpus")?,
         (None, Some("test")) => {

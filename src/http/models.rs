@@ -26,6 +26,8 @@ pub fn router() -> Router<AppState> {
 pub struct ModelView {
     id: i64,
     name: String,
+    /// `ampserve` (trained here) or `marian` (an imported pretrained MarianMT checkpoint).
+    kind: String,
     job_id: Option<i64>,
     step: i64,
     checkpoint: String,
@@ -65,6 +67,7 @@ fn view_with(state: &AppState, r: ModelRow, evaluations: Vec<EvaluationRow>) -> 
         .and_then(|m| m.get("files").cloned())
         .unwrap_or(Value::Null);
     ModelView {
+        kind: crate::infer::kind_of_manifest(&r.manifest_json).to_string(),
         loaded: runtime.is_some(),
         runtime,
         files,

@@ -5,7 +5,10 @@
 use super::models::load_model;
 use super::spec::serde_field_error;
 use super::{ApiError, ApiQuery, ApiResult, AppState};
-use crate::infer::{sentence_cost, Answer, Batcher, DecodeOptions, InferError, Job, SubmitError};
+use crate::infer::{
+    kind_of_manifest, sentence_cost, Answer, Batcher, DecodeOptions, InferError, Job, Sampling,
+    SubmitError,
+};
 use crate::store::ModelRow;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -37,6 +40,14 @@ struct TranslateBody {
     beam_size: Option<usize>,
     max_length: Option<usize>,
     alpha: Option<f64>,
+    /// Sample instead of deterministic decoding: 0 (or absent) = greedy / beam; (0, 10]
+    /// = sampled (needs `beam_size` 1).
+    temperature: Option<f64>,
+    /// Nucleus sampling, (0, 1]; needs `temperature` > 0.
+    top_p: Option<f64>,
+    /// Seed of the sampler (sentence `i` uses `seed + i`); absent: a random one, echoed in the
+    /// answer. Ignored when not sampling.
+    seed: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -47,6 +58,9 @@ struct TranslateQuery {
     beam_size: Option<usize>,
     max_length: Option<usize>,
     alpha: Option<f64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<u64>,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -72,13 +86,22 @@ struct Timing {
 struct TranslateResponse {
     model: i64,
     model_name: String,
+    /// `ampserve` (trained here) or `marian` (an imported pretrained checkpoint).
+    model_kind: String,
     beam_size: usize,
     alpha: f64,
+    /// 0 when decoding was deterministic.
+    temperature: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f64>,
+    /// The sampler's seed (only when sampling).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seed: Option<u64>,
     translations: Vec<TranslationView>,
     timing: Timing,
 }
 
-#[utoipa::path(get, path = "/api/translate", operation_id = "translate_get", tag = "translate", params(("model" = Option<i64>, Query, description = "model id (default: newest)"), ("text" = String, Query, description = "source text"), ("beam_size" = Option<i64>, Query, description = "1..=16"), ("max_length" = Option<i64>, Query, description = "1..=512"), ("alpha" = Option<f64>, Query, description = "0..=2")), responses((status = 200, description = "translations", body = TranslateResponse), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody), (status = 429, description = "queue full (Retry-After)", body = crate::http::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/api/translate", operation_id = "translate_get", tag = "translate", params(("model" = Option<i64>, Query, description = "model id (default: newest)"), ("text" = String, Query, description = "source text"), ("beam_size" = Option<i64>, Query, description = "1..=16"), ("max_length" = Option<i64>, Query, description = "1..=512"), ("alpha" = Option<f64>, Query, description = "0..=2"), ("temperature" = Option<f64>, Query, description = "0 (deterministic) ..= 10; > 0 samples, needs beam_size 1"), ("top_p" = Option<f64>, Query, description = "(0, 1], needs temperature > 0"), ("seed" = Option<u64>, Query, description = "sampler seed")), responses((status = 200, description = "translations", body = TranslateResponse), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody), (status = 429, description = "queue full (Retry-After)", body = crate::http::openapi::ErrorBody)))]
 async fn translate_get(
     State(state): State<AppState>,
     ApiQuery(q): ApiQuery<TranslateQuery>,
@@ -90,6 +113,9 @@ async fn translate_get(
         beam_size: q.beam_size,
         max_length: q.max_length,
         alpha: q.alpha,
+        temperature: q.temperature,
+        top_p: q.top_p,
+        seed: q.seed,
     })?;
     translate(state, req).await
 }
@@ -132,6 +158,8 @@ pub struct TranslateRequest {
     /// Field name of each text for errors (`text` or `texts[i]`).
     pub fields: Vec<String>,
     pub opts: DecodeOptions,
+    /// `Some` when the request samples (temperature > 0).
+    pub sampling: Option<Sampling>,
     pub max_len: Option<usize>,
 }
 
@@ -191,8 +219,10 @@ fn check(req: TranslateBody) -> ApiResult<TranslateRequest> {
             ));
         }
     }
+    let sampling = check_sampling(req.temperature, req.top_p, req.seed, beam_size)?;
     Ok(TranslateRequest {
         model: req.model,
+        sampling,
         texts,
         fields,
         opts: DecodeOptions {
@@ -202,6 +232,54 @@ fn check(req: TranslateBody) -> ApiResult<TranslateRequest> {
         },
         max_len: req.max_length,
     })
+}
+
+/// The sampling fields, checked: `None` for deterministic decoding (temperature 0 or absent).
+fn check_sampling(
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<u64>,
+    beam_size: usize,
+) -> ApiResult<Option<Sampling>> {
+    use crate::infer::sampling::MAX_TEMPERATURE;
+    let t = temperature.unwrap_or(0.0);
+    if !t.is_finite() || !(0.0..=MAX_TEMPERATURE).contains(&t) {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!("{t} is out of range; allowed 0..={MAX_TEMPERATURE} (0 = deterministic)"),
+        ));
+    }
+    if let Some(p) = top_p {
+        if !p.is_finite() || p <= 0.0 || p > 1.0 {
+            return Err(ApiError::invalid(
+                "top_p",
+                format!("{p} is out of range; allowed (0, 1]"),
+            ));
+        }
+        if t == 0.0 {
+            return Err(ApiError::invalid(
+                "top_p",
+                "top_p applies to sampling: give a temperature > 0",
+            ));
+        }
+    }
+    if t == 0.0 {
+        return Ok(None);
+    }
+    if beam_size > 1 {
+        return Err(ApiError::invalid(
+            "temperature",
+            format!(
+                "sampling (temperature > 0) draws one hypothesis per sentence: use beam_size 1, \
+                 or temperature 0 for beam search (beam_size {beam_size})"
+            ),
+        ));
+    }
+    Ok(Some(Sampling {
+        temperature: t,
+        top_p,
+        seed: seed.unwrap_or_else(rand::random),
+    }))
 }
 
 async fn pick_model(state: &AppState, id: Option<i64>) -> ApiResult<ModelRow> {
@@ -240,6 +318,16 @@ async fn batcher_for(state: &AppState, m: &ModelRow) -> ApiResult<Arc<Batcher>> 
 async fn translate(state: AppState, c: TranslateRequest) -> ApiResult<Json<TranslateResponse>> {
     let t0 = Instant::now();
     let m = pick_model(&state, c.model).await?;
+    let kind = kind_of_manifest(&m.manifest_json);
+    if kind == crate::infer::engine::KIND_MARIAN && c.opts.beam_size > 1 {
+        return Err(ApiError::invalid(
+            "beam_size",
+            format!(
+                "model {} is a Marian model: it decodes greedily (beam_size 1) or sampled",
+                m.id
+            ),
+        ));
+    }
     let batcher = batcher_for(&state, &m).await?;
     let limit = MAX_SOURCE_WORDS.min(batcher.max_source_words());
     let mut words = Vec::with_capacity(c.texts.len());
@@ -283,10 +371,12 @@ async fn translate(state: AppState, c: TranslateRequest) -> ApiResult<Json<Trans
     let (tx, rx) = tokio::sync::oneshot::channel::<Result<Answer, InferError>>();
     let beam_size = c.opts.beam_size;
     let alpha = c.opts.alpha;
+    let sampling = c.sampling;
     batcher
         .submit(Job {
             words,
             opts: c.opts,
+            sampling,
             max_len: c.max_len,
             cancelled,
             reply: Box::new(move |r| {
@@ -315,8 +405,12 @@ async fn translate(state: AppState, c: TranslateRequest) -> ApiResult<Json<Trans
     Ok(Json(TranslateResponse {
         model: m.id,
         model_name: m.name,
+        model_kind: kind.to_string(),
         beam_size,
         alpha,
+        temperature: sampling.map_or(0.0, |s| s.temperature),
+        top_p: sampling.and_then(|s| s.top_p),
+        seed: sampling.map(|s| s.seed),
         translations: answer
             .translations
             .into_iter()

@@ -1,7 +1,8 @@
-//! Dynamic batching: one thread per loaded model owns the [`Translator`]; requests wait in a
+//! Dynamic batching: one thread per loaded model owns it (an [`Engine`]); requests wait in a
 //! bounded queue; the thread takes the first, then keeps collecting for at most `max_wait` or
 //! until the token budget is reached, and decodes what it collected in calls that share
-//! decoding options (beam size / alpha) and stay within the budget (source tokens × beam,
+//! decoding options (beam size / alpha, or the same temperature / top-p when sampling) and
+//! stay within the budget (source tokens × beam,
 //! `max_batch_tokens`): a request larger than the budget is split across calls, never decoded
 //! whole, so one request cannot take gigabytes. Requests whose caller has gone are dropped,
 //! not decoded. Each request is answered through its own callback. A full queue is refused at
@@ -11,11 +12,12 @@
 //! No tokio here: the server passes a callback that completes its own future.
 
 use super::decode::{DecodeOptions, Hypothesis};
+use super::engine::{Engine, SourceEncoder};
 use super::export::Manifest;
-use super::translator::{Translation, Translator};
+use super::sampling::Sampling;
+use super::translator::Translation;
 use super::InferError;
 use crate::config::Precision;
-use crate::data::WordTokenizer;
 use serde::Serialize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,6 +87,9 @@ pub type Reply = Box<dyn FnOnce(Result<Answer, InferError>) + Send>;
 pub struct Job {
     pub words: Vec<Vec<u32>>,
     pub opts: DecodeOptions,
+    /// Sample (temperature / top-p) instead of deterministic decoding; sentence `i` of the
+    /// request uses `seed + i`.
+    pub sampling: Option<Sampling>,
     pub max_len: Option<usize>,
     /// Set by the caller when it no longer wants the answer (timed out, disconnected): the
     /// request is then dropped, not decoded.
@@ -140,7 +145,7 @@ pub struct Batcher {
     capacity: usize,
     pub manifest: Manifest,
     pub compute: Precision,
-    src_tok: WordTokenizer,
+    src_tok: SourceEncoder,
     max_source_words: usize,
     max_output_tokens: usize,
     resident_bytes: usize,
@@ -148,16 +153,21 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn spawn(translator: Translator, cfg: BatcherConfig) -> Self {
+    /// Start the batching thread of a loaded model of any kind ([`Engine`]).
+    pub fn spawn(translator: impl Engine, cfg: BatcherConfig) -> Self {
+        Self::spawn_boxed(Box::new(translator), cfg)
+    }
+
+    pub fn spawn_boxed(translator: Box<dyn Engine>, cfg: BatcherConfig) -> Self {
         let (tx, rx) = mpsc::sync_channel::<Queued>(cfg.queue_capacity.max(1));
         let counters = Arc::new(Counters::default());
         let me = Self {
             tx,
             counters: counters.clone(),
             capacity: cfg.queue_capacity.max(1),
-            manifest: translator.manifest.clone(),
-            compute: translator.compute,
-            src_tok: translator.src_tokenizer().clone(),
+            manifest: translator.manifest().clone(),
+            compute: translator.compute(),
+            src_tok: translator.source_encoder(),
             max_source_words: translator.max_source_words(),
             max_output_tokens: translator.max_output_tokens(),
             resident_bytes: translator.resident_bytes(),
@@ -247,8 +257,14 @@ fn same_kind(a: &DecodeOptions, b: &DecodeOptions) -> bool {
         && a.ignore_eos == b.ignore_eos
 }
 
+/// Requests that can share one decode call: same options, and both deterministic or both
+/// sampled with the same temperature and top-p (seeds are per sentence).
+fn same_job_kind(a: &Job, b: &Job) -> bool {
+    same_kind(&a.opts, &b.opts) && Sampling::same_shape(a.sampling.as_ref(), b.sampling.as_ref())
+}
+
 fn run(
-    translator: Translator,
+    translator: Box<dyn Engine>,
     rx: mpsc::Receiver<Queued>,
     cfg: BatcherConfig,
     counters: Arc<Counters>,
@@ -295,12 +311,14 @@ fn run(
         }
         // one kind of options at a time, in arrival order of the kinds
         while !group.is_empty() {
-            let opts = group[0].job.opts.clone();
-            let (batch, rest): (Vec<Queued>, Vec<Queued>) = group
+            let head = group.remove(0);
+            let opts = head.job.opts.clone();
+            let (mut batch, rest): (Vec<Queued>, Vec<Queued>) = group
                 .into_iter()
-                .partition(|q| same_kind(&q.job.opts, &opts));
+                .partition(|q| same_job_kind(&q.job, &head.job));
+            batch.insert(0, head);
             group = rest;
-            decode_kind(&translator, batch, &opts, &cfg, &counters);
+            decode_kind(translator.as_ref(), batch, &opts, &cfg, &counters);
         }
         dirty = true;
     }
@@ -320,7 +338,7 @@ struct Pending {
 /// `max_batch_sentences`, splitting a request across calls when it is larger than that, and
 /// skipping requests whose caller has gone (timed out, disconnected).
 fn decode_kind(
-    translator: &Translator,
+    translator: &dyn Engine,
     batch: Vec<Queued>,
     opts: &DecodeOptions,
     cfg: &BatcherConfig,
@@ -380,7 +398,7 @@ fn decode_kind(
 }
 
 fn decode_chunk(
-    translator: &Translator,
+    translator: &dyn Engine,
     pending: &mut [Pending],
     chunk: &[(usize, usize)],
     opts: &DecodeOptions,
@@ -389,13 +407,19 @@ fn decode_chunk(
     let start = Instant::now();
     let mut words = Vec::with_capacity(chunk.len());
     let mut limits = Vec::with_capacity(chunk.len());
+    let mut sampling = Vec::new();
     for &(r, i) in chunk {
         let job = &pending[r].q.job;
         limits.push(translator.limit(job.words[i].len(), job.max_len));
         words.push(job.words[i].clone());
+        if let Some(s) = &job.sampling {
+            sampling.push(s.for_sentence(i));
+        }
     }
+    // a chunk is all sampled or all deterministic (`same_job_kind`)
+    let sampling = (sampling.len() == chunk.len()).then_some(sampling.as_slice());
     let result = catch_unwind(AssertUnwindSafe(|| {
-        translator.decode_words(&words, &limits, opts)
+        translator.decode_batch(&words, &limits, opts, sampling)
     }))
     .unwrap_or_else(|p| {
         let msg = p
@@ -434,7 +458,7 @@ fn decode_chunk(
     }
 }
 
-fn answer(translator: &Translator, p: Pending, counters: &Counters) {
+fn answer(translator: &dyn Engine, p: Pending, counters: &Counters) {
     counters.requests.fetch_add(1, Ordering::Relaxed);
     if let Some(msg) = p.failed {
         (p.q.job.reply)(Err(InferError::Decode(msg)));
@@ -474,7 +498,9 @@ fn answer(translator: &Translator, p: Pending, counters: &Counters) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::WordTokenizer;
     use crate::infer::export::{Manifest, ModelConfig};
+    use crate::infer::Translator;
     use crate::model::{Config, Transformer};
     use candle_core::Device;
     use std::sync::mpsc::channel;
@@ -544,6 +570,7 @@ mod tests {
             Job {
                 words: vec![b.encode("a b c")],
                 opts: DecodeOptions::default(),
+                sampling: None,
                 max_len: Some(4),
                 cancelled: Arc::default(),
                 reply: Box::new(move |r| {

@@ -3,7 +3,6 @@
 //! drops the cache's handle, and the thread ends once its in-flight requests are answered.
 
 use super::batcher::{Batcher, BatcherConfig, BatcherStats};
-use super::translator::Translator;
 use super::InferError;
 use crate::config::Precision;
 use candle_core::Device;
@@ -86,8 +85,8 @@ impl ModelCache {
         if let Some(b) = self.get(id) {
             return Ok(b);
         }
-        let t = Translator::load(dir, &self.device, self.cfg.compute)?;
-        let b = Arc::new(Batcher::spawn(t, self.cfg.batcher.clone()));
+        let t = super::engine::load(dir, &self.device, self.cfg.compute)?;
+        let b = Arc::new(Batcher::spawn_boxed(t, self.cfg.batcher.clone()));
         let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         e.push(Entry {
             id,
@@ -127,8 +126,8 @@ impl ModelCache {
         tsv: &Path,
         beam_size: usize,
     ) -> Result<super::EvalReport, InferError> {
-        let t = super::Translator::load(dir, &self.device, self.cfg.compute)?;
-        Ok(super::evaluate_tsv(&t, tsv, beam_size, 32)?.0)
+        let t = super::engine::load(dir, &self.device, self.cfg.compute)?;
+        Ok(super::evaluate_tsv(t.as_ref(), tsv, beam_size, 32)?.0)
     }
 
     pub fn unload(&self, id: i64) -> bool {

@@ -4,7 +4,7 @@
 //! scorers are the pure functions of `train::metrics` (no I/O, no model).
 
 use super::decode::DecodeOptions;
-use super::{InferError, Translator};
+use super::{Engine, InferError};
 use crate::train::metrics;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -31,7 +31,7 @@ pub struct EvalReport {
 /// sentences) and score the hypotheses against the references. Returns the report and the
 /// hypotheses, in file order.
 pub fn evaluate_tsv(
-    t: &Translator,
+    t: &dyn Engine,
     tsv: &Path,
     beam_size: usize,
     batch: usize,
@@ -45,7 +45,7 @@ pub fn evaluate_tsv(
     for chunk in corpus.pairs.chunks(batch.max(1)) {
         let texts: Vec<&str> = chunk.iter().map(|p| p.src.as_str()).collect();
         hyps.extend(
-            t.translate(&texts, &opts, None)?
+            t.translate_texts(&texts, &opts, None)?
                 .into_iter()
                 .map(|r| r.text),
         );

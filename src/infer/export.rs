@@ -158,7 +158,7 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-fn file_entry(path: &Path) -> Result<FileEntry, InferError> {
+pub fn file_entry(path: &Path) -> Result<FileEntry, InferError> {
     Ok(FileEntry {
         sha256: checkpoint::sha256_file(path)?,
         size_bytes: fs::metadata(path)?.len(),

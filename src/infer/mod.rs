@@ -1,14 +1,19 @@
 //! Translation from exported models: export (f16 model directories with checksums), decoding
 //! with the KV cache (batched greedy and beam search), the loaded [`Translator`], the dynamic
-//! [`Batcher`] (one thread per model) and the [`ModelCache`] of loaded models.
+//! [`Batcher`] (one thread per model) and the [`ModelCache`] of loaded models. Pretrained
+//! MarianMT checkpoints ([`marian`]) load through the same [`Engine`] seam, and every kind can
+//! sample ([`sampling`]).
 //!
 //! No tokio/sqlx/axum here: the server wraps these in its handlers.
 
 pub mod batcher;
 pub mod cache;
 pub mod decode;
+pub mod engine;
 pub mod evaluate;
 pub mod export;
+pub mod marian;
+pub mod sampling;
 pub mod translator;
 
 pub use batcher::{
@@ -17,8 +22,11 @@ pub use batcher::{
 };
 pub use cache::{CacheConfig, ModelCache};
 pub use decode::{DecodeOptions, Hypothesis};
+pub use engine::{kind_of_manifest, Engine, SourceEncoder};
 pub use evaluate::{evaluate_tsv, EvalReport};
 pub use export::{CheckpointChoice, Manifest, ModelConfig};
+pub use marian::{MarianImport, MarianTranslator};
+pub use sampling::Sampling;
 pub use translator::{default_compute, Translation, Translator};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +37,9 @@ pub enum InferError {
     /// The model was deleted (possibly while this request waited for it to load).
     #[error("model {0} was deleted")]
     Deleted(i64),
+    /// Files a model directory must hold are not there (every missing one is named).
+    #[error("{dir} is missing {}", files.join(", "))]
+    Missing { dir: String, files: Vec<String> },
     /// A model directory or checkpoint is unusable (bad manifest, checksum mismatch, ...).
     #[error("{0}")]
     Invalid(String),

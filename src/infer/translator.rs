@@ -2,6 +2,7 @@
 
 use super::decode::{self, DecodeOptions, Hypothesis};
 use super::export::{self, Manifest, ModelConfig};
+use super::sampling::Sampling;
 use super::InferError;
 use crate::amp::Autocast;
 use crate::config::{Precision, UnkPolicy};
@@ -164,7 +165,34 @@ impl Translator {
         limits: &[usize],
         opts: &DecodeOptions,
     ) -> Result<Vec<Hypothesis>, InferError> {
-        let src: Vec<Vec<u32>> = words
+        let src = self.frame_sources(words);
+        let opts = self.effective_options(opts);
+        Ok(decode::decode(&self.model, &self.ac, &src, limits, &opts)?)
+    }
+
+    /// Sampled decoding ([`super::sampling`]), one [`Sampling`] per sentence.
+    pub fn sample_words(
+        &self,
+        words: &[Vec<u32>],
+        limits: &[usize],
+        opts: &DecodeOptions,
+        sampling: &[Sampling],
+    ) -> Result<Vec<Hypothesis>, InferError> {
+        let src = self.frame_sources(words);
+        let opts = self.effective_options(opts);
+        Ok(super::sampling::sample_transformer(
+            &self.model,
+            &self.ac,
+            &src,
+            limits,
+            &opts,
+            sampling,
+        )?)
+    }
+
+    /// `[SOS] words [EOS]`, the words cut to what the positions allow.
+    fn frame_sources(&self, words: &[Vec<u32>]) -> Vec<Vec<u32>> {
+        words
             .iter()
             .map(|w| {
                 let mut v = Vec::with_capacity(w.len() + 2);
@@ -173,13 +201,17 @@ impl Translator {
                 v.push(EOS_ID);
                 v
             })
-            .collect();
+            .collect()
+    }
+
+    /// The options as this model's unk policy has them.
+    fn effective_options(&self, opts: &DecodeOptions) -> DecodeOptions {
         let mut opts = opts.clone();
         if self.config.unk_policy == UnkPolicy::Drop {
             // the `drop` policy: [UNK] may win, and is left out of the text
             opts.ban_unk = false;
         }
-        Ok(decode::decode(&self.model, &self.ac, &src, limits, &opts)?)
+        opts
     }
 
     /// Turn hypotheses back into text.
