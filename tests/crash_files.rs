@@ -11,11 +11,11 @@ use serde_json::json;
 use std::path::Path;
 use std::sync::Arc;
 
-const TATOEBA: &str = "../shared/data/tatoeba-en-it/train.en-it.tsv";
+const TATOEBA: &str = "data/tatoeba-en-it/train.en-it.tsv";
 
 fn corpus_lines(skip: usize, take: usize) -> String {
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(TATOEBA))
-        .expect("the Tatoeba corpus in ../shared/data");
+        .expect("the bundled Tatoeba corpus in data/");
     let mut s: String = text
         .lines()
         .skip(skip)
