@@ -10,12 +10,12 @@
 //!
 //! No tokio here: the server passes a callback that completes its own future.
 
-use super::decode::{DecodeOptions, Hypothesis};
 use super::export::Manifest;
 use super::translator::{Translation, Translator};
 use super::InferError;
 use crate::config::Precision;
 use crate::data::WordTokenizer;
+use crate::generation::{DecodeOptions, Hypothesis};
 use serde::Serialize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

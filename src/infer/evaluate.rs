@@ -3,8 +3,8 @@
 //! is comparable with published figures and with the PyTorch reference's `score.py`. The
 //! scorers are the pure functions of `train::metrics` (no I/O, no model).
 
-use super::decode::DecodeOptions;
 use super::{InferError, Translator};
+use crate::generation::DecodeOptions;
 use crate::train::metrics;
 use serde::{Deserialize, Serialize};
 use std::path::Path;

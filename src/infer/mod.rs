@@ -1,22 +1,21 @@
-//! Translation from exported models: export (f16 model directories with checksums), decoding
-//! with the KV cache (batched greedy and beam search), the loaded [`Translator`], the dynamic
+//! Translation from exported models: export (f16 model directories with checksums), the loaded
+//! [`Translator`] (decoding itself is `crate::generation`, shared with validation), the dynamic
 //! [`Batcher`] (one thread per model) and the [`ModelCache`] of loaded models.
 //!
 //! No tokio/sqlx/axum here: the server wraps these in its handlers.
 
 pub mod batcher;
 pub mod cache;
-pub mod decode;
 pub mod evaluate;
 pub mod export;
 pub mod translator;
 
+pub use crate::generation::{DecodeOptions, Hypothesis};
 pub use batcher::{
     sentence_cost, set_release_memory, Answer, Batcher, BatcherConfig, BatcherStats, Job,
     SubmitError,
 };
 pub use cache::{CacheConfig, ModelCache};
-pub use decode::{DecodeOptions, Hypothesis};
 pub use evaluate::{evaluate_tsv, EvalReport};
 pub use export::{CheckpointChoice, Manifest, ModelConfig};
 pub use translator::{default_compute, Translation, Translator};
