@@ -2,7 +2,7 @@
 //! precision (autocast, f32 master weights, dynamic loss scaling) and serve translations.
 //!
 //! Library modules `config`, `amp`, `ops`, `kernels`, `model`, `optim`, `data`, `generation`,
-//! `checkpoint`, `train`, `infer` never import tokio, sqlx or axum; the server (`store`, `worker`, `http`) is built on
+//! `checkpoint`, `scores`, `train`, `infer` never import tokio, sqlx or axum; the server (`store`, `worker`, `http`) is built on
 //! top of them.
 
 pub mod amp;
@@ -21,6 +21,7 @@ pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod scores;
 pub mod store;
 pub mod tempfiles;
 pub mod train;

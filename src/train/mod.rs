@@ -4,7 +4,6 @@
 
 pub mod early_stop;
 pub mod events;
-pub mod metrics;
 mod runner;
 pub mod tensorboard;
 
