@@ -5,12 +5,13 @@
 //! accumulation adds in candle's backward pass).
 
 use super::dropout::DropMask;
+use super::fused::{Arg, Fused2, Grads, Op, Out};
 use super::plumbing::{
     add_into, dtype_err, ensure_float, load_f32, map_rows, par_row_blocks, shape_err,
     tensor_from_cpu, CpuTensor,
 };
 use super::{with_float, Elem, Rows};
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{Layout, Result, Shape, Tensor};
 
 const OP: &str = "bias_act";
 
@@ -65,14 +66,12 @@ pub fn bias_act(
     if !y.device().is_cpu() {
         return reference(y, b, relu, drop, out_shape);
     }
-    y.apply_op2(
-        b,
-        BiasAct {
-            relu,
-            drop: drop.cloned(),
-            out_shape: Shape::from(out_shape.to_vec()),
-        },
-    )
+    let op = BiasAct {
+        relu,
+        drop: drop.cloned(),
+        out_shape: Shape::from(out_shape.to_vec()),
+    };
+    y.apply_op2(b, Op(op))
 }
 
 struct BiasAct {
@@ -81,18 +80,10 @@ struct BiasAct {
     out_shape: Shape,
 }
 
-impl CustomOp2 for BiasAct {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused2 for BiasAct {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let b = load_f32(OP, s2, l2)?;
         let n = b.len();
         let relu = self.relu;
@@ -118,13 +109,7 @@ impl CustomOp2 for BiasAct {
         Ok((storage, self.out_shape.clone()))
     }
 
-    fn bwd(
-        &self,
-        y: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [y, b]: [&Tensor; 2], res: &Tensor, grad_res: &Tensor) -> Grads<2> {
         let n = y.dim(candle_core::D::Minus1)?;
         let rows = y.elem_count() / n.max(1);
         let g = grad_res.to_dtype(y.dtype())?;
@@ -140,7 +125,7 @@ impl CustomOp2 for BiasAct {
         });
         let dy = tensor_from_cpu(OP, dy, (rows, n))?.reshape(y.shape())?;
         let db = Tensor::from_vec(db, n, y.device())?.to_dtype(b.dtype())?;
-        Ok((Some(dy), Some(db)))
+        Ok([Some(dy), Some(db)])
     }
 }
 

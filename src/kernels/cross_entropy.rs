@@ -1,8 +1,9 @@
 //! Label-smoothed cross-entropy with an ignore index, fused forward and gradient.
 
+use super::fused::{Arg, Fused2, Grads, Op, Out};
 use super::plumbing::{dtype_err, ensure_float, par_row_blocks, par_rows, shape_err};
 use super::{fast_exp, max_f32, with_float, Elem, KernelError, Rows};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::Mutex;
 
 const OP: &str = "cross_entropy_ls";
@@ -43,14 +44,12 @@ pub fn cross_entropy_ls(
         targets.to_dtype(DType::U32)?
     };
     if logits.device().is_cpu() && v > 0 {
-        logits.apply_op2(
-            &targets,
-            CrossEntropy {
-                pad_id,
-                eps: eps as f32,
-                lse: Mutex::new(None),
-            },
-        )
+        let op = CrossEntropy {
+            pad_id,
+            eps: eps as f32,
+            lse: Mutex::new(None),
+        };
+        logits.apply_op2(&targets, Op(op))
     } else {
         reference(logits, &targets, pad_id, eps)
     }
@@ -173,18 +172,10 @@ fn ce_fwd<T: Elem>(
     (total, lse)
 }
 
-impl CustomOp2 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused2 for CrossEntropy {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let targets = u32_slice(s2, l2)?;
         let v = l1.dims()[1];
         let n_valid = check_targets(&targets, v, self.pad_id)?;
@@ -206,13 +197,7 @@ impl CustomOp2 for CrossEntropy {
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [logits, targets]: [&Tensor; 2], _res: &Tensor, grad_res: &Tensor) -> Grads<2> {
         let g = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let lse = self.lse.lock().ok().and_then(|mut s| s.take());
         let op = CrossEntropyBwd {
@@ -221,7 +206,7 @@ impl CustomOp2 for CrossEntropy {
             grad: g,
             lse,
         };
-        Ok((Some(logits.apply_op2_no_bwd(targets, &op)?), None))
+        Ok([Some(logits.apply_op2_no_bwd(targets, &Op(op))?), None])
     }
 }
 
@@ -276,18 +261,10 @@ fn ce_bwd<T: Elem>(
     out
 }
 
-impl CustomOp2 for CrossEntropyBwd {
-    fn name(&self) -> &'static str {
-        "cross_entropy_ls_bwd"
-    }
+impl Fused2 for CrossEntropyBwd {
+    const NAME: &'static str = "cross_entropy_ls_bwd";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let targets = u32_slice(s2, l2)?;
         let v = l1.dims()[1];
         let n_valid = check_targets(&targets, v, self.pad_id)?;

@@ -2,9 +2,10 @@
 //! op on the gradient. [`DropMask`] is shared with the fused epilogues (`bias_act`,
 //! `residual_dropout`) that apply a mask in their own pass.
 
+use super::fused::{Arg, Fused1, Grads, Op, Out};
 use super::plumbing::{ensure_float, map_rows, shape_err};
 use super::{with_float, Elem};
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{Result, Shape, Tensor};
 use rand::Rng;
 use std::sync::Arc;
 
@@ -104,24 +105,22 @@ pub fn dropout(x: &Tensor, m: &DropMask) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return reference(x, m);
     }
-    x.apply_op1(Dropout { m: m.clone() })
+    x.apply_op1(Op(Dropout { m: m.clone() }))
 }
 
 /// The mask applied to a tensor outside the graph (a gradient in a backward pass).
 pub(crate) fn apply_mask(g: &Tensor, m: &DropMask) -> Result<Tensor> {
-    g.apply_op1_no_bwd(&Dropout { m: m.clone() })
+    g.apply_op1_no_bwd(&Op(Dropout { m: m.clone() }))
 }
 
 struct Dropout {
     m: DropMask,
 }
 
-impl CustomOp1 for Dropout {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused1 for Dropout {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s, l): Arg) -> Out {
         let d = l.dims().last().copied().unwrap_or(1);
         let m = &self.m;
         let storage = with_float!(s, OP, |x: T| {
@@ -134,9 +133,9 @@ impl CustomOp1 for Dropout {
         Ok((storage, l.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, [arg]: [&Tensor; 1], _res: &Tensor, grad_res: &Tensor) -> Grads<1> {
         let g = grad_res.to_dtype(arg.dtype())?;
-        Ok(Some(apply_mask(&g, &self.m)?))
+        Ok([Some(apply_mask(&g, &self.m)?)])
     }
 }
 

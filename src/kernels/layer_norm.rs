@@ -1,8 +1,9 @@
 //! Layer normalisation (tutorial or standard form), fused forward and one-pass backward.
 
+use super::fused::{Arg, Fused3, Grads, Op, Out};
 use super::plumbing::{add_into, ensure_float, load_f32, map_rows, par_row_blocks, shape_err};
 use super::{sum_f32, with_float, with_out_dtype, Elem, Rows};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{DType, Layout, Result, Tensor, D};
 use std::sync::Mutex;
 
 const OP: &str = "layer_norm";
@@ -34,15 +35,12 @@ pub fn layer_norm(
     }
     ensure_float(OP, &[out, x.dtype()])?;
     if x.device().is_cpu() {
-        x.apply_op3(
-            alpha,
-            beta,
-            LayerNorm {
-                eps: eps as f32,
-                tutorial,
-                out,
-            },
-        )
+        let op = LayerNorm {
+            eps: eps as f32,
+            tutorial,
+            out,
+        };
+        x.apply_op3(alpha, beta, Op(op))
     } else {
         reference(x, alpha, beta, eps, tutorial, out)
     }
@@ -113,20 +111,10 @@ fn ln_fwd<T: Elem, O: Elem>(
     })
 }
 
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused3 for LayerNorm {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg, (s3, l3): Arg) -> Out {
         let alpha = load_f32(OP, s2, l2)?;
         let beta = load_f32(OP, s3, l3)?;
         let storage = with_float!(s1, OP, |x: T| with_out_dtype!(self.out, OP, |O| {
@@ -142,22 +130,16 @@ impl CustomOp3 for LayerNorm {
         Ok((storage, l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        alpha: &Tensor,
-        beta: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = LayerNormBwd {
+    fn bwd(&self, [x, alpha, beta]: [&Tensor; 3], _res: &Tensor, grad_res: &Tensor) -> Grads<3> {
+        let op = Op(LayerNormBwd {
             eps: self.eps,
             tutorial: self.tutorial,
             out: x.dtype(),
             param_grads: Mutex::new(None),
-        };
+        });
         let dx = x.apply_op3_no_bwd(alpha, grad_res, &op)?;
         let (da, db) = op
+            .0
             .param_grads
             .lock()
             .map_err(|_| candle_core::Error::Msg("layer_norm_bwd: poisoned lock".into()))?
@@ -166,7 +148,7 @@ impl CustomOp3 for LayerNorm {
         let dev = x.device();
         let da = Tensor::from_vec(da, alpha.shape(), dev)?.to_dtype(alpha.dtype())?;
         let db = Tensor::from_vec(db, beta.shape(), dev)?.to_dtype(beta.dtype())?;
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok([Some(dx), Some(da), Some(db)])
     }
 }
 
@@ -235,20 +217,10 @@ fn ln_bwd<T: Elem, G: Elem, O: Elem>(
     (dx, grads)
 }
 
-impl CustomOp3 for LayerNormBwd {
-    fn name(&self) -> &'static str {
-        "layer_norm_bwd"
-    }
+impl Fused3 for LayerNormBwd {
+    const NAME: &'static str = "layer_norm_bwd";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg, (s3, l3): Arg) -> Out {
         let alpha = load_f32(OP, s2, l2)?;
         let (storage, grads) = with_float!(s1, OP, |x: T| with_float!(s3, OP, |g: G| {
             with_out_dtype!(self.out, OP, |O| {

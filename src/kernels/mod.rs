@@ -27,6 +27,7 @@ mod bias_act;
 mod cross_entropy;
 mod dropout;
 mod elem;
+mod fused;
 mod layer_norm;
 mod linear;
 mod math;

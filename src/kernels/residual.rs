@@ -2,9 +2,10 @@
 //! float dtype) is upcast, masked and added in one pass, the output f32.
 
 use super::dropout::{apply_mask, DropMask};
+use super::fused::{Arg, Fused2, Grads, Op, Out};
 use super::plumbing::{dtype_err, f32_slice, map_rows2, shape_err};
 use super::{is_float, with_float};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Result, Tensor};
 
 const OP: &str = "residual_dropout";
 const EXPECTED: &str = "an f32 residual and an f32, bf16 or f16 sublayer output";
@@ -41,30 +42,20 @@ pub fn residual_dropout(x: &Tensor, sub: &Tensor, drop: Option<&DropMask>) -> Re
     if !x.device().is_cpu() {
         return reference(x, sub, drop);
     }
-    x.apply_op2(
-        sub,
-        ResidualDropout {
-            drop: drop.cloned(),
-        },
-    )
+    let op = ResidualDropout {
+        drop: drop.cloned(),
+    };
+    x.apply_op2(sub, Op(op))
 }
 
 struct ResidualDropout {
     drop: Option<DropMask>,
 }
 
-impl CustomOp2 for ResidualDropout {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused2 for ResidualDropout {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let x = f32_slice(OP, s1, "an f32 residual")?;
         let d = l1.dims().last().copied().unwrap_or(1);
         let drop = self.drop.as_ref();
@@ -86,18 +77,12 @@ impl CustomOp2 for ResidualDropout {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        sub: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [_x, sub]: [&Tensor; 2], _res: &Tensor, grad_res: &Tensor) -> Grads<2> {
         let dsub = match &self.drop {
             Some(m) => apply_mask(&grad_res.to_dtype(sub.dtype())?, m)?,
             None => grad_res.to_dtype(sub.dtype())?,
         };
-        Ok((Some(grad_res.clone()), Some(dsub)))
+        Ok([Some(grad_res.clone()), Some(dsub)])
     }
 }
 

@@ -1,8 +1,9 @@
 //! `softmax(scores * scale + mask)` over the last dim, fused forward and backward.
 
+use super::fused::{Arg, Fused2, Grads, Op, Out};
 use super::plumbing::{ensure_float, f32_slice, map_rows2, shape_err};
 use super::{fast_exp, max_f32, with_float, with_out_dtype, Elem};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Layout, Result, Tensor};
 
 const OP: &str = "masked_softmax";
 
@@ -30,13 +31,11 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) ->
         )
     })?;
     if scores.device().is_cpu() && scores.rank() >= 1 {
-        scores.apply_op2(
-            &mask,
-            MaskedSoftmax {
-                scale: scale as f32,
-                out,
-            },
-        )
+        let op = MaskedSoftmax {
+            scale: scale as f32,
+            out,
+        };
+        scores.apply_op2(&mask, Op(op))
     } else {
         reference(scores, &mask, scale, out)
     }
@@ -94,18 +93,10 @@ fn softmax_fwd<T: Elem, O: Elem>(
     })
 }
 
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused2 for MaskedSoftmax {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let mask = f32_slice(OP, s2, "f32 mask")?;
         let storage = with_float!(s1, OP, |s: T| with_out_dtype!(self.out, OP, |O| {
             O::wrap(softmax_fwd::<T, O>(s, l1, mask, l2, self.scale))
@@ -113,21 +104,13 @@ impl CustomOp2 for MaskedSoftmax {
         Ok((storage, l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        scores: &Tensor,
-        _mask: &Tensor,
-        res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = res.apply_op2_no_bwd(
-            grad_res,
-            &SoftmaxBwd {
-                scale: self.scale,
-                out: scores.dtype(),
-            },
-        )?;
-        Ok((Some(g), None))
+    fn bwd(&self, [scores, _mask]: [&Tensor; 2], res: &Tensor, grad_res: &Tensor) -> Grads<2> {
+        let op = SoftmaxBwd {
+            scale: self.scale,
+            out: scores.dtype(),
+        };
+        let g = res.apply_op2_no_bwd(grad_res, &Op(op))?;
+        Ok([Some(g), None])
     }
 }
 
@@ -152,18 +135,10 @@ fn softmax_bwd<Y: Elem, G: Elem, O: Elem>(
     })
 }
 
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "masked_softmax_bwd"
-    }
+impl Fused2 for SoftmaxBwd {
+    const NAME: &'static str = "masked_softmax_bwd";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let storage = with_float!(s1, OP, |y: Y| with_float!(s2, OP, |g: G| {
             with_out_dtype!(self.out, OP, |O| O::wrap(softmax_bwd::<Y, G, O>(
                 y, l1, g, l2, self.scale

@@ -24,7 +24,8 @@ mod tests;
 
 use super::plumbing::dtype_err;
 use super::KernelError;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use crate::kernels::fused::{Arg, Fused2, Grads, Op, Out};
+use candle_core::{CpuStorage, DType, Result, Shape, Tensor, D};
 use std::sync::OnceLock;
 
 const OP: &str = "bf16_matmul";
@@ -143,14 +144,14 @@ pub(crate) fn matmul_with(a: &Tensor, b: &Tensor, kernel: Kernel) -> Result<Tens
             out_dims[ra - 1] = b.dim(1)?;
             return a
                 .reshape((batch * m, k))?
-                .apply_op2(b, Bf16Matmul { kernel })?
+                .apply_op2(b, Op(Bf16Matmul { kernel }))?
                 .reshape(out_dims);
         }
         let mut b_dims = a.dims()[..ra - 2].to_vec();
         b_dims.extend_from_slice(b.dims());
-        return a.apply_op2(&b.broadcast_as(b_dims)?, Bf16Matmul { kernel });
+        return a.apply_op2(&b.broadcast_as(b_dims)?, Op(Bf16Matmul { kernel }));
     }
-    a.apply_op2(b, Bf16Matmul { kernel })
+    a.apply_op2(b, Op(Bf16Matmul { kernel }))
 }
 
 struct Bf16Matmul {
@@ -162,18 +163,10 @@ fn as_u16(s: &[half::bf16]) -> &[u16] {
     unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len()) }
 }
 
-impl CustomOp2 for Bf16Matmul {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused2 for Bf16Matmul {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let (CpuStorage::BF16(a), CpuStorage::BF16(b)) = (s1, s2) else {
             return Err(dtype_err(
                 OP,
@@ -189,15 +182,12 @@ impl CustomOp2 for Bf16Matmul {
         Ok((CpuStorage::BF16(out), Shape::from(dims)))
     }
 
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [a, b]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let g = grad.to_dtype(DType::BF16)?;
-        let raw = |x: &Tensor, y: &Tensor| x.apply_op2_no_bwd(y, self);
+        let op = Op(Bf16Matmul {
+            kernel: self.kernel,
+        });
+        let raw = |x: &Tensor, y: &Tensor| x.apply_op2_no_bwd(y, &op);
         let da = raw(&g, &b.t()?)?;
         let rb = b.rank();
         let (b_rs, b_cs) = (b.stride()[rb - 2], b.stride()[rb - 1]);
@@ -207,6 +197,6 @@ impl CustomOp2 for Bf16Matmul {
         } else {
             raw(&a.t()?, &g)?
         };
-        Ok((Some(da), Some(db)))
+        Ok([Some(da), Some(db)])
     }
 }
