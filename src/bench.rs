@@ -336,7 +336,7 @@ fn percentile(v: &[f64], q: f64) -> f64 {
 /// words, exactly `gen_tokens` generated tokens (EOS banned), per compute dtype, beam and batch.
 pub fn run_translate_bench(a: &BenchTranslateArgs) -> anyhow::Result<()> {
     use crate::amp::Autocast;
-    use crate::infer::decode::{self, DecodeOptions};
+    use crate::generation::{self as decode, DecodeOptions};
     let p = preset(&a.size)?;
     let dev = crate::cli::parse_device(&a.device)?;
     let list = |s: &str| -> anyhow::Result<Vec<usize>> {

@@ -12,14 +12,13 @@
 //! embeddings, layer norms, softmax, the residual stream and the loss are f32.
 
 use crate::amp::Autocast;
+use crate::data::PAD_ID;
 use crate::ops;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
-
-pub const PAD_ID: u32 = 1;
 
 /// The one weight of a model with tied embeddings: (vocab, d_model).
 pub const SHARED_EMBED: &str = "shared_embed.weight";

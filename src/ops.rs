@@ -1,13 +1,13 @@
 //! The differentiable building blocks the model trains with, in one place so fast fused kernels
-//! can replace the straightforward candle compositions without touching the model. Each
-//! composition here is also the reference the fused kernels are tested against.
+//! can replace the straightforward candle compositions without touching the model.
 //!
 //! candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward, so training
 //! never uses them. The public functions dispatch to the fused CPU kernels in `crate::kernels`
 //! (each a candle `CustomOp` with its own backward; they fall back to candle compositions off the
-//! CPU); `reference` holds the straightforward compositions they are tested against. Set
+//! CPU); `kernels::reference` holds the straightforward compositions they are tested against. Set
 //! `AMPSERVE_REFERENCE_OPS=1` to train with the reference ops (for comparisons).
 
+use crate::kernels;
 use candle_core::{DType, Result, Tensor};
 use rand::SeedableRng;
 
@@ -36,10 +36,10 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if use_reference() {
         return reference::matmul(a, b);
     }
-    crate::kernels::matmul(a, b)
+    kernels::matmul(a, b)
 }
 
-/// Layer norm (see `reference::layer_norm`), fused.
+/// Layer norm (see `kernels::reference::layer_norm`), fused.
 pub fn layer_norm(
     x: &Tensor,
     alpha: &Tensor,
@@ -49,20 +49,21 @@ pub fn layer_norm(
     out: DType,
 ) -> Result<Tensor> {
     if use_reference() {
-        return reference::layer_norm(x, alpha, beta, eps, tutorial, out);
+        return kernels::reference::layer_norm(x, alpha, beta, eps, tutorial, out);
     }
-    crate::kernels::layer_norm(x, alpha, beta, eps, tutorial, out)
+    kernels::layer_norm(x, alpha, beta, eps, tutorial, out)
 }
 
-/// Masked softmax (see `reference::masked_softmax`), fused.
+/// Masked softmax (see `kernels::reference::masked_softmax`), fused.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) -> Result<Tensor> {
     if use_reference() {
-        return reference::masked_softmax(scores, mask, scale, out);
+        return kernels::reference::masked_softmax(scores, mask, scale, out);
     }
-    crate::kernels::masked_softmax(scores, mask, scale, out)
+    kernels::masked_softmax(scores, mask, scale, out)
 }
 
-/// Label-smoothed cross-entropy (see `reference::cross_entropy_ls`), fused with its gradient.
+/// Label-smoothed cross-entropy (see `kernels::reference::cross_entropy_ls`), fused with its
+/// gradient.
 pub fn cross_entropy_ls(
     logits: &Tensor,
     targets: &Tensor,
@@ -70,9 +71,9 @@ pub fn cross_entropy_ls(
     eps: f64,
 ) -> Result<Tensor> {
     if use_reference() {
-        return reference::cross_entropy_ls(logits, targets, pad_id, eps);
+        return kernels::reference::cross_entropy_ls(logits, targets, pad_id, eps);
     }
-    crate::kernels::cross_entropy_ls(logits, targets, pad_id, eps)
+    kernels::cross_entropy_ls(logits, targets, pad_id, eps)
 }
 
 pub use crate::kernels::DropMask;
@@ -82,9 +83,9 @@ pub use reference::log_softmax;
 /// (see `kernels::linear`).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if use_reference() {
-        return crate::kernels::reference::linear(x, w, reference::matmul);
+        return kernels::reference::linear(x, w, reference::matmul);
     }
-    crate::kernels::linear(x, w)
+    kernels::linear(x, w)
 }
 
 /// `dropout(act(y + b))` for a linear output `y` (..., n) and bias `b` (n), reshaped to
@@ -97,36 +98,31 @@ pub fn bias_act(
     out_shape: &[usize],
 ) -> Result<Tensor> {
     if use_reference() {
-        return reference::bias_act(y, b, relu, drop, out_shape);
+        return kernels::reference::bias_act(y, b, relu, drop, out_shape);
     }
-    crate::kernels::bias_act(y, b, relu, drop, out_shape)
+    kernels::bias_act(y, b, relu, drop, out_shape)
 }
 
 /// Inverted dropout with a byte mask (see `kernels::dropout`).
 pub fn dropout_with(x: &Tensor, m: &DropMask) -> Result<Tensor> {
     if use_reference() {
-        return reference::dropout(x, m);
+        return kernels::reference::dropout(x, m);
     }
-    crate::kernels::dropout(x, m)
+    kernels::dropout(x, m)
 }
 
 /// `x + dropout(sub)` into the f32 residual stream (see `kernels::residual_dropout`).
 pub fn residual_dropout(x: &Tensor, sub: &Tensor, drop: Option<&DropMask>) -> Result<Tensor> {
     if use_reference() {
-        return reference::residual_dropout(x, sub, drop);
+        return kernels::reference::residual_dropout(x, sub, drop);
     }
-    crate::kernels::residual_dropout(x, sub, drop)
+    kernels::residual_dropout(x, sub, drop)
 }
 
-/// The straightforward differentiable compositions of candle ops.
+/// The plain candle compositions of the ops that have no fused kernel of their own here
+/// (matmul, log-softmax). The fused kernels' compositions are `kernels::reference`.
 pub mod reference {
     use candle_core::{DType, Result, Tensor, D};
-
-    /// Layer norm, masked softmax and label-smoothed cross-entropy as plain candle compositions
-    /// (the kernels' test oracles and off-CPU fallbacks).
-    pub use crate::kernels::reference::{
-        bias_act, cross_entropy_ls, dropout, layer_norm, masked_softmax, residual_dropout,
-    };
 
     /// Batched matmul through candle.
     pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {

@@ -5,9 +5,10 @@
 mod tiny;
 use tiny::tiny_spec;
 
+use ampserve::checkpoint;
 use ampserve::config::TrainSpec;
 use ampserve::infer::{export, CheckpointChoice, DecodeOptions, InferError, Translator};
-use ampserve::train::{self, checkpoint, RunOptions};
+use ampserve::train::{self, RunOptions};
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 use std::sync::atomic::AtomicBool;

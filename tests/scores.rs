@@ -8,7 +8,8 @@ use tiny::{data, tiny_spec};
 
 use ampserve::config::TrainSpec;
 use ampserve::infer::{evaluate_tsv, export, CheckpointChoice, DecodeOptions, Translator};
-use ampserve::train::{self, metrics, RunOptions, TrainEvent, ValidationRecord};
+use ampserve::scores;
+use ampserve::train::{self, RunOptions, TrainEvent, ValidationRecord};
 use candle_core::Device;
 use std::collections::HashSet;
 use std::path::Path;
@@ -76,7 +77,7 @@ fn reported_validation_bleu_is_the_corpus_bleu_of_its_own_hypotheses() {
     assert_eq!(sources.len(), 60, "the sample repeats a source");
     let hyps: Vec<String> = v.samples.iter().map(|s| s.hypothesis.clone()).collect();
     let refs: Vec<String> = v.samples.iter().map(|s| s.reference.clone()).collect();
-    let b = metrics::corpus_bleu(&hyps, &refs).score;
+    let b = scores::corpus_bleu(&hyps, &refs).score;
     eprintln!("validation BLEU {b:.3}, hypotheses {:?}", &hyps[..3]);
     assert!(b > 0.0, "a model that scores 0 tests nothing");
     assert!(
@@ -84,7 +85,7 @@ fn reported_validation_bleu_is_the_corpus_bleu_of_its_own_hypotheses() {
         "reported {} vs scored {b}",
         v.bleu
     );
-    assert!((v.chrf - metrics::corpus_chrf(&hyps, &refs)).abs() < 1e-9);
+    assert!((v.chrf - scores::corpus_chrf(&hyps, &refs)).abs() < 1e-9);
 }
 
 #[test]
@@ -115,9 +116,9 @@ fn evaluate_tsv_translates_every_line_and_scores_like_the_scorer() {
     let direct = t.translate(&srcs, &DecodeOptions::default(), None).unwrap();
     let direct: Vec<String> = direct.into_iter().map(|x| x.text).collect();
     assert_eq!(hyps, direct, "batching changed the translations");
-    let b = metrics::corpus_bleu(&hyps, &refs);
+    let b = scores::corpus_bleu(&hyps, &refs);
     assert!((r.bleu - b.score).abs() < 1e-9);
     assert_eq!((r.sys_len, r.ref_len), (b.sys_len, b.ref_len));
-    assert!((r.chrf - metrics::corpus_chrf(&hyps, &refs)).abs() < 1e-9);
+    assert!((r.chrf - scores::corpus_chrf(&hyps, &refs)).abs() < 1e-9);
     assert!(r.chrf > 0.0);
 }

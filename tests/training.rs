@@ -220,7 +220,7 @@ fn checkpoints_are_verified_and_retained() {
     spec.train.valid_every = 10;
     let dir = tempfile::tempdir().unwrap();
     let o = run(&spec, dir.path(), false);
-    let ck = train::checkpoint::list(&dir.path().join("checkpoints"));
+    let ck = ampserve::checkpoint::list(&dir.path().join("checkpoints"));
     // last 2 + the best by BLEU (which may be one of them)
     assert!(
         ck.len() == 2 || ck.len() == 3,
@@ -229,7 +229,7 @@ fn checkpoints_are_verified_and_retained() {
     );
     assert_eq!(ck.last().unwrap().0.step, 30);
     for (m, p) in &ck {
-        assert_eq!(train::checkpoint::sha256_file(p).unwrap(), m.sha256);
+        assert_eq!(ampserve::checkpoint::sha256_file(p).unwrap(), m.sha256);
         assert_eq!(m.spec, spec);
     }
     let removed: usize = o

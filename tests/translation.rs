@@ -3,12 +3,13 @@
 //! KV-cached decoding vs the uncached reference, beam search vs greedy.
 
 use ampserve::amp::Autocast;
+use ampserve::checkpoint;
 use ampserve::config::{Precision, TrainSpec};
 use ampserve::data::{self, WordTokenizer};
-use ampserve::infer::decode::{self, DecodeOptions};
+use ampserve::generation::{self as decode, DecodeOptions};
 use ampserve::infer::{export, CheckpointChoice, Translator};
 use ampserve::model::Transformer;
-use ampserve::train::{self, checkpoint, RunOptions};
+use ampserve::train::{self, RunOptions};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

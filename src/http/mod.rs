@@ -10,11 +10,11 @@ mod error;
 mod evaluate;
 mod events;
 mod guard;
+mod health;
 mod jobs;
 mod metrics;
 mod models;
 pub mod openapi;
-mod ops;
 pub mod page;
 mod server;
 pub mod spec;
@@ -22,7 +22,7 @@ mod translate;
 
 pub use error::{ApiError, ApiPath, ApiQuery, ApiResult};
 pub use guard::LOOPBACK_HOSTS;
-pub use ops::HttpStats;
+pub use health::HttpStats;
 pub use server::{serve, ConnLimits};
 pub use translate::{parse_translate_body, TranslateRequest};
 
@@ -93,7 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let hard_limit = (state.settings.max_upload_bytes as usize).saturating_add(1 << 20);
     Router::new()
-        .merge(ops::router())
+        .merge(health::router())
         .merge(page::router())
         .merge(openapi::router())
         .merge(api)

@@ -11,13 +11,13 @@
 //!
 //! No tokio here: the server passes a callback that completes its own future.
 
-use super::decode::{DecodeOptions, Hypothesis};
 use super::engine::{Engine, SourceEncoder};
 use super::export::Manifest;
 use super::sampling::Sampling;
 use super::translator::Translation;
 use super::InferError;
 use crate::config::Precision;
+use crate::generation::{DecodeOptions, Hypothesis};
 use serde::Serialize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -3,7 +3,6 @@
 //! ([`super::marian::MarianTranslator`]). The batcher, the cache and the HTTP layer see only
 //! this trait; a model directory's `manifest.json` format says which kind loads it.
 
-use super::decode::{DecodeOptions, Hypothesis};
 use super::export::{Manifest, MANIFEST_FILE};
 use super::marian::{MarianTranslator, MARIAN_FORMAT};
 use super::sampling::Sampling;
@@ -11,6 +10,7 @@ use super::translator::{Translation, Translator};
 use super::InferError;
 use crate::config::Precision;
 use crate::data::WordTokenizer;
+use crate::generation::{DecodeOptions, Hypothesis};
 use candle_core::Device;
 use std::path::Path;
 use std::sync::Arc;

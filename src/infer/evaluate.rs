@@ -1,11 +1,11 @@
 //! Scores users can trust: translate a held-out TSV with an exported model and score the output
 //! exactly as sacreBLEU does (13a BLEU with exp smoothing, chrF2), so the number next to a model
 //! is comparable with published figures and with the PyTorch reference's `score.py`. The
-//! scorers are the pure functions of `train::metrics` (no I/O, no model).
+//! scorers are the pure functions of `crate::scores` (no I/O, no model).
 
-use super::decode::DecodeOptions;
 use super::{Engine, InferError};
-use crate::train::metrics;
+use crate::generation::DecodeOptions;
+use crate::scores;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -51,13 +51,13 @@ pub fn evaluate_tsv(
         );
     }
     let refs: Vec<String> = corpus.pairs.iter().map(|p| p.tgt.clone()).collect();
-    let b = metrics::corpus_bleu(&hyps, &refs);
+    let b = scores::corpus_bleu(&hyps, &refs);
     let report = EvalReport {
         corpus: tsv.display().to_string(),
         sentences: hyps.len(),
         beam_size: opts.beam_size,
         bleu: b.score,
-        chrf: metrics::corpus_chrf(&hyps, &refs),
+        chrf: scores::corpus_chrf(&hyps, &refs),
         precisions: b.precisions,
         bp: b.bp,
         sys_len: b.sys_len,

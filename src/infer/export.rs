@@ -12,7 +12,7 @@
 //! leaves a half-written model behind under the final name.
 
 use super::InferError;
-use crate::train::checkpoint::{self, CheckpointMeta};
+use crate::checkpoint::{self, CheckpointMeta};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};

@@ -19,7 +19,6 @@
 //! manifest.json        Manifest with format `ampserve-marian/1`, sha256 of each file
 //! ```
 
-use super::decode::{default_max_len, Hypothesis};
 use super::export::{
     file_entry, FileEntry, Manifest, CONFIG_FILE, MANIFEST_FILE, SRC_TOKENIZER_FILE,
     TGT_TOKENIZER_FILE, WEIGHTS_FILE,
@@ -27,6 +26,7 @@ use super::export::{
 use super::sampling::Sampling;
 use super::InferError;
 use crate::config::Precision;
+use crate::generation::{default_max_len, Hypothesis};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::generation::{LogitsProcessor, Sampling as Method};

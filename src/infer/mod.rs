@@ -1,5 +1,5 @@
-//! Translation from exported models: export (f16 model directories with checksums), decoding
-//! with the KV cache (batched greedy and beam search), the loaded [`Translator`], the dynamic
+//! Translation from exported models: export (f16 model directories with checksums), the loaded
+//! [`Translator`] (decoding itself is `crate::generation`, shared with validation), the dynamic
 //! [`Batcher`] (one thread per model) and the [`ModelCache`] of loaded models. Pretrained
 //! MarianMT checkpoints ([`marian`]) load through the same [`Engine`] seam, and every kind can
 //! sample ([`sampling`]).
@@ -8,7 +8,6 @@
 
 pub mod batcher;
 pub mod cache;
-pub mod decode;
 pub mod engine;
 pub mod evaluate;
 pub mod export;
@@ -16,12 +15,12 @@ pub mod marian;
 pub mod sampling;
 pub mod translator;
 
+pub use crate::generation::{DecodeOptions, Hypothesis};
 pub use batcher::{
     sentence_cost, set_release_memory, Answer, Batcher, BatcherConfig, BatcherStats, Job,
     SubmitError,
 };
 pub use cache::{CacheConfig, ModelCache};
-pub use decode::{DecodeOptions, Hypothesis};
 pub use engine::{kind_of_manifest, Engine, SourceEncoder};
 pub use evaluate::{evaluate_tsv, EvalReport};
 pub use export::{CheckpointChoice, Manifest, ModelConfig};

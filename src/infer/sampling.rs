@@ -5,9 +5,9 @@
 //! truncated) distribution, one seeded generator per sentence so a sentence's output depends on
 //! its seed and the model only, not on which other requests shared its batch.
 
-use super::decode::{length_penalty, DecodeOptions, Hypothesis};
 use crate::amp::Autocast;
 use crate::data::{EOS_ID, PAD_ID, SOS_ID, UNK_ID};
+use crate::generation::{length_penalty, DecodeOptions, Hypothesis};
 use crate::model::{self, Ctx, Transformer};
 use candle_core::{DType, Result, Tensor};
 use candle_transformers::generation::LogitsProcessor;
@@ -59,7 +59,7 @@ pub fn draw(p: &mut LogitsProcessor, row: &Tensor) -> Result<u32> {
 }
 
 /// Batched sampled decoding of an ampserve [`Transformer`] with the KV cache: like
-/// [`super::decode::greedy`] (same banned ids, no `[EOS]` first, per-sentence limits), but each
+/// [`crate::generation::greedy`] (same banned ids, no `[EOS]` first, per-sentence limits), but each
 /// sentence draws its next token with its own [`LogitsProcessor`]. `src` are framed sources
 /// (`[SOS] words [EOS]`); `score` is the model's log-probability of the drawn tokens (at
 /// temperature 1).
@@ -80,7 +80,7 @@ pub fn sample_transformer(
     let limits: Vec<usize> = max_len.iter().map(|&m| m.clamp(1, cap)).collect();
     let mut procs: Vec<LogitsProcessor> = sampling.iter().map(Sampling::processor).collect();
     let ctx = Ctx::eval(ac);
-    let src_t = super::decode::pad_sources(src, &dev)?;
+    let src_t = crate::generation::pad_sources(src, &dev)?;
     let mut sm = model::src_mask(&src_t)?;
     let memory = model.encode(&ctx, &src_t, &sm)?;
     let mut cache = model.start_decoding(&ctx, &memory)?;
@@ -223,7 +223,7 @@ mod tests {
         let ac = Autocast::new(crate::config::Precision::Fp32);
         let opts = DecodeOptions::default();
         let limits = [8, 8, 8];
-        let greedy = super::super::decode::greedy(&model, &ac, &sources(), &limits, &opts).unwrap();
+        let greedy = crate::generation::greedy(&model, &ac, &sources(), &limits, &opts).unwrap();
         let s: Vec<Sampling> = (0..3)
             .map(|i| Sampling {
                 temperature: 1.0,

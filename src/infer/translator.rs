@@ -1,12 +1,12 @@
 //! A loaded exported model: tokenizers, the Transformer with its weights, and the compute dtype.
 
-use super::decode::{self, DecodeOptions, Hypothesis};
 use super::export::{self, Manifest, ModelConfig};
 use super::sampling::Sampling;
 use super::InferError;
 use crate::amp::Autocast;
 use crate::config::{Precision, UnkPolicy};
 use crate::data::{WordTokenizer, EOS_ID, SOS_ID};
+use crate::generation::{self as decode, DecodeOptions, Hypothesis};
 use crate::model::Transformer;
 use candle_core::Device;
 use std::path::Path;

@@ -1,5 +1,6 @@
 //! One-pass Adam/AdamW update over f32 master weights, and the global sum of squares.
 
+use super::plumbing::dtype_err;
 use super::KernelError;
 use candle_core::{
     backend::BackendStorage, CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Result, Storage,
@@ -113,12 +114,7 @@ pub fn adam_update(
         ("v", v.as_tensor()),
     ] {
         if x.dtype() != DType::F32 {
-            return Err(KernelError::UnsupportedDType {
-                op: OP,
-                dtype: x.dtype(),
-                expected: "f32 param and moments",
-            }
-            .into());
+            return Err(dtype_err(OP, x.dtype(), "f32 param and moments"));
         }
         if x.shape() != p.shape() {
             return Err(KernelError::Shape {
@@ -207,12 +203,7 @@ fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &'static str) -> Result<
         .ok_or(KernelError::NotContiguous { op: OP, what })?;
     match s {
         CpuStorage::F32(v) => Ok(&mut v[a..b]),
-        other => Err(KernelError::UnsupportedDType {
-            op: OP,
-            dtype: other.dtype(),
-            expected: "f32",
-        }
-        .into()),
+        other => Err(dtype_err(OP, other.dtype(), "f32")),
     }
 }
 
@@ -298,12 +289,7 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<f64> {
     for t in ts {
         if !t.device().is_cpu() {
             if !super::is_float(t.dtype()) && t.dtype() != DType::F64 {
-                return Err(KernelError::UnsupportedDType {
-                    op: "sum_squares",
-                    dtype: t.dtype(),
-                    expected: "a float dtype",
-                }
-                .into());
+                return Err(dtype_err("sum_squares", t.dtype(), "a float dtype"));
             }
             on_device.push(t.to_dtype(DType::F64)?.sqr()?.sum_all()?);
             continue;
@@ -328,14 +314,7 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<f64> {
             CpuStorage::BF16(v) => sumsq(&v[a..b], |x| x.to_f32()),
             CpuStorage::F16(v) => sumsq(&v[a..b], |x| x.to_f32()),
             CpuStorage::F64(v) => v[a..b].par_iter().map(|x| x * x).sum::<f64>(),
-            other => {
-                return Err(KernelError::UnsupportedDType {
-                    op: "sum_squares",
-                    dtype: other.dtype(),
-                    expected: "a float dtype",
-                }
-                .into())
-            }
+            other => return Err(dtype_err("sum_squares", other.dtype(), "a float dtype")),
         };
     }
     // One stack per device (the GPU's partial sums), one copy back.

@@ -1,8 +1,9 @@
 //! Label-smoothed cross-entropy with an ignore index, fused forward and gradient.
 
-use super::{fast_exp, max_f32, rows_per_task, with_float, Elem, KernelError, Rows};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
+use super::fused::{Arg, Fused2, Grads, Op, Out};
+use super::plumbing::{dtype_err, ensure_float, par_row_blocks, par_rows, shape_err};
+use super::{fast_exp, max_f32, with_float, Elem, KernelError, Rows};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::Mutex;
 
 const OP: &str = "cross_entropy_ls";
@@ -20,43 +21,35 @@ pub fn cross_entropy_ls(
     pad_id: u32,
     eps: f64,
 ) -> Result<Tensor> {
-    let (n, v) = logits.dims2().map_err(|_| KernelError::Shape {
-        op: OP,
-        msg: format!("logits must be (N, V), got {:?}", logits.shape()),
+    let (n, v) = logits.dims2().map_err(|_| {
+        shape_err(
+            OP,
+            format!("logits must be (N, V), got {:?}", logits.shape()),
+        )
     })?;
     if targets.dims() != [n] {
-        return Err(KernelError::Shape {
-            op: OP,
-            msg: format!(
+        return Err(shape_err(
+            OP,
+            format!(
                 "targets {:?} do not match logits {:?}",
                 targets.shape(),
                 logits.shape()
             ),
-        }
-        .into());
+        ));
     }
-    if !super::is_float(logits.dtype()) {
-        return Err(KernelError::UnsupportedDType {
-            op: OP,
-            dtype: logits.dtype(),
-            expected: "f32, bf16 or f16",
-        }
-        .into());
-    }
+    ensure_float(OP, &[logits.dtype()])?;
     let targets = if targets.dtype() == DType::U32 {
         targets.clone()
     } else {
         targets.to_dtype(DType::U32)?
     };
     if logits.device().is_cpu() && v > 0 {
-        logits.apply_op2(
-            &targets,
-            CrossEntropy {
-                pad_id,
-                eps: eps as f32,
-                lse: Mutex::new(None),
-            },
-        )
+        let op = CrossEntropy {
+            pad_id,
+            eps: eps as f32,
+            lse: Mutex::new(None),
+        };
+        logits.apply_op2(&targets, Op(op))
     } else {
         reference(logits, &targets, pad_id, eps)
     }
@@ -88,12 +81,11 @@ struct CrossEntropy {
 
 fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [u32]>> {
     let CpuStorage::U32(t) = s else {
-        return Err(KernelError::UnsupportedDType {
-            op: OP,
-            dtype: candle_core::backend::BackendStorage::dtype(s),
-            expected: "u32 targets",
-        }
-        .into());
+        return Err(dtype_err(
+            OP,
+            candle_core::backend::BackendStorage::dtype(s),
+            "u32 targets",
+        ));
     };
     Ok(match l.contiguous_offsets() {
         Some((a, b)) => std::borrow::Cow::Borrowed(&t[a..b]),
@@ -139,62 +131,51 @@ fn ce_fwd<T: Elem>(
     let rows = Rows::new(xl);
     let v = rows.d;
     let mut lse = vec![0f32; rows.n_rows];
-    let rpt = rows_per_task(v);
-    let total = lse
-        .par_chunks_mut(rpt)
-        .enumerate()
-        .map(|(ci, chunk)| {
-            let mut buf = vec![0f32; v];
-            let mut acc = 0f64;
-            for (k, l) in chunk.iter_mut().enumerate() {
-                let r = ci * rpt + k;
-                let t = targets[r];
-                if t == pad_id {
-                    *l = 0.0;
-                    continue;
-                }
-                rows.load(x, r, &mut buf);
-                let mx = max_f32(&buf);
-                let mut s = [0f32; 8];
-                let mut sx = [0f32; 8];
-                let chunks = buf.chunks_exact(8);
-                let rem = chunks.remainder();
-                for c in chunks {
-                    for i in 0..8 {
-                        s[i] += fast_exp(c[i] - mx);
-                        sx[i] += c[i];
-                    }
-                }
-                let mut se: f32 = s.iter().sum();
-                let mut sum_x: f32 = sx.iter().sum();
-                for &c in rem {
-                    se += fast_exp(c - mx);
-                    sum_x += c;
-                }
-                let lse_r = mx + se.ln();
-                *l = lse_r;
-                let nll = lse_r - buf[t as usize];
-                let smooth = lse_r - sum_x / v as f32;
-                acc += ((1.0 - eps) * nll + eps * smooth) as f64;
+    let total = par_row_blocks(
+        &mut lse,
+        1,
+        v,
+        || vec![0f32; v],
+        || 0f64,
+        |buf, acc, r, l| {
+            let t = targets[r];
+            if t == pad_id {
+                l[0] = 0.0;
+                return;
             }
-            acc
-        })
-        .sum::<f64>();
+            rows.load(x, r, buf);
+            let mx = max_f32(buf);
+            let mut s = [0f32; 8];
+            let mut sx = [0f32; 8];
+            let chunks = buf.chunks_exact(8);
+            let rem = chunks.remainder();
+            for c in chunks {
+                for i in 0..8 {
+                    s[i] += fast_exp(c[i] - mx);
+                    sx[i] += c[i];
+                }
+            }
+            let mut se: f32 = s.iter().sum();
+            let mut sum_x: f32 = sx.iter().sum();
+            for &c in rem {
+                se += fast_exp(c - mx);
+                sum_x += c;
+            }
+            let lse_r = mx + se.ln();
+            l[0] = lse_r;
+            let nll = lse_r - buf[t as usize];
+            let smooth = lse_r - sum_x / v as f32;
+            *acc += ((1.0 - eps) * nll + eps * smooth) as f64;
+        },
+        |a, b| a + b,
+    );
     (total, lse)
 }
 
-impl CustomOp2 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused2 for CrossEntropy {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let targets = u32_slice(s2, l2)?;
         let v = l1.dims()[1];
         let n_valid = check_targets(&targets, v, self.pad_id)?;
@@ -216,13 +197,7 @@ impl CustomOp2 for CrossEntropy {
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [logits, targets]: [&Tensor; 2], _res: &Tensor, grad_res: &Tensor) -> Grads<2> {
         let g = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let lse = self.lse.lock().ok().and_then(|mut s| s.take());
         let op = CrossEntropyBwd {
@@ -231,7 +206,7 @@ impl CustomOp2 for CrossEntropy {
             grad: g,
             lse,
         };
-        Ok((Some(logits.apply_op2_no_bwd(targets, &op)?), None))
+        Ok([Some(logits.apply_op2_no_bwd(targets, &Op(op))?), None])
     }
 }
 
@@ -258,47 +233,38 @@ fn ce_bwd<T: Elem>(
     let coef = op.grad / n_valid as f32;
     let off = op.eps / v as f32;
     let on = 1.0 - op.eps;
-    out.par_chunks_mut(v)
-        .enumerate()
-        .with_min_len(rows_per_task(v))
-        .for_each_init(
-            || vec![0f32; v],
-            |buf, (r, orow)| {
-                let t = targets[r];
-                if t == op.pad_id {
-                    return; // already zero
+    par_rows(
+        &mut out,
+        v,
+        || vec![0f32; v],
+        |buf, r, orow| {
+            let t = targets[r];
+            if t == op.pad_id {
+                return; // already zero
+            }
+            rows.load(x, r, buf);
+            let lse = match &op.lse {
+                Some(l) => l[r],
+                None => {
+                    let mx = max_f32(buf);
+                    let se: f32 = buf.iter().map(|&c| fast_exp(c - mx)).sum();
+                    mx + se.ln()
                 }
-                rows.load(x, r, buf);
-                let lse = match &op.lse {
-                    Some(l) => l[r],
-                    None => {
-                        let mx = max_f32(buf);
-                        let se: f32 = buf.iter().map(|&c| fast_exp(c - mx)).sum();
-                        mx + se.ln()
-                    }
-                };
-                for c in buf.iter_mut() {
-                    *c = coef * (fast_exp(*c - lse) - off);
-                }
-                buf[t as usize] -= coef * on;
-                T::store(buf, orow);
-            },
-        );
+            };
+            for c in buf.iter_mut() {
+                *c = coef * (fast_exp(*c - lse) - off);
+            }
+            buf[t as usize] -= coef * on;
+            T::store(buf, orow);
+        },
+    );
     out
 }
 
-impl CustomOp2 for CrossEntropyBwd {
-    fn name(&self) -> &'static str {
-        "cross_entropy_ls_bwd"
-    }
+impl Fused2 for CrossEntropyBwd {
+    const NAME: &'static str = "cross_entropy_ls_bwd";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let targets = u32_slice(s2, l2)?;
         let v = l1.dims()[1];
         let n_valid = check_targets(&targets, v, self.pad_id)?;

@@ -1,8 +1,9 @@
 //! Layer normalisation (tutorial or standard form), fused forward and one-pass backward.
 
-use super::{rows_per_task, sum_f32, with_float, with_out_dtype, Elem, KernelError, Rows};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
+use super::fused::{Arg, Fused3, Grads, Op, Out};
+use super::plumbing::{add_into, ensure_float, load_f32, map_rows, par_row_blocks, shape_err};
+use super::{sum_f32, with_float, with_out_dtype, Elem, Rows};
+use candle_core::{DType, Layout, Result, Tensor, D};
 use std::sync::Mutex;
 
 const OP: &str = "layer_norm";
@@ -25,39 +26,21 @@ pub fn layer_norm(
     let d = x.dim(D::Minus1)?;
     for (what, t) in [("alpha", alpha), ("beta", beta)] {
         if t.elem_count() != d || t.rank() != 1 {
-            return Err(KernelError::Shape {
-                op: OP,
-                msg: format!("{what} has shape {:?}, expected ({d})", t.shape()),
-            }
-            .into());
+            return Err(shape_err(
+                OP,
+                format!("{what} has shape {:?}, expected ({d})", t.shape()),
+            ));
         }
-        if !super::is_float(t.dtype()) {
-            return Err(KernelError::UnsupportedDType {
-                op: OP,
-                dtype: t.dtype(),
-                expected: "f32, bf16 or f16",
-            }
-            .into());
-        }
+        ensure_float(OP, &[t.dtype()])?;
     }
-    if !super::is_float(x.dtype()) || !super::is_float(out) {
-        return Err(KernelError::UnsupportedDType {
-            op: OP,
-            dtype: if super::is_float(out) { x.dtype() } else { out },
-            expected: "f32, bf16 or f16",
-        }
-        .into());
-    }
+    ensure_float(OP, &[out, x.dtype()])?;
     if x.device().is_cpu() {
-        x.apply_op3(
-            alpha,
-            beta,
-            LayerNorm {
-                eps: eps as f32,
-                tutorial,
-                out,
-            },
-        )
+        let op = LayerNorm {
+            eps: eps as f32,
+            tutorial,
+            out,
+        };
+        x.apply_op3(alpha, beta, Op(op))
     } else {
         reference(x, alpha, beta, eps, tutorial, out)
     }
@@ -112,16 +95,6 @@ struct LayerNorm {
     out: DType,
 }
 
-fn load_vec(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
-    let rows = Rows::new(l);
-    let mut v = vec![0f32; l.shape().elem_count()];
-    with_float!(s, OP, |s: T| {
-        // A 1-D tensor is one row.
-        rows.load::<T>(s, 0, &mut v);
-    });
-    Ok(v)
-}
-
 fn ln_fwd<T: Elem, O: Elem>(
     x: &[T],
     xl: &Layout,
@@ -130,45 +103,20 @@ fn ln_fwd<T: Elem, O: Elem>(
     eps: f32,
     tutorial: bool,
 ) -> Vec<O> {
-    let rows = Rows::new(xl);
-    let d = rows.d;
-    let mut out = vec![O::from_f32(0.0); rows.n_rows * d];
-    if d == 0 {
-        return out;
-    }
-    out.par_chunks_mut(d)
-        .enumerate()
-        .with_min_len(rows_per_task(d))
-        .for_each_init(
-            || vec![0f32; d],
-            |c, (r, orow)| {
-                rows.load(x, r, c);
-                let (inv, _) = row_stats(c, eps, tutorial);
-                for ((v, a), b) in c.iter_mut().zip(alpha).zip(beta) {
-                    *v = *v * inv * a + b;
-                }
-                O::store(c, orow);
-            },
-        );
-    out
+    map_rows(x, xl, |_, c| {
+        let (inv, _) = row_stats(c, eps, tutorial);
+        for ((v, a), b) in c.iter_mut().zip(alpha).zip(beta) {
+            *v = *v * inv * a + b;
+        }
+    })
 }
 
-impl CustomOp3 for LayerNorm {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused3 for LayerNorm {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let alpha = load_vec(s2, l2)?;
-        let beta = load_vec(s3, l3)?;
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg, (s3, l3): Arg) -> Out {
+        let alpha = load_f32(OP, s2, l2)?;
+        let beta = load_f32(OP, s3, l3)?;
         let storage = with_float!(s1, OP, |x: T| with_out_dtype!(self.out, OP, |O| {
             O::wrap(ln_fwd::<T, O>(
                 x,
@@ -182,22 +130,16 @@ impl CustomOp3 for LayerNorm {
         Ok((storage, l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        alpha: &Tensor,
-        beta: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = LayerNormBwd {
+    fn bwd(&self, [x, alpha, beta]: [&Tensor; 3], _res: &Tensor, grad_res: &Tensor) -> Grads<3> {
+        let op = Op(LayerNormBwd {
             eps: self.eps,
             tutorial: self.tutorial,
             out: x.dtype(),
             param_grads: Mutex::new(None),
-        };
+        });
         let dx = x.apply_op3_no_bwd(alpha, grad_res, &op)?;
         let (da, db) = op
+            .0
             .param_grads
             .lock()
             .map_err(|_| candle_core::Error::Msg("layer_norm_bwd: poisoned lock".into()))?
@@ -206,7 +148,7 @@ impl CustomOp3 for LayerNorm {
         let dev = x.device();
         let da = Tensor::from_vec(da, alpha.shape(), dev)?.to_dtype(alpha.dtype())?;
         let db = Tensor::from_vec(db, beta.shape(), dev)?.to_dtype(beta.dtype())?;
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok([Some(dx), Some(da), Some(db)])
     }
 }
 
@@ -229,86 +171,57 @@ fn ln_bwd<T: Elem, G: Elem, O: Elem>(
     eps: f32,
     tutorial: bool,
 ) -> (Vec<O>, ParamGrads) {
-    let rx = Rows::new(xl);
-    let rg = Rows::new(gl);
+    let (rx, rg) = (Rows::new(xl), Rows::new(gl));
     let d = rx.d;
-    let mut dx = vec![O::from_f32(0.0); rx.n_rows * d];
-    if d == 0 || rx.n_rows == 0 {
-        return (dx, (vec![0.0; d], vec![0.0; d]));
-    }
-    let rpt = rows_per_task(d);
     let nf = d as f32;
-    let grads = dx
-        .par_chunks_mut(d * rpt)
-        .enumerate()
-        .map(|(ci, chunk)| {
-            let mut da = vec![0f32; d];
-            let mut db = vec![0f32; d];
-            let mut c = vec![0f32; d];
-            let mut dy = vec![0f32; d];
-            let mut ga = vec![0f32; d];
-            for (k, orow) in chunk.chunks_mut(d).enumerate() {
-                let r = ci * rpt + k;
-                rx.load(x, r, &mut c);
-                rg.load(g, r, &mut dy);
-                let (inv, std) = row_stats(&mut c, eps, tutorial);
-                // Parameter grads and g = dy * alpha.
-                for i in 0..d {
-                    da[i] += dy[i] * c[i] * inv;
-                    db[i] += dy[i];
-                    ga[i] = dy[i] * alpha[i];
-                }
-                let mean_g = sum_f32(&ga) / nf;
-                let gc = super::dot_f32(&ga, &c);
-                if tutorial {
-                    // dx = (g - mean(g)) / den - c * <g, c> / (den^2 (D - 1) std)
-                    let k2 = if std > 0.0 {
-                        gc * inv * inv / ((nf - 1.0) * std)
-                    } else {
-                        0.0
-                    };
-                    for i in 0..d {
-                        ga[i] = (ga[i] - mean_g) * inv - c[i] * k2;
-                    }
-                } else {
-                    // xhat = c * inv; dx = inv * (g - mean(g) - xhat * mean(g * xhat))
-                    let k2 = gc * inv * inv / nf;
-                    for i in 0..d {
-                        ga[i] = inv * (ga[i] - mean_g - c[i] * k2);
-                    }
-                }
-                O::store(&ga, orow);
+    let mut dx = vec![O::from_f32(0.0); rx.n_rows * d];
+    let grads = par_row_blocks(
+        &mut dx,
+        d,
+        d,
+        || (vec![0f32; d], vec![0f32; d], vec![0f32; d]),
+        || (vec![0f32; d], vec![0f32; d]),
+        |(c, dy, ga), (da, db), r, orow| {
+            rx.load(x, r, c);
+            rg.load(g, r, dy);
+            let (inv, std) = row_stats(c, eps, tutorial);
+            // Parameter grads and g = dy * alpha.
+            for i in 0..d {
+                da[i] += dy[i] * c[i] * inv;
+                db[i] += dy[i];
+                ga[i] = dy[i] * alpha[i];
             }
-            (da, db)
-        })
-        .reduce(
-            || (vec![0f32; d], vec![0f32; d]),
-            |(mut a1, mut b1), (a2, b2)| {
+            let mean_g = sum_f32(ga) / nf;
+            let gc = super::dot_f32(ga, c);
+            if tutorial {
+                // dx = (g - mean(g)) / den - c * <g, c> / (den^2 (D - 1) std)
+                let k2 = if std > 0.0 {
+                    gc * inv * inv / ((nf - 1.0) * std)
+                } else {
+                    0.0
+                };
                 for i in 0..d {
-                    a1[i] += a2[i];
-                    b1[i] += b2[i];
+                    ga[i] = (ga[i] - mean_g) * inv - c[i] * k2;
                 }
-                (a1, b1)
-            },
-        );
+            } else {
+                // xhat = c * inv; dx = inv * (g - mean(g) - xhat * mean(g * xhat))
+                let k2 = gc * inv * inv / nf;
+                for i in 0..d {
+                    ga[i] = inv * (ga[i] - mean_g - c[i] * k2);
+                }
+            }
+            O::store(ga, orow);
+        },
+        |(a1, b1), (a2, b2)| (add_into(a1, a2), add_into(b1, b2)),
+    );
     (dx, grads)
 }
 
-impl CustomOp3 for LayerNormBwd {
-    fn name(&self) -> &'static str {
-        "layer_norm_bwd"
-    }
+impl Fused3 for LayerNormBwd {
+    const NAME: &'static str = "layer_norm_bwd";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let alpha = load_vec(s2, l2)?;
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg, (s3, l3): Arg) -> Out {
+        let alpha = load_f32(OP, s2, l2)?;
         let (storage, grads) = with_float!(s1, OP, |x: T| with_float!(s3, OP, |g: G| {
             with_out_dtype!(self.out, OP, |O| {
                 let (dx, grads) = ln_bwd::<T, G, O>(x, l1, &alpha, g, l3, self.eps, self.tutorial);

@@ -5,9 +5,10 @@
 //! for each of them. This op runs the same candle CPU GEMM on the storage directly (the reshape
 //! and the transpose are only layouts) and has its own backward (two GEMMs).
 
+use super::fused::{Arg, Fused2, Grads, Op, Out};
 use super::KernelError;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{DType, Layout, Result, Shape, Tensor, D};
 
 const OP: &str = "linear";
 
@@ -34,7 +35,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return reference(x, w, super::matmul);
     }
     let _ = out;
-    x.contiguous()?.apply_op2(w, Linear)
+    x.contiguous()?.apply_op2(w, Op(Linear))
 }
 
 /// The composition: reshape to 2-D, matmul with `w.t()` through `mm`, reshape back.
@@ -56,18 +57,10 @@ pub fn reference(
 
 struct Linear;
 
-impl CustomOp2 for Linear {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused2 for Linear {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let dims = l1.dims();
         let inp = *dims.last().unwrap_or(&1);
         let rows = l1.shape().elem_count() / inp.max(1);
@@ -89,20 +82,14 @@ impl CustomOp2 for Linear {
         Ok((y, Shape::from(shape)))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, [x, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let (out, inp) = w.dims2()?;
         let rows = x.elem_count() / inp.max(1);
         let g = grad.to_dtype(x.dtype())?.reshape((rows, out))?;
         let x2 = x.detach().reshape((rows, inp))?;
         let dx = g.matmul(&w.detach())?.reshape(x.shape())?;
         let dw = g.t()?.matmul(&x2)?;
-        Ok((Some(dx), Some(dw)))
+        Ok([Some(dx), Some(dw)])
     }
 }
 

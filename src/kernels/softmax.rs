@@ -1,10 +1,9 @@
 //! `softmax(scores * scale + mask)` over the last dim, fused forward and backward.
 
-use super::{
-    fast_exp, max_f32, rows_per_task, with_float, with_out_dtype, Elem, KernelError, Rows,
-};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
+use super::fused::{Arg, Fused2, Grads, Op, Out};
+use super::plumbing::{ensure_float, f32_slice, map_rows2, shape_err};
+use super::{fast_exp, max_f32, with_float, with_out_dtype, Elem};
+use candle_core::{DType, Layout, Result, Tensor};
 
 const OP: &str = "masked_softmax";
 
@@ -19,37 +18,24 @@ pub const FULLY_MASKED: f32 = -1.0e4;
 /// as -1e9. A row whose mask is entirely <= -1e4 gives a uniform row. The output has dtype `out`.
 /// The gradient flows to `scores` only: `scale * y * (dy - sum(y * dy))`.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) -> Result<Tensor> {
-    if !super::is_float(scores.dtype()) || !super::is_float(out) {
-        return Err(KernelError::UnsupportedDType {
-            op: OP,
-            dtype: if super::is_float(out) {
-                scores.dtype()
-            } else {
-                out
-            },
-            expected: "f32, bf16 or f16",
-        }
-        .into());
-    }
+    ensure_float(OP, &[out, scores.dtype()])?;
     let mask = mask.to_dtype(DType::F32)?;
-    let mask = mask
-        .broadcast_as(scores.shape())
-        .map_err(|e| KernelError::Shape {
-            op: OP,
-            msg: format!(
+    let mask = mask.broadcast_as(scores.shape()).map_err(|e| {
+        shape_err(
+            OP,
+            format!(
                 "mask {:?} does not broadcast to scores {:?}: {e}",
                 mask.shape(),
                 scores.shape()
             ),
-        })?;
-    if scores.device().is_cpu() && scores.rank() >= 1 {
-        scores.apply_op2(
-            &mask,
-            MaskedSoftmax {
-                scale: scale as f32,
-                out,
-            },
         )
+    })?;
+    if scores.device().is_cpu() && scores.rank() >= 1 {
+        let op = MaskedSoftmax {
+            scale: scale as f32,
+            out,
+        };
+        scores.apply_op2(&mask, Op(op))
     } else {
         reference(scores, &mask, scale, out)
     }
@@ -77,93 +63,54 @@ fn softmax_fwd<T: Elem, O: Elem>(
     ml: &Layout,
     scale: f32,
 ) -> Vec<O> {
-    let rs = Rows::new(sl);
-    let rm = Rows::new(ml);
-    let d = rs.d;
-    let mut out = vec![O::from_f32(0.0); rs.n_rows * d];
-    if d == 0 {
-        return out;
-    }
-    out.par_chunks_mut(d)
-        .enumerate()
-        .with_min_len(rows_per_task(d))
-        .for_each_init(
-            || (vec![0f32; d], vec![0f32; d]),
-            |(z, m), (r, orow)| {
-                rs.load(scores, r, z);
-                rm.load(mask, r, m);
-                if max_f32(m) <= FULLY_MASKED {
-                    z.fill(1.0 / d as f32);
-                } else {
-                    for (zi, mi) in z.iter_mut().zip(m.iter()) {
-                        *zi = *zi * scale + *mi;
-                    }
-                    let mx = max_f32(z);
-                    let mut acc = [0f32; 8];
-                    let mut chunks = z.chunks_exact_mut(8);
-                    for c in &mut chunks {
-                        for i in 0..8 {
-                            c[i] = fast_exp(c[i] - mx);
-                            acc[i] += c[i];
-                        }
-                    }
-                    let mut sum: f32 = acc.iter().sum();
-                    for v in chunks.into_remainder() {
-                        *v = fast_exp(*v - mx);
-                        sum += *v;
-                    }
-                    let inv = 1.0 / sum;
-                    for v in z.iter_mut() {
-                        *v *= inv;
-                    }
-                }
-                O::store(z, orow);
-            },
-        );
-    out
+    map_rows2(scores, sl, mask, ml, |_, z, m| {
+        let d = z.len();
+        if max_f32(m) <= FULLY_MASKED {
+            z.fill(1.0 / d as f32);
+            return;
+        }
+        for (zi, mi) in z.iter_mut().zip(m.iter()) {
+            *zi = *zi * scale + *mi;
+        }
+        let mx = max_f32(z);
+        let mut acc = [0f32; 8];
+        let mut chunks = z.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                c[i] = fast_exp(c[i] - mx);
+                acc[i] += c[i];
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = fast_exp(*v - mx);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        for v in z.iter_mut() {
+            *v *= inv;
+        }
+    })
 }
 
-impl CustomOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        OP
-    }
+impl Fused2 for MaskedSoftmax {
+    const NAME: &'static str = OP;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(mask) = s2 else {
-            return Err(KernelError::UnsupportedDType {
-                op: OP,
-                dtype: candle_core::backend::BackendStorage::dtype(s2),
-                expected: "f32 mask",
-            }
-            .into());
-        };
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
+        let mask = f32_slice(OP, s2, "f32 mask")?;
         let storage = with_float!(s1, OP, |s: T| with_out_dtype!(self.out, OP, |O| {
             O::wrap(softmax_fwd::<T, O>(s, l1, mask, l2, self.scale))
         }));
         Ok((storage, l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        scores: &Tensor,
-        _mask: &Tensor,
-        res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = res.apply_op2_no_bwd(
-            grad_res,
-            &SoftmaxBwd {
-                scale: self.scale,
-                out: scores.dtype(),
-            },
-        )?;
-        Ok((Some(g), None))
+    fn bwd(&self, [scores, _mask]: [&Tensor; 2], res: &Tensor, grad_res: &Tensor) -> Grads<2> {
+        let op = SoftmaxBwd {
+            scale: self.scale,
+            out: scores.dtype(),
+        };
+        let g = res.apply_op2_no_bwd(grad_res, &Op(op))?;
+        Ok([Some(g), None])
     }
 }
 
@@ -180,43 +127,18 @@ fn softmax_bwd<Y: Elem, G: Elem, O: Elem>(
     gl: &Layout,
     scale: f32,
 ) -> Vec<O> {
-    let ry = Rows::new(yl);
-    let rg = Rows::new(gl);
-    let d = ry.d;
-    let mut out = vec![O::from_f32(0.0); ry.n_rows * d];
-    if d == 0 {
-        return out;
-    }
-    out.par_chunks_mut(d)
-        .enumerate()
-        .with_min_len(rows_per_task(d))
-        .for_each_init(
-            || (vec![0f32; d], vec![0f32; d]),
-            |(yv, gv), (r, orow)| {
-                ry.load(y, r, yv);
-                rg.load(g, r, gv);
-                let dot = super::dot_f32(yv, gv);
-                for (gi, yi) in gv.iter_mut().zip(yv.iter()) {
-                    *gi = scale * *yi * (*gi - dot);
-                }
-                O::store(gv, orow);
-            },
-        );
-    out
+    map_rows2(g, gl, y, yl, |_, gv, yv| {
+        let dot = super::dot_f32(yv, gv);
+        for (gi, yi) in gv.iter_mut().zip(yv.iter()) {
+            *gi = scale * *yi * (*gi - dot);
+        }
+    })
 }
 
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "masked_softmax_bwd"
-    }
+impl Fused2 for SoftmaxBwd {
+    const NAME: &'static str = "masked_softmax_bwd";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
         let storage = with_float!(s1, OP, |y: Y| with_float!(s2, OP, |g: G| {
             with_out_dtype!(self.out, OP, |O| O::wrap(softmax_bwd::<Y, G, O>(
                 y, l1, g, l2, self.scale

@@ -2,10 +2,8 @@
 //! validation and checkpoints. Free of tokio/sqlx/axum so the CLI and the server's workers both
 //! drive it.
 
-pub mod checkpoint;
 pub mod early_stop;
 pub mod events;
-pub mod metrics;
 mod runner;
 pub mod tensorboard;
 

@@ -1,17 +1,17 @@
 //! The training loop proper.
 
-use super::checkpoint::{self, CheckpointMeta};
 use super::events::*;
-use super::metrics;
 use super::tensorboard;
 use super::{RunOptions, TrainError};
 use crate::amp::{Autocast, GradScaler, ScalerConfig};
+use crate::checkpoint::{self, CheckpointMeta};
 use crate::config::{TrainSpec, UnkPolicy};
 use crate::data::{self, Example, Pair, WordTokenizer};
-use crate::infer::decode::{self, DecodeOptions};
+use crate::generation::{self as decode, DecodeOptions};
 use crate::model::{self, Ctx, Transformer};
 use crate::ops;
 use crate::optim::{self, Adam, AdamConfig, LrSchedule};
+use crate::scores as metrics; // BLEU/chrF/CER/WER; the alias goes when runner.rs is split
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 use std::fs;

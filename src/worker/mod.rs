@@ -3,13 +3,13 @@
 //! inserts), honours cancellation, and re-queues interrupted jobs at start. The server's trainer
 //! is [`ProcessTrainer`]: each job in its own process, so a crash fails the job, not the server.
 
-mod export;
 mod pool;
 pub mod process;
+mod publish;
 
-pub use export::ExportFailure;
 pub use pool::{JobEvent, JobEventKind, LiveJob, PoolConfig, PoolHandle, WriteStats};
 pub use process::ProcessTrainer;
+pub use publish::ExportFailure;
 
 use crate::config::TrainSpec;
 use crate::train::{RunOptions, Summary, TrainError, TrainEvent};

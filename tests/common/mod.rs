@@ -645,3 +645,79 @@ pub fn metric_steps(points: &Value) -> Vec<i64> {
         .map(|p| p["step"].as_i64().unwrap())
         .collect()
 }
+
+/// One request helper per endpoint the server tests drive (zero-to-production's `TestApp`
+/// style), so a test reads as the behaviour it checks.
+impl TestServer {
+    /// Opens the job's Server-Sent Events stream (the response, to check its headers and read).
+    pub async fn events(&self, id: i64) -> reqwest::Response {
+        self.client
+            .get(self.url(&format!("/api/jobs/{id}/events")))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The Prometheus text at `/metrics`.
+    pub async fn prometheus(&self) -> String {
+        let r = self.client.get(self.url("/metrics")).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
+    pub async fn cancel(&self, id: i64) -> (StatusCode, Value) {
+        self.post(&format!("/api/jobs/{id}/cancel"), &serde_json::json!({}))
+            .await
+    }
+
+    pub async fn resume(&self, id: i64) -> (StatusCode, Value) {
+        self.post(&format!("/api/jobs/{id}/resume"), &serde_json::json!({}))
+            .await
+    }
+
+    /// The job's checkpoint rows (asserting 200).
+    pub async fn checkpoints(&self, id: i64) -> Vec<Value> {
+        let (s, v) = self.get(&format!("/api/jobs/{id}/checkpoints")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["checkpoints"].as_array().unwrap().clone()
+    }
+
+    /// The steps of the job's checkpoint rows, oldest first.
+    pub async fn checkpoint_steps(&self, id: i64) -> Vec<i64> {
+        let cks = self.checkpoints(id).await;
+        cks.iter().map(|c| c["step"].as_i64().unwrap()).collect()
+    }
+
+    /// Uploads a corpus (`query`: name, src_lang, tgt_lang) as tab-separated text.
+    pub async fn upload_corpus(
+        &self,
+        query: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .post(self.url(&format!("/api/corpora?{query}")))
+            .header("content-type", "text/tab-separated-values")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        split(r).await
+    }
+}
+
+/// Asserts a JSON error answer: the status, the code, a non-empty message, and the field it
+/// names (or that it names none).
+pub fn assert_api_error(s: StatusCode, v: &Value, status: u16, code: &str, field: Option<&str>) {
+    assert_eq!(s.as_u16(), status, "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    match field {
+        Some(f) => assert_eq!(v["error"]["field"], f, "{v}"),
+        None => assert!(v["error"].get("field").is_none(), "{v}"),
+    }
+}

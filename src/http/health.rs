@@ -1,4 +1,5 @@
-//! `/healthz`, `/readyz` and `/metrics` (Prometheus text format).
+//! Health and operations routes: `/healthz`, `/readyz` and `/metrics` (Prometheus text format),
+//! named apart from `ops`, the differentiable building blocks of the model.
 
 use super::{ApiError, AppState};
 use crate::store::JobStatus;

@@ -1,5 +1,6 @@
-//! Export a job's checkpoint as an f16 model directory under `<data-dir>/models/` and record it
-//! in the `models` table. Used when a job succeeds and by `POST /api/jobs/{id}/export`. One
+//! Publishing a job's model for translation: the pool's side of an export (the file format is
+//! `infer::export`, hence the different module name). Exports a job's checkpoint as an f16 model
+//! directory under `<data-dir>/models/` and records it in the `models` table. Used when a job succeeds and by `POST /api/jobs/{id}/export`. One
 //! export per job and checkpoint choice runs at a time; each writes its own unique directory.
 
 use super::PoolHandle;

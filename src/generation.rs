@@ -1,3 +1,7 @@
+//! Decoding (generation), kept apart from the model and from its two users, validation in
+//! `train` and serving in `infer`, as candle-transformers keeps `generation/`; it needs only
+//! `amp`, `data`, `model` and `ops`.
+//!
 //! Decoding with the per-layer key/value cache: the encoder runs once, every step feeds only
 //! the newest token. Batched greedy and batched beam search, with per-sentence stopping
 //! (finished sentences leave the batch: their cache rows are dropped).

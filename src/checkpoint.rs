@@ -1,3 +1,7 @@
+//! The checkpoint file format, kept apart from the training loop that writes it and the export
+//! that reads it (as burn keeps `checkpoint/` apart from `learner/`); it names only the types it
+//! stores (`TrainSpec`, `ScalerState`, the model `Config`).
+//!
 //! Checkpoints: one safetensors file (master weights `param.<name>`, Adam moments
 //! `adam.m.<name>` / `adam.v.<name>`) plus a JSON sidecar (step, data position, optimizer step,
 //! scaler state, seed, the full spec, the file's sha256). Both are written atomically (temp file,

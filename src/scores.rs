@@ -1,4 +1,7 @@
-//! Validation metrics, compatible with sacreBLEU 2.x defaults: corpus BLEU (13a tokenizer,
+//! Translation scores, kept below both of their users (validation in `train`, test-set
+//! evaluation in `infer`) and named apart from the per-step training metrics and Prometheus.
+//!
+//! Compatible with sacreBLEU 2.x defaults: corpus BLEU (13a tokenizer,
 //! 4-gram, exponential smoothing, one reference), chrF2 (character 6-grams, no word n-grams,
 //! beta 2, whitespace removed), plus character and word error rates.
 //!
