@@ -680,7 +680,10 @@
       ["Started", fmt.time(job.started_at) + (job.attempts > 1 ? ` (attempt ${job.attempts})` : "")],
       ["Finished", fmt.time(job.finished_at)],
     ];
-    $("job-facts").replaceChildren(...facts.map(([k, v]) => h("div", null, h("dt", { text: k }), h("dd", { text: v }))));
+    if (job.parent_job_id !== null && job.parent_job_id !== undefined) {
+      facts.splice(1, 0, ["Forked from", h("a", { id: "job-parent", href: `#/jobs/${job.parent_job_id}`, text: `job #${job.parent_job_id} at step ${fmt.int(job.parent_checkpoint)}` })]);
+    }
+    $("job-facts").replaceChildren(...facts.map(([k, v]) => h("div", null, h("dt", { text: k }), v instanceof Node ? h("dd", null, v) : h("dd", { text: v }))));
   }
 
   async function loadMetrics() {

@@ -9,6 +9,7 @@ mod corpora;
 mod error;
 mod evaluate;
 mod events;
+mod fork;
 mod guard;
 mod jobs;
 mod metrics;
@@ -82,6 +83,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(jobs::router())
+        .merge(fork::router())
         .merge(metrics::router())
         .merge(events::router())
         .merge(checkpoints::router())

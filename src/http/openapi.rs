@@ -51,6 +51,21 @@ pub struct JobSubmission {
     pub checkpoint: Option<Value>,
 }
 
+/// `POST /api/jobs/{id}/fork` body.
+#[derive(Serialize, ToSchema)]
+pub struct ForkRequest {
+    /// `latest` (default), `best`, or a step number (number or string).
+    #[schema(value_type = Option<String>, example = "latest")]
+    pub checkpoint: Option<Value>,
+    /// Spec sections to change: `name`, `train.{precision, lr, schedule, warmup_steps,
+    /// max_steps, max_time_s, epochs, clip_grad_norm, valid_every, valid_samples,
+    /// early_stopping}`, `amp.*`, `checkpoint.*`.
+    #[schema(value_type = Option<Object>)]
+    pub overrides: Option<Value>,
+    /// -1000..=1000 (default 0).
+    pub priority: Option<i64>,
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -64,6 +79,7 @@ pub struct JobSubmission {
         super::jobs::remove,
         super::jobs::cancel,
         super::jobs::resume,
+        super::fork::fork,
         super::metrics::metrics,
         super::metrics::validations,
         super::events::events,
@@ -87,7 +103,7 @@ pub struct JobSubmission {
         openapi_json,
         docs,
     ),
-    components(schemas(ErrorBody, ErrorDetail, JobSubmission))
+    components(schemas(ErrorBody, ErrorDetail, JobSubmission, ForkRequest))
 )]
 pub struct ApiDoc;
 

@@ -4,10 +4,12 @@
 //! is [`ProcessTrainer`]: each job in its own process, so a crash fails the job, not the server.
 
 mod export;
+pub mod fork;
 mod pool;
 pub mod process;
 
 pub use export::ExportFailure;
+pub use fork::{ForkFailure, StagedFork};
 pub use pool::{JobEvent, JobEventKind, LiveJob, PoolConfig, PoolHandle, WriteStats};
 pub use process::ProcessTrainer;
 
