@@ -12,7 +12,8 @@ CREATE TABLE experiments (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     name        TEXT    NOT NULL,
     spec_json   TEXT    NOT NULL,
-    budget_json TEXT    NOT NULL,
+    -- {"max_steps", "max_time_s", "noise_bleu", "memory_estimates": [bytes per arm]}
+    settings_json TEXT  NOT NULL,
     created_at  TEXT    NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 

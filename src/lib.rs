@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod data;
+pub mod experiment;
 pub mod http;
 pub mod infer;
 pub mod kernels;

@@ -9,6 +9,7 @@ mod corpora;
 mod error;
 mod evaluate;
 mod events;
+mod experiments;
 mod fork;
 mod guard;
 mod jobs;
@@ -84,6 +85,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(jobs::router())
         .merge(fork::router())
+        .merge(experiments::router())
         .merge(metrics::router())
         .merge(events::router())
         .merge(checkpoints::router())

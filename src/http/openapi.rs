@@ -66,6 +66,34 @@ pub struct ForkRequest {
     pub priority: Option<i64>,
 }
 
+/// `POST /api/experiments` body: a job spec as in [`JobSubmission`] plus the arms and a budget.
+#[derive(Serialize, ToSchema)]
+pub struct ExperimentSubmission {
+    pub config: Option<String>,
+    pub name: Option<String>,
+    /// Precision names (`fp32`, `f16`, `bf16`) or objects `{"label", "train": {precision, lr,
+    /// schedule, warmup_steps, clip_grad_norm}, "amp": {...}}`; 1..=8, the first is the baseline.
+    #[schema(value_type = Vec<Object>)]
+    pub arms: Vec<Value>,
+    /// Step budget of every arm (0 or absent: none); at least one budget is required.
+    pub max_steps: Option<u64>,
+    /// Training-time budget of every arm, seconds.
+    pub max_time_s: Option<f64>,
+    /// BLEU points within which an arm is "within noise" of the first (default 1.0).
+    pub noise_bleu: Option<f64>,
+    pub priority: Option<i64>,
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub model: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub train: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub amp: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub checkpoint: Option<Value>,
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -80,6 +108,9 @@ pub struct ForkRequest {
         super::jobs::cancel,
         super::jobs::resume,
         super::fork::fork,
+        super::experiments::create,
+        super::experiments::list,
+        super::experiments::show,
         super::metrics::metrics,
         super::metrics::validations,
         super::events::events,
@@ -103,7 +134,13 @@ pub struct ForkRequest {
         openapi_json,
         docs,
     ),
-    components(schemas(ErrorBody, ErrorDetail, JobSubmission, ForkRequest))
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        JobSubmission,
+        ForkRequest,
+        ExperimentSubmission
+    ))
 )]
 pub struct ApiDoc;
 
