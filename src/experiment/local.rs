@@ -2,18 +2,13 @@
 //! competes with another for the cores), each in its own run directory, and collect what the
 //! summary needs. Used by `ampserve experiment`; the server runs arms as jobs instead.
 
-use super::summary::{ArmRun, FinalValidation, MemorySource, StepPoint};
+use super::summary::{step_tokens, ArmRun, FinalValidation, MemorySource, StepPoint};
 use super::{arm_spec, Arm, Budget};
 use crate::config::{SpecError, TrainSpec};
 use crate::train::{self, RunOptions, TrainEvent};
 use candle_core::Device;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-
-/// Non-pad target tokens of a step, from its record (`tokens_per_s` is tokens / step time).
-pub fn step_tokens(tokens_per_s: f64, step_ms: f64) -> f64 {
-    (tokens_per_s * step_ms / 1e3).round()
-}
 
 /// Reset the process's peak resident size (Linux: `5` to `/proc/self/clear_refs`). False when
 /// it cannot be reset, so a later peak would include earlier arms.

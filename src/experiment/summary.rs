@@ -32,6 +32,11 @@ pub struct StepPoint {
     pub skipped: bool,
 }
 
+/// Non-pad target tokens of a step, from its record (`tokens_per_s` is tokens / step time).
+pub fn step_tokens(tokens_per_s: f64, step_ms: f64) -> f64 {
+    (tokens_per_s * step_ms / 1e3).round()
+}
+
 /// An arm's last validation.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct FinalValidation {

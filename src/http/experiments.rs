@@ -8,9 +8,9 @@ use super::spec::parse_job_request;
 use super::{ApiError, ApiPath, ApiQuery, ApiResult, AppState};
 use crate::config::{SpecError, TrainSpec};
 use crate::experiment::summary::{
-    self, ArmRun, ArmSummary, FinalValidation, MemorySource, StepPoint,
+    self, step_tokens, ArmRun, ArmSummary, FinalValidation, MemorySource, StepPoint,
 };
-use crate::experiment::{arm_spec, local::step_tokens, parse_arms, Budget};
+use crate::experiment::{arm_spec, parse_arms, Budget};
 use crate::store::experiments::{ExperimentRow, NewArm};
 use crate::store::{JobStatus, NewJob};
 use crate::worker::JobEventKind;
