@@ -3,7 +3,7 @@
 
 use super::parse_device;
 use crate::config::TrainSpec;
-use crate::experiment::summary::{self, Summary};
+use crate::experiment::summary::{self, MemorySource, Summary};
 use crate::experiment::{local, parse_arms, Budget};
 use crate::memory::human;
 use crate::train::TrainEvent;
@@ -90,7 +90,11 @@ pub fn table(s: &Summary) -> String {
                 opt(a.bleu, 2),
                 opt(a.chrf, 1),
                 a.skipped_steps.to_string(),
-                a.peak_memory_bytes.map_or("–".into(), human),
+                match (a.peak_memory_bytes, a.peak_memory_source) {
+                    (Some(b), Some(MemorySource::Estimated)) => format!("~{} est.", human(b)),
+                    (Some(b), _) => human(b),
+                    _ => "–".into(),
+                },
             ]
         })
         .collect();
@@ -132,7 +136,9 @@ pub fn table(s: &Summary) -> String {
     out.push_str(&format!(
         "\nloss@step / loss@time: mean training loss over the {} steps up to the last step every \
          arm reached / up to the summed step time every arm reached; tokens/s over summed step \
-         time; noise: |ΔBLEU| <= {} (a stated threshold, not a significance test)\n",
+         time; peak mem: peak RSS while the arm ran (est.: the admission estimate, where that peak \
+         did not rise above what earlier arms left allocated); noise: |ΔBLEU| <= {} (a stated \
+         threshold, not a significance test)\n",
         s.window, s.noise_bleu
     ));
     out

@@ -16,12 +16,38 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Peak resident size of this process (`VmHWM`), bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
+/// A `/proc/self/status` field in bytes (`VmHWM`: peak resident size, `VmRSS`: now).
+fn status_bytes(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Peak resident size of this process (`VmHWM`), bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// The arm's peak memory. Measured (peak RSS since the arm started) when that peak rose above
+/// what the process already held when the arm began: the allocator keeps pages earlier arms
+/// freed, so a peak that did not rise says only "at most this much". Then, and when the peak
+/// cannot be reset, the admission estimate stands in ([`crate::memory::estimate`]).
+fn arm_peak(
+    spec: &TrainSpec,
+    reset: bool,
+    rss_at_start: Option<u64>,
+) -> Option<(u64, MemorySource)> {
+    let peak = peak_rss_bytes();
+    match (reset, peak, rss_at_start) {
+        (true, Some(p), Some(start)) if p > start + (8 << 20) => Some((p, MemorySource::Measured)),
+        _ => crate::memory::scan_corpus(spec).ok().map(|f| {
+            (
+                crate::memory::estimate(spec, f).total_bytes(),
+                MemorySource::Estimated,
+            )
+        }),
+    }
 }
 
 /// One arm's run: its spec, directory and figures.
@@ -52,7 +78,8 @@ pub fn run_arms(
     let mut out = Vec::with_capacity(arms.len());
     for (i, (arm, spec)) in arms.iter().zip(specs).enumerate() {
         let run_dir = out_dir.join(format!("{i}-{}", arm.label));
-        let measured = reset_peak_rss();
+        let reset = reset_peak_rss();
+        let rss_at_start = status_bytes("VmRSS:");
         let mut steps = Vec::new();
         let mut validation = None;
         let opts = RunOptions {
@@ -87,11 +114,7 @@ pub fn run_arms(
             },
             cancel,
         );
-        let peak = if measured {
-            peak_rss_bytes().map(|b| (b, MemorySource::Measured))
-        } else {
-            None
-        };
+        let peak = arm_peak(&spec, reset, rss_at_start);
         out.push(LocalArm {
             spec,
             run_dir,
