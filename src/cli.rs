@@ -1,5 +1,7 @@
 //! Command-line front ends for the library: `ampserve train` with a tqdm-style progress bar.
 
+pub mod experiment;
+
 use crate::config::{Precision, TrainSpec};
 use crate::train::{self, RunOptions, TrainEvent};
 use std::io::Write;

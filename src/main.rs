@@ -75,6 +75,8 @@ enum Cmd {
     Serve(ampserve::app::ServeArgs),
     /// Train (or resume) a model from a TOML spec, e.g. `ampserve train --config configs/tiny.toml`
     Train(ampserve::cli::TrainArgs),
+    /// Run a precision experiment's arms here, one after another, and print the comparison
+    Experiment(ampserve::cli::experiment::ExperimentArgs),
     /// Export a run's checkpoint as an f16 model directory for translation
     Export(ampserve::cli::ExportArgs),
     /// Translate sentences (arguments, or stdin lines) with an exported model, or on a server
@@ -130,6 +132,9 @@ fn main() -> anyhow::Result<()> {
                 .block_on(ampserve::app::serve(args))
         }
         Cmd::Train(a) => ampserve::cli::train(a, Arc::new(AtomicBool::new(false))),
+        Cmd::Experiment(a) => {
+            ampserve::cli::experiment::experiment(a, Arc::new(AtomicBool::new(false)))
+        }
         Cmd::Export(a) => ampserve::cli::export(a),
         Cmd::Translate(a) => ampserve::cli::translate(a),
         Cmd::Jobs(c) => ampserve::client::run_jobs(c),

@@ -680,7 +680,10 @@
       ["Started", fmt.time(job.started_at) + (job.attempts > 1 ? ` (attempt ${job.attempts})` : "")],
       ["Finished", fmt.time(job.finished_at)],
     ];
-    $("job-facts").replaceChildren(...facts.map(([k, v]) => h("div", null, h("dt", { text: k }), h("dd", { text: v }))));
+    if (job.parent_job_id !== null && job.parent_job_id !== undefined) {
+      facts.splice(1, 0, ["Forked from", h("a", { id: "job-parent", href: `#/jobs/${job.parent_job_id}`, text: `job #${job.parent_job_id} at step ${fmt.int(job.parent_checkpoint)}` })]);
+    }
+    $("job-facts").replaceChildren(...facts.map(([k, v]) => h("div", null, h("dt", { text: k }), v instanceof Node ? h("dd", null, v) : h("dd", { text: v }))));
   }
 
   async function loadMetrics() {
@@ -1234,23 +1237,24 @@
     const parts = path.split("/").filter(Boolean);
     const params = new URLSearchParams(query || "");
     let view = parts[0] || "jobs";
-    if (!["jobs", "compare", "new", "translate"].includes(view)) view = "jobs";
+    if (!["jobs", "compare", "experiments", "new", "translate"].includes(view)) view = "jobs";
     const id = view === "jobs" && parts[1] ? Number(parts[1]) : null;
     if (id) view = "job";
     const prev = state.view;
     state.view = view;
     if (view !== "job") state.detail = null;
-    for (const v of ["jobs", "job", "compare", "new", "translate"]) $("view-" + v).hidden = v !== view;
+    for (const v of ["jobs", "job", "compare", "experiments", "new", "translate"]) $("view-" + v).hidden = v !== view;
     const navKey = view === "job" ? "jobs" : view;
     document.querySelectorAll("nav a").forEach((a) => {
       if (a.dataset.nav === navKey) a.setAttribute("aria-current", "page");
       else a.removeAttribute("aria-current");
     });
-    document.title = { jobs: "Jobs", job: `Job ${id}`, compare: "Compare", new: "New job", translate: "Translate" }[view] + " · ampserve";
+    document.title = { jobs: "Jobs", job: `Job ${id}`, compare: "Compare", experiments: "Experiments", new: "New job", translate: "Translate" }[view] + " · ampserve";
     if (prev && prev !== view) $("main").focus({ preventScroll: true });
     if (view === "jobs") refreshJobs();
     else if (view === "job") enterJob(id);
     else if (view === "compare") enterCompare(params);
+    else if (view === "experiments") experiments.enter(parts[1] ? Number(parts[1]) : null);
     else if (view === "new") enterNew();
     else if (view === "translate") enterTranslate();
     syncStreams();
@@ -1273,11 +1277,15 @@
       const every = job && ACTIVE.has(job.status) ? (live ? 10000 : 2000) : 30000;
       if (now - d.lastJob >= every) refreshDetail(false);
       else if (job && job.status === "running") { const t = $("job-progress-text"); if (t) t.textContent = progressText(job); }
-    }
+    } else if (state.view === "experiments") experiments.tick();
   }
+
+  // static/experiments.js: the Experiments view, given this file's helpers.
+  const experiments = window.AmpExperiments({ h, $, api, fmt });
 
   function init() {
     window.addEventListener("hashchange", route);
+    experiments.init();
     $("jobs-filter").addEventListener("change", () => { state.order = []; $("jobs-body").replaceChildren(); refreshJobs(); });
     $("samples-step").addEventListener("change", renderSamples);
     $("cmp-a").addEventListener("change", renderCompare);

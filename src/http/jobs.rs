@@ -42,6 +42,10 @@ pub struct JobView {
     /// The full validated TrainSpec.
     #[schema(value_type = Object)]
     pub spec: Value,
+    /// A fork's parent job (`POST /api/jobs/{id}/fork`), null otherwise.
+    pub parent_job_id: Option<i64>,
+    /// The step of the parent checkpoint a fork started from.
+    pub parent_checkpoint: Option<i64>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -110,6 +114,8 @@ impl From<JobRow> for JobView {
                 best_bleu_step: r.best_bleu_step,
             },
             spec: serde_json::from_str(&r.spec_json).unwrap_or(Value::Null),
+            parent_job_id: r.parent_job_id,
+            parent_checkpoint: r.parent_checkpoint,
             name: r.name,
         }
     }
@@ -274,6 +280,9 @@ async fn resume(
 async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
     match state.store.delete_job(id).await? {
         Some(row) => {
+            if let Some(seed) = row.seed_dir.as_deref() {
+                let _ = tokio::fs::remove_dir_all(seed).await;
+            }
             let dir = state.pool.runs_dir().join(row.id.to_string());
             if dir.exists() {
                 if let Err(e) = tokio::fs::remove_dir_all(&dir).await {

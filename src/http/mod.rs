@@ -9,6 +9,8 @@ mod corpora;
 mod error;
 mod evaluate;
 mod events;
+mod experiments;
+mod fork;
 mod guard;
 mod health;
 mod jobs;
@@ -82,6 +84,8 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(jobs::router())
+        .merge(fork::router())
+        .merge(experiments::router())
         .merge(metrics::router())
         .merge(events::router())
         .merge(checkpoints::router())

@@ -51,6 +51,49 @@ pub struct JobSubmission {
     pub checkpoint: Option<Value>,
 }
 
+/// `POST /api/jobs/{id}/fork` body.
+#[derive(Serialize, ToSchema)]
+pub struct ForkRequest {
+    /// `latest` (default), `best`, or a step number (number or string).
+    #[schema(value_type = Option<String>, example = "latest")]
+    pub checkpoint: Option<Value>,
+    /// Spec sections to change: `name`, `train.{precision, lr, schedule, warmup_steps,
+    /// max_steps, max_time_s, epochs, clip_grad_norm, valid_every, valid_samples,
+    /// early_stopping}`, `amp.*`, `checkpoint.*`.
+    #[schema(value_type = Option<Object>)]
+    pub overrides: Option<Value>,
+    /// -1000..=1000 (default 0).
+    pub priority: Option<i64>,
+}
+
+/// `POST /api/experiments` body: a job spec as in [`JobSubmission`] plus the arms and a budget.
+#[derive(Serialize, ToSchema)]
+pub struct ExperimentSubmission {
+    pub config: Option<String>,
+    pub name: Option<String>,
+    /// Precision names (`fp32`, `f16`, `bf16`) or objects `{"label", "train": {precision, lr,
+    /// schedule, warmup_steps, clip_grad_norm}, "amp": {...}}`; 1..=8, the first is the baseline.
+    #[schema(value_type = Vec<Object>)]
+    pub arms: Vec<Value>,
+    /// Step budget of every arm (0 or absent: none); at least one budget is required.
+    pub max_steps: Option<u64>,
+    /// Training-time budget of every arm, seconds.
+    pub max_time_s: Option<f64>,
+    /// BLEU points within which an arm is "within noise" of the first (default 1.0).
+    pub noise_bleu: Option<f64>,
+    pub priority: Option<i64>,
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub model: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub train: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub amp: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub checkpoint: Option<Value>,
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -64,6 +107,10 @@ pub struct JobSubmission {
         super::jobs::remove,
         super::jobs::cancel,
         super::jobs::resume,
+        super::fork::fork,
+        super::experiments::create,
+        super::experiments::list,
+        super::experiments::show,
         super::metrics::metrics,
         super::metrics::validations,
         super::events::events,
@@ -87,7 +134,13 @@ pub struct JobSubmission {
         openapi_json,
         docs,
     ),
-    components(schemas(ErrorBody, ErrorDetail, JobSubmission))
+    components(schemas(
+        ErrorBody,
+        ErrorDetail,
+        JobSubmission,
+        ForkRequest,
+        ExperimentSubmission
+    ))
 )]
 pub struct ApiDoc;
 

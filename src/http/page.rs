@@ -43,6 +43,11 @@ pub const ASSETS: &[Asset] = &[
         body: include_str!("../../static/chart.js"),
     },
     Asset {
+        name: "experiments.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("../../static/experiments.js"),
+    },
+    Asset {
         name: "docs.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_str!("../../static/docs.js"),

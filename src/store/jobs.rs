@@ -95,6 +95,14 @@ pub struct JobRow {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub updated_at: String,
+    /// A fork's parent job and the step of the parent checkpoint it starts from (migration 0006).
+    #[sqlx(default)]
+    pub parent_job_id: Option<i64>,
+    #[sqlx(default)]
+    pub parent_checkpoint: Option<i64>,
+    /// A fork's copied checkpoint, moved into its run directory when it first runs.
+    #[sqlx(default)]
+    pub seed_dir: Option<String>,
 }
 
 impl JobRow {
@@ -137,6 +145,39 @@ impl Store {
         .fetch_one(self.pool())
         .await?;
         Ok(row)
+    }
+
+    /// A fork of `parent_job_id` starting from its checkpoint at `parent_checkpoint`, staged in
+    /// `seed_dir`.
+    pub async fn insert_fork(
+        &self,
+        job: &NewJob,
+        parent_job_id: i64,
+        parent_checkpoint: i64,
+        seed_dir: &str,
+    ) -> StoreResult<JobRow> {
+        let row = sqlx::query_as::<_, JobRow>(
+            "INSERT INTO jobs (name, priority, spec_json, parent_job_id, parent_checkpoint, seed_dir)
+             VALUES (?, ?, ?, ?, ?, ?) RETURNING *",
+        )
+        .bind(&job.name)
+        .bind(job.priority)
+        .bind(&job.spec_json)
+        .bind(parent_job_id)
+        .bind(parent_checkpoint)
+        .bind(seed_dir)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row)
+    }
+
+    /// The fork's staged checkpoint is in its run directory now.
+    pub async fn clear_seed_dir(&self, id: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE jobs SET seed_dir = NULL WHERE id = ?")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
     }
 
     pub async fn get_job(&self, id: i64) -> StoreResult<Option<JobRow>> {

@@ -5,6 +5,7 @@
 pub mod checkpoints;
 pub mod corpora;
 pub mod evaluations;
+pub mod experiments;
 pub mod jobs;
 pub mod metrics;
 pub mod models;

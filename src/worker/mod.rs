@@ -3,10 +3,12 @@
 //! inserts), honours cancellation, and re-queues interrupted jobs at start. The server's trainer
 //! is [`ProcessTrainer`]: each job in its own process, so a crash fails the job, not the server.
 
+pub mod fork;
 mod pool;
 pub mod process;
 mod publish;
 
+pub use fork::{ForkFailure, StagedFork};
 pub use pool::{JobEvent, JobEventKind, LiveJob, PoolConfig, PoolHandle, WriteStats};
 pub use process::ProcessTrainer;
 pub use publish::ExportFailure;

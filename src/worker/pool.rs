@@ -411,6 +411,11 @@ impl Worker {
         };
         let run_dir = inner.runs_dir.join(id.to_string());
         std::fs::create_dir_all(&run_dir)?;
+        // A fork's first run: its parent's checkpoint moves in, and the resume below starts there.
+        if let Some(seed) = job.seed_dir.as_deref() {
+            super::fork::seed_run_dir(std::path::Path::new(seed), &run_dir)?;
+            inner.store.clear_seed_dir(id).await?;
+        }
         inner
             .store
             .set_job_run_dir(id, &run_dir.to_string_lossy())

@@ -411,6 +411,32 @@ async function main() {
     await shot("05-form-error.png");
   });
 
+  await step("experiments: an fp32 vs f16 experiment shows both arms' curves, the table and the verdicts", async () => {
+    const { train, ...base } = tinyJob("exp", "fp32");
+    const { max_steps, precision, ...rest } = train;
+    const x = await post(srv.base, "/api/experiments", { ...base, train: rest, arms: ["fp32", "f16"], max_steps: 12 });
+    const deadline = Date.now() + LONG;
+    for (;;) {
+      const v = await (await fetch(`${srv.base}/api/experiments/${x.id}`)).json();
+      if (v.status === "finished") break;
+      assert.ok(Date.now() < deadline, `experiment never finished: ${JSON.stringify(v)}`);
+      await new Promise((res) => setTimeout(res, 300));
+    }
+    await page.goto(`${srv.base}/#/experiments/${x.id}`);
+    await page.locator("#exp-table tbody tr").nth(1).waitFor();
+    assert.deepEqual(await page.locator("#exp-table tbody th").allTextContents(), ["fp32", "f16"]);
+    assert.equal(await page.locator("#chart-exp-step path.line").count(), 2);
+    assert.equal(await page.locator("#chart-exp-time path.line").count(), 2);
+    assert.equal(await page.locator("#chart-exp-time .axis-label").first().textContent(), "time (s)");
+    const verdicts = await page.locator("#exp-verdicts li").allTextContents();
+    assert.match(verdicts[0], /^fp32: baseline/);
+    assert.match(verdicts[1], /^f16: \d+\.\d\dx (faster|slower), BLEU [+-]\d+\.\d/);
+    const speedup = await page.locator("#exp-table tbody tr").first().locator("td").nth(4).textContent();
+    assert.equal(speedup, "1.00×");
+    assert.equal(await page.locator('nav a[data-nav="experiments"]').getAttribute("aria-current"), "page");
+    await shot("05b-experiments.png");
+  });
+
   await step("phone width (390 px): no sideways scrolling, jobs as cards", async () => {
     await page.setViewportSize({ width: 390, height: 844 });
     await page.goto(`${srv.base}/#/jobs`);

@@ -1,0 +1,116 @@
+//! The `experiments` and `experiment_arms` tables (migration 0006): an experiment's base spec
+//! and settings, and one row per arm naming the job that runs it. The experiment and its arms'
+//! jobs are inserted in one transaction, so no experiment exists with a missing arm.
+
+use super::{JobRow, NewJob, Store, StoreResult};
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ExperimentRow {
+    pub id: i64,
+    pub name: String,
+    pub spec_json: String,
+    pub settings_json: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ArmRow {
+    pub experiment_id: i64,
+    pub position: i64,
+    pub label: String,
+    pub overrides_json: String,
+    /// None once the arm's job was deleted.
+    pub job_id: Option<i64>,
+}
+
+/// One arm to insert: its label, overrides (JSON) and job.
+#[derive(Debug, Clone)]
+pub struct NewArm {
+    pub label: String,
+    pub overrides_json: String,
+    pub job: NewJob,
+}
+
+impl Store {
+    /// Insert the experiment, one queued job per arm (in arm order) and the arm rows.
+    pub async fn insert_experiment(
+        &self,
+        name: &str,
+        spec_json: &str,
+        settings_json: &str,
+        arms: &[NewArm],
+    ) -> StoreResult<(ExperimentRow, Vec<JobRow>)> {
+        let mut tx = self.pool().begin().await?;
+        let exp = sqlx::query_as::<_, ExperimentRow>(
+            "INSERT INTO experiments (name, spec_json, settings_json) VALUES (?, ?, ?) RETURNING *",
+        )
+        .bind(name)
+        .bind(spec_json)
+        .bind(settings_json)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut jobs = Vec::with_capacity(arms.len());
+        for (i, a) in arms.iter().enumerate() {
+            let job = sqlx::query_as::<_, JobRow>(
+                "INSERT INTO jobs (name, priority, spec_json) VALUES (?, ?, ?) RETURNING *",
+            )
+            .bind(&a.job.name)
+            .bind(a.job.priority)
+            .bind(&a.job.spec_json)
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO experiment_arms (experiment_id, position, label, overrides_json, job_id)
+                 VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(exp.id)
+            .bind(i as i64)
+            .bind(&a.label)
+            .bind(&a.overrides_json)
+            .bind(job.id)
+            .execute(&mut *tx)
+            .await?;
+            jobs.push(job);
+        }
+        tx.commit().await?;
+        Ok((exp, jobs))
+    }
+
+    pub async fn get_experiment(&self, id: i64) -> StoreResult<Option<ExperimentRow>> {
+        Ok(
+            sqlx::query_as::<_, ExperimentRow>("SELECT * FROM experiments WHERE id = ?")
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?,
+        )
+    }
+
+    /// Newest first, with the total count.
+    pub async fn list_experiments(
+        &self,
+        limit: i64,
+        offset: i64,
+    ) -> StoreResult<(Vec<ExperimentRow>, i64)> {
+        let rows = sqlx::query_as::<_, ExperimentRow>(
+            "SELECT * FROM experiments ORDER BY id DESC LIMIT ? OFFSET ?",
+        )
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(self.pool())
+        .await?;
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM experiments")
+            .fetch_one(self.pool())
+            .await?;
+        Ok((rows, total))
+    }
+
+    /// The arms in order.
+    pub async fn experiment_arms(&self, id: i64) -> StoreResult<Vec<ArmRow>> {
+        Ok(sqlx::query_as::<_, ArmRow>(
+            "SELECT * FROM experiment_arms WHERE experiment_id = ? ORDER BY position",
+        )
+        .bind(id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
