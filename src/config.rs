@@ -138,6 +138,25 @@ pub enum Schedule {
     Noam,
 }
 
+/// Which step count drives the learning-rate schedule (`train.schedule_counts`).
+///
+/// PyTorch's usual AMP loop (`scaler.step(opt); scheduler.step(); scaler.update()`) calls
+/// `scheduler.step()` on every iteration, so a step that `GradScaler` skipped still advances the
+/// schedule (and PyTorch warns "Detected call of `lr_scheduler.step()` before
+/// `optimizer.step()`"; pytorch/pytorch#44511, #67590): that is `all_steps`. fairseq and
+/// Hugging Face's Trainer advance the schedule only on applied updates: `optimizer_steps`, the
+/// default here, because a skipped step changes no weight, and Adam's bias correction already
+/// counts only applied steps; warmup then means "this many real updates".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleCounts {
+    /// The schedule advances only on steps the optimizer applied (skipped steps repeat the lr).
+    #[default]
+    OptimizerSteps,
+    /// Every attempted step advances the schedule, skipped ones included (PyTorch's usual loop).
+    AllSteps,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
@@ -242,6 +261,9 @@ pub struct TrainSection {
     pub lr: f64,
     pub schedule: Schedule,
     pub warmup_steps: usize,
+    /// `optimizer_steps` (default): skipped steps do not advance the schedule; `all_steps`:
+    /// they do (PyTorch's usual loop). See [`ScheduleCounts`].
+    pub schedule_counts: ScheduleCounts,
     pub optimizer: OptimizerKind,
     pub beta1: f64,
     pub beta2: f64,
@@ -278,6 +300,7 @@ impl Default for TrainSection {
             lr: 1e-4,
             schedule: Schedule::Constant,
             warmup_steps: 4000,
+            schedule_counts: ScheduleCounts::OptimizerSteps,
             optimizer: OptimizerKind::Adam,
             beta1: 0.9,
             beta2: 0.999,

@@ -6,7 +6,7 @@ use super::metrics;
 use super::tensorboard;
 use super::{RunOptions, TrainError};
 use crate::amp::{Autocast, GradScaler, ScalerConfig};
-use crate::config::{TrainSpec, UnkPolicy};
+use crate::config::{ScheduleCounts, TrainSpec, UnkPolicy};
 use crate::data::{self, Example, Pair, WordTokenizer};
 use crate::infer::decode::{self, DecodeOptions};
 use crate::model::{self, Ctx, Transformer};
@@ -733,6 +733,7 @@ pub struct Stepper {
     pub dropout: f64,
     pub label_smoothing: f64,
     pub clip: f64,
+    pub schedule_counts: ScheduleCounts,
 }
 
 impl Stepper {
@@ -746,10 +747,21 @@ impl Stepper {
             dropout: spec.model.dropout,
             label_smoothing: spec.train.label_smoothing,
             clip: spec.train.clip_grad_norm,
+            schedule_counts: spec.train.schedule_counts,
         })
     }
 
-    /// `step` is the 1-based step number (it seeds dropout and sets the learning rate).
+    /// The step the schedule reads for attempted step `step` (1-based): `step` itself, or the
+    /// optimizer step this one would apply (skipped steps do not advance it).
+    pub fn schedule_step(&self, step: u64) -> u64 {
+        match self.schedule_counts {
+            ScheduleCounts::AllSteps => step,
+            ScheduleCounts::OptimizerSteps => self.opt.t + 1,
+        }
+    }
+
+    /// `step` is the 1-based step number (it seeds dropout and, with
+    /// `train.schedule_counts = "all_steps"`, sets the learning rate).
     pub fn step(
         &mut self,
         model: &Transformer,
@@ -773,7 +785,7 @@ impl Stepper {
         let ss = optim::sum_squares(&glist)?;
         let found_inf = GradScaler::found_inf(ss) || !loss_v.is_finite();
         let grad_norm = ss.sqrt() * self.scaler.inv_scale();
-        let lr = self.sched.lr(step);
+        let lr = self.sched.lr(self.schedule_step(step));
         if !found_inf {
             let coef = optim::clip_coef(grad_norm, self.clip);
             self.opt.step(&glist, lr, self.scaler.inv_scale() * coef)?;
