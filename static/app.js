@@ -733,17 +733,14 @@
       empty: job && job.status === "queued" ? "Waiting for the first step" : "No steps recorded yet",
     });
     const on = scalerOn(job);
-    let prevScale = null;
+    // Marks come from each point's exact counts (bucket_skipped / bucket_overflowed), not from
+    // scale drops: hysteresis or a floor at min_scale can hide an overflow from the scale.
     const scalePts = pts.map((p) => {
-      let mark = false, note = null;
-      if (exact) {
-        mark = !!p.skipped;
-        if (mark) note = "step skipped: inf/NaN gradients, scale backed off";
-      } else if (prevScale !== null && p.loss_scale < prevScale) {
-        mark = true;
-        note = "overflow in this group of steps: scale backed off";
-      }
-      prevScale = p.loss_scale;
+      const skipped = p.bucket_skipped ?? (p.skipped ? 1 : 0);
+      const over = p.bucket_overflowed ?? (p.found_inf ? 1 : 0);
+      let mark = skipped > 0 || over > 0, note = null;
+      if (mark && (p.bucket || 1) === 1) note = "step skipped: inf/NaN gradients, scale backed off";
+      else if (mark) note = `${skipped} of ${p.bucket} steps skipped (${over} with inf/NaN gradients)`;
       return { x: p.step, y: p.loss_scale, mark, note };
     });
     Chart.line($("chart-scale"), {
