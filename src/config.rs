@@ -319,6 +319,25 @@ impl Default for TrainSection {
     }
 }
 
+/// TEST ONLY (`amp.test_inject_inf`): write an inf into one element of the gradient of the
+/// parameter `tensor` on `count` steps from attempted step `from_step` on, while the loss scaler
+/// is on (it stands for an f16 overflow there). It exists so tests can force overflows and scale
+/// collapses deterministically; never set it in a real run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectInf {
+    /// A parameter name as checkpoints spell it (e.g. `decoder.layers.0.ffn.w1`).
+    pub tensor: String,
+    #[serde(default = "one")]
+    pub from_step: u64,
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
 /// The GradScaler's settings (PyTorch defaults plus min_scale / hysteresis).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -334,6 +353,14 @@ pub struct AmpSpec {
     pub max_consecutive_skips: u64,
     /// Overflowing steps tolerated before the scale backs off (1 = PyTorch behaviour).
     pub hysteresis: u64,
+    /// Also find which forward activation first left the f16 range (two reductions per
+    /// watched activation on every step: a diagnosis setting, not for speed runs).
+    pub trace_overflow: bool,
+    /// Every N steps (0 = never) record the share of gradient values that underflow f16 at the
+    /// current scale; only while the loss scaler is on.
+    pub underflow_every: u64,
+    /// TEST ONLY: see [`InjectInf`].
+    pub test_inject_inf: Option<InjectInf>,
 }
 
 impl Default for AmpSpec {
@@ -347,6 +374,9 @@ impl Default for AmpSpec {
             min_scale: 1.0,
             max_consecutive_skips: 50,
             hysteresis: 1,
+            trace_overflow: false,
+            underflow_every: 100,
+            test_inject_inf: None,
         }
     }
 }
@@ -647,6 +677,23 @@ impl TrainSpec {
         check((1..=1000).contains(&a.hysteresis), "amp.hysteresis", || {
             "allowed 1..=1000".into()
         })?;
+        check(
+            a.underflow_every <= 100_000_000,
+            "amp.underflow_every",
+            || "allowed 0..=100000000".into(),
+        )?;
+        if let Some(inj) = &a.test_inject_inf {
+            check(
+                !inj.tensor.is_empty() && inj.tensor.len() <= 200,
+                "amp.test_inject_inf.tensor",
+                || "must name a parameter".into(),
+            )?;
+            check(
+                inj.from_step >= 1 && inj.count <= 100_000_000,
+                "amp.test_inject_inf.from_step",
+                || "from_step >= 1 and count <= 100000000".into(),
+            )?;
+        }
 
         range_usize(
             self.checkpoint.every_steps,

@@ -15,6 +15,7 @@ mod metrics;
 mod models;
 pub mod openapi;
 mod ops;
+mod overflows;
 pub mod page;
 mod server;
 pub mod spec;
@@ -83,6 +84,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(jobs::router())
         .merge(metrics::router())
+        .merge(overflows::router())
         .merge(events::router())
         .merge(checkpoints::router())
         .merge(corpora::router())

@@ -66,6 +66,7 @@ pub struct JobSubmission {
         super::jobs::resume,
         super::metrics::metrics,
         super::metrics::validations,
+        super::overflows::overflows,
         super::events::events,
         super::checkpoints::list,
         super::corpora::upload,

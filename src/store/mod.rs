@@ -8,6 +8,7 @@ pub mod evaluations;
 pub mod jobs;
 pub mod metrics;
 pub mod models;
+pub mod overflows;
 pub mod validations;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

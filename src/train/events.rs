@@ -131,5 +131,9 @@ pub enum TrainEvent {
     Step(StepRecord),
     Validation(ValidationRecord),
     Checkpoint(CheckpointRecord),
+    /// A step whose gradients overflowed: the tensors (and activation) to blame.
+    Overflow(super::overflow::OverflowRecord),
+    /// A sampled step's f16 gradient underflow.
+    Underflow(super::overflow::UnderflowRecord),
     Finished(Summary),
 }

@@ -356,6 +356,13 @@ async function main() {
     assert.equal(await page.locator("#chart-scale path.marker").count(), skipped);
     assert.equal(await page.locator("#job-facts div", { has: page.locator("dt", { hasText: "Skipped steps" }) }).locator("dd").textContent(), String(skipped));
     assert.match(await page.locator("#chart-scale .axis-label").last().textContent(), /\(log\)/);
+    // The overflow panel names the gradient tensors that overflowed, as /overflows does.
+    const ov = await (await fetch(`${srv.base}/api/jobs/${b.id}/overflows`)).json();
+    assert.equal(ov.overflow_steps, skipped);
+    await page.waitForFunction(() => document.querySelectorAll("#overflow-tensors tbody tr").length > 0);
+    assert.equal(await page.locator("#overflow-tensors tbody tr").count(), ov.tensors.length);
+    assert.equal(await page.locator("#overflow-tensors tbody tr").first().locator("td").first().textContent(), ov.tensors[0].tensor);
+    assert.match(await page.locator("#overflow-summary").textContent(), new RegExp(`^${skipped} overflowing steps`));
     await shot("03b-detail-f16.png");
   });
 
