@@ -319,6 +319,32 @@ impl Default for TrainSection {
     }
 }
 
+/// What a run does when its loss scale collapses (`amp.on_scale_collapse`): overflow at
+/// `amp.min_scale` for `amp.max_consecutive_skips` steps in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnScaleCollapse {
+    /// The run fails with advice (the behaviour before recovery existed).
+    #[default]
+    Fail,
+    /// Resume from the last good checkpoint (written before the overflows began; the initial
+    /// weights when there is none) in bf16, with the loss scaler off.
+    Bf16,
+    /// Resume from the last good checkpoint with the learning rate halved, at most
+    /// `amp.max_rollbacks` times.
+    Rollback,
+}
+
+impl OnScaleCollapse {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnScaleCollapse::Fail => "fail",
+            OnScaleCollapse::Bf16 => "bf16",
+            OnScaleCollapse::Rollback => "rollback",
+        }
+    }
+}
+
 /// TEST ONLY (`amp.test_inject_inf`): write an inf into one element of the gradient of the
 /// parameter `tensor` on `count` steps from attempted step `from_step` on, while the loss scaler
 /// is on (it stands for an f16 overflow there). It exists so tests can force overflows and scale
@@ -359,6 +385,10 @@ pub struct AmpSpec {
     /// Every N steps (0 = never) record the share of gradient values that underflow f16 at the
     /// current scale; only while the loss scaler is on.
     pub underflow_every: u64,
+    /// `fail` (default), `bf16` or `rollback`: see [`OnScaleCollapse`].
+    pub on_scale_collapse: OnScaleCollapse,
+    /// Rollbacks allowed before the run fails anyway.
+    pub max_rollbacks: u64,
     /// TEST ONLY: see [`InjectInf`].
     pub test_inject_inf: Option<InjectInf>,
 }
@@ -376,6 +406,8 @@ impl Default for AmpSpec {
             hysteresis: 1,
             trace_overflow: false,
             underflow_every: 100,
+            on_scale_collapse: OnScaleCollapse::Fail,
+            max_rollbacks: 3,
             test_inject_inf: None,
         }
     }
@@ -681,6 +713,11 @@ impl TrainSpec {
             a.underflow_every <= 100_000_000,
             "amp.underflow_every",
             || "allowed 0..=100000000".into(),
+        )?;
+        check(
+            (1..=100).contains(&a.max_rollbacks),
+            "amp.max_rollbacks",
+            || "allowed 1..=100".into(),
         )?;
         if let Some(inj) = &a.test_inject_inf {
             check(

@@ -474,6 +474,7 @@
     es.addEventListener("validation", () => { if (state.detail && state.detail.id === id) loadValidations(); });
     es.addEventListener("checkpoint", () => { if (state.detail && state.detail.id === id) debounce("ckpts", loadCheckpoints, 500); });
     es.addEventListener("overflow", () => { if (state.detail && state.detail.id === id) debounce("overflows", loadOverflows, 1000); });
+    es.addEventListener("recovery", () => { if (state.detail && state.detail.id === id) { loadOverflows(); loadMetrics(); } });
     es.addEventListener("lagged", () => refreshOne(id));
     es.onerror = () => {
       entry.errors++;
@@ -847,6 +848,12 @@
       if (state.detail !== d) return;
       const out = $("overflows");
       const parts = [];
+      if (r.recoveries && r.recoveries.length) {
+        parts.push(h("ul", { class: "recoveries", id: "recoveries" }, r.recoveries.map((x) =>
+          h("li", { class: "alert", text: x.action === "bf16"
+            ? `Step ${x.step}: the loss scale collapsed; switched to bf16 from the checkpoint at step ${x.resumed_from_step}.`
+            : `Step ${x.step}: the loss scale collapsed; rolled back to the checkpoint at step ${x.resumed_from_step} with lr ${Number(x.lr).toPrecision(3)} (${x.precision}).` }))));
+      }
       const u = r.underflow.length ? r.underflow[r.underflow.length - 1] : null;
       const pct = (x) => (100 * x).toFixed(x < 0.01 ? 3 : 1) + "%";
       if (!r.overflow_steps) {

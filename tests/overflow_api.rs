@@ -163,3 +163,43 @@ async fn overflows_of_an_unknown_job_is_404_and_a_bad_recent_names_the_field() {
         "an fp32 run of 2 steps has none: {o}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bf16_recovery_shows_in_the_job_the_metrics_and_the_overflows() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(args_for(dir.path()), Arc::new(CandleTrainer)).await;
+    let target = "decoder.layers.0.ffn.linear_2.weight";
+    let mut job = tiny_real_job("recovers", 20, 4);
+    job["train"]["precision"] = json!("f16");
+    job["amp"] = json!({
+        "init_scale": 4.0, "min_scale": 1.0, "max_consecutive_skips": 3,
+        "on_scale_collapse": "bf16",
+        "test_inject_inf": {"tensor": target, "from_step": 6, "count": 1000}
+    });
+    let id = srv.submit(&job).await;
+    let job = srv.wait_status(id, "succeeded").await;
+    let rec = job["recoveries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{job}"));
+    assert_eq!(rec.len(), 1, "{job}");
+    assert_eq!(rec[0]["action"], "bf16");
+    assert_eq!(rec[0]["step"], 10);
+    assert_eq!(rec[0]["resumed_from_step"], 4);
+    assert_eq!(rec[0]["precision"], "bf16");
+    assert!(rec[0]["reason"].as_str().unwrap().contains("min_scale"));
+    // the stored steps are the run as it went on: 1..=20 once, bf16 (scale 1) after step 4
+    let all = srv.all_metrics(id).await;
+    assert_eq!(
+        metric_steps(&json!({"points": all})),
+        (1..=20).collect::<Vec<_>>()
+    );
+    assert!(all[4..]
+        .iter()
+        .all(|r| r["loss_scale"] == 1.0 && r["skipped"] == false));
+    assert_eq!(job["metrics"]["skipped_steps"], 0);
+    // the overflows that led to the collapse stay on record, naming the tensor
+    let (_, o) = srv.get(&format!("/api/jobs/{id}/overflows")).await;
+    assert_eq!(o["overflow_steps"], 5, "{o}");
+    assert_eq!(o["tensors"][0]["tensor"], target);
+    assert_eq!(o["recoveries"].as_array().unwrap().len(), 1);
+}

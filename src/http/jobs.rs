@@ -42,6 +42,10 @@ pub struct JobView {
     /// The full validated TrainSpec.
     #[schema(value_type = Object)]
     pub spec: Value,
+    /// Automatic recoveries from a collapsed loss scale (`amp.on_scale_collapse`), oldest
+    /// first; only in the single-job view, and only when there were any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recoveries: Vec<crate::store::overflows::RecoveryRow>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -110,6 +114,7 @@ impl From<JobRow> for JobView {
                 best_bleu_step: r.best_bleu_step,
             },
             spec: serde_json::from_str(&r.spec_json).unwrap_or(Value::Null),
+            recoveries: Vec::new(),
             name: r.name,
         }
     }
@@ -203,7 +208,9 @@ async fn show(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Json<JobView>> {
-    Ok(Json(load_job(&state, id).await?.into()))
+    let mut view: JobView = load_job(&state, id).await?.into();
+    view.recoveries = state.store.list_recoveries(id).await?;
+    Ok(Json(view))
 }
 
 /// Queued jobs are cancelled at once (200); running ones move to `cancelling` (202) and the

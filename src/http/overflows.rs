@@ -4,7 +4,7 @@
 
 use super::jobs::load_job;
 use super::{ApiError, ApiPath, ApiQuery, ApiResult, AppState};
-use crate::store::overflows::{OverflowEventRow, OverflowSummary, UnderflowRow};
+use crate::store::overflows::{OverflowEventRow, OverflowSummary, RecoveryRow, UnderflowRow};
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -32,6 +32,8 @@ struct OverflowsView {
     recent: Vec<OverflowEventRow>,
     /// Sampled steps (amp.underflow_every), oldest first.
     underflow: Vec<UnderflowRow>,
+    /// Automatic recoveries from a collapsed scale, oldest first.
+    recoveries: Vec<RecoveryRow>,
 }
 
 #[utoipa::path(get, path = "/api/jobs/{id}/overflows", operation_id = "job_overflows", tag = "jobs", params(("id" = i64, Path, description = "job id"), ("recent" = Option<i64>, Query, description = "newest overflowing steps to list (1..=1000, default 20)")), responses((status = 200, description = "overflow forensics: per tensor and layer, traced activations, recent events, sampled underflow", body = Object), (status = 404, description = "not found", body = crate::http::openapi::ErrorBody), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody)))]
@@ -53,5 +55,6 @@ async fn overflows(
         summary: state.store.overflow_summary(id).await?,
         recent: state.store.recent_overflows(id, recent).await?,
         underflow: state.store.list_underflow(id, 200).await?,
+        recoveries: state.store.list_recoveries(id).await?,
     }))
 }

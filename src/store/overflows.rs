@@ -36,6 +36,23 @@ pub struct UnderflowRow {
     pub underflow_share: f64,
 }
 
+/// One automatic recovery from a collapsed loss scale (`amp.on_scale_collapse`).
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct RecoveryRow {
+    /// The step at which the scale was found collapsed.
+    pub step: i64,
+    /// `bf16` or `rollback`.
+    pub action: String,
+    /// The checkpoint step the run went back to (0: the initial weights).
+    pub resumed_from_step: i64,
+    /// The precision from there on.
+    pub precision: String,
+    /// The base learning rate from there on.
+    pub lr: f64,
+    pub reason: String,
+    pub created_at: String,
+}
+
 /// How often one loss scale was in use when a tensor overflowed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ScaleCount {
@@ -173,6 +190,34 @@ impl Store {
             .await?;
         }
         Ok(())
+    }
+
+    pub async fn insert_recovery(&self, job_id: i64, r: &RecoveryRow) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO recoveries (job_id, step, action, resumed_from_step, precision, lr, reason)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job_id)
+        .bind(r.step)
+        .bind(&r.action)
+        .bind(r.resumed_from_step)
+        .bind(&r.precision)
+        .bind(r.lr)
+        .bind(&r.reason)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// A job's recoveries, oldest first.
+    pub async fn list_recoveries(&self, job_id: i64) -> StoreResult<Vec<RecoveryRow>> {
+        Ok(sqlx::query_as::<_, RecoveryRow>(
+            "SELECT step, action, resumed_from_step, precision, lr, reason, created_at
+             FROM recoveries WHERE job_id = ? ORDER BY id",
+        )
+        .bind(job_id)
+        .fetch_all(self.pool())
+        .await?)
     }
 
     /// The newest `limit` overflowing steps, newest first, with their tensors.

@@ -7,7 +7,7 @@ use super::overflow::{self, Injector, OverflowRecord, UnderflowRecord};
 use super::tensorboard;
 use super::{RunOptions, TrainError};
 use crate::amp::{Autocast, GradScaler, ScalerConfig, ScalerError};
-use crate::config::{ScheduleCounts, TrainSpec, UnkPolicy};
+use crate::config::{OnScaleCollapse, Precision, ScheduleCounts, TrainSpec, UnkPolicy};
 use crate::data::{self, Example, Pair, WordTokenizer};
 use crate::infer::decode::{self, DecodeOptions};
 use crate::model::{self, Ctx, Transformer};
@@ -464,7 +464,10 @@ pub fn run(
     );
     let dev: Device = opts.device.clone();
     let model = Transformer::new(&mcfg, spec.train.seed, &dev)?;
-    let mut stepper = Stepper::new(spec, &model)?;
+    // The settings in force: the job's spec, changed by a recovery (amp.on_scale_collapse);
+    // checkpoints record it, and a resume adopts a recovered precision and lr from them.
+    let mut cur = spec.clone();
+    let mut stepper = Stepper::new(&cur, &model)?;
 
     let mut st = RunState {
         step: 0,
@@ -495,6 +498,15 @@ pub fn run(
             }
             let tensors = checkpoint::load_tensors(&path, &dev).map_err(TrainError::Checkpoint)?;
             model.load_named(&|n| tensors.get(&format!("param.{n}")).cloned())?;
+            if meta.spec.train.precision != cur.train.precision
+                || meta.spec.train.lr != cur.train.lr
+            {
+                // written after a recovery: continue with what the recovery chose
+                cur.train.precision = meta.spec.train.precision;
+                cur.amp.enabled = meta.spec.amp.enabled;
+                cur.train.lr = meta.spec.train.lr;
+                stepper = Stepper::new(&cur, &model)?;
+            }
             stepper.opt.load_state(meta.adam_t, &tensors)?;
             stepper.scaler.load_state(meta.scaler.clone());
             st.step = meta.step;
@@ -576,6 +588,9 @@ pub fn run(
 
     let mut cancelled = false;
     let mut stopped_by: Option<String> = None;
+    // first step of the current run of skipped steps (None after a clean step)
+    let mut streak_start: Option<u64> = None;
+    let mut rollbacks = 0u64;
     let out_of_time = |st: &RunState| {
         tr.max_time_s > 0.0 && st.wall_prev + t0.elapsed().as_secs_f64() >= tr.max_time_s
     };
@@ -629,8 +644,31 @@ pub fn run(
             if let Some(u) = out.underflow {
                 sink(TrainEvent::Underflow(u));
             }
+            streak_start = if out.skipped {
+                streak_start.or(Some(st.step))
+            } else {
+                None
+            };
             if let Some(e) = gave_up {
-                return Err(TrainError::Scaler(e.0));
+                let began = streak_start.unwrap_or(st.step);
+                let rec = recover(
+                    &mut cur,
+                    &mut stepper,
+                    &model,
+                    &mut st,
+                    &ckpt_dir,
+                    began,
+                    &mut rollbacks,
+                    e,
+                )?;
+                streak_start = None;
+                for f in ["metrics.jsonl", "validations.jsonl"] {
+                    truncate_jsonl(&opts.out_dir.join(f), rec.resumed_from_step)?;
+                }
+                mlog = Jsonl::open(&opts.out_dir.join("metrics.jsonl"))?;
+                vlog = Jsonl::open(&opts.out_dir.join("validations.jsonl"))?;
+                sink(TrainEvent::Recovery(rec));
+                continue 'epochs;
             }
             if tr.valid_every > 0
                 && st.step.is_multiple_of(tr.valid_every as u64)
@@ -647,7 +685,7 @@ pub fn run(
                     stopped_by = Some("early_stopping".into());
                 }
                 save_checkpoint(
-                    spec,
+                    &cur,
                     &ckpt_dir,
                     &model,
                     &stepper,
@@ -667,7 +705,7 @@ pub fn run(
             let every = spec.checkpoint.every_steps as u64;
             if every > 0 && st.step.is_multiple_of(every) {
                 save_checkpoint(
-                    spec,
+                    &cur,
                     &ckpt_dir,
                     &model,
                     &stepper,
@@ -687,7 +725,7 @@ pub fn run(
     }
     if st.last_ckpt_step != Some(st.step) || st.step == 0 {
         save_checkpoint(
-            spec,
+            &cur,
             &ckpt_dir,
             &model,
             &stepper,
@@ -719,6 +757,98 @@ pub fn run(
     };
     sink(TrainEvent::Finished(summary.clone()));
     Ok(summary)
+}
+
+/// Heal a collapsed loss scale as `amp.on_scale_collapse` says (or fail with the scaler's
+/// verdict): reload the newest checkpoint written before the run of skipped steps that began at
+/// `streak_start` (the initial weights when there is none), drop the checkpoints after it, and
+/// rebuild the stepper in bf16 or with the learning rate halved. The run state is reset to that
+/// checkpoint so the loop replays from there.
+#[allow(clippy::too_many_arguments)]
+fn recover(
+    cur: &mut TrainSpec,
+    stepper: &mut Stepper,
+    model: &Transformer,
+    st: &mut RunState,
+    ckpt_dir: &Path,
+    streak_start: u64,
+    rollbacks: &mut u64,
+    verdict: ScalerError,
+) -> Result<RecoveryRecord, TrainError> {
+    let collapsed_at = st.step;
+    match cur.amp.on_scale_collapse {
+        OnScaleCollapse::Fail => return Err(TrainError::Scaler(verdict.0)),
+        OnScaleCollapse::Bf16 => {
+            if !stepper.scaler.is_enabled() {
+                // nothing left to switch: the scaler is already off
+                return Err(TrainError::Scaler(verdict.0));
+            }
+            cur.train.precision = Precision::Bf16;
+            cur.amp.enabled = Some(false);
+        }
+        OnScaleCollapse::Rollback => {
+            if *rollbacks >= cur.amp.max_rollbacks {
+                return Err(TrainError::Scaler(format!(
+                    "{} (after {} rollbacks with the learning rate halved each time, \
+                     amp.max_rollbacks)",
+                    verdict.0, rollbacks
+                )));
+            }
+            *rollbacks += 1;
+            cur.train.lr /= 2.0;
+        }
+    }
+    let good = checkpoint::list(ckpt_dir)
+        .into_iter()
+        .rfind(|(m, _)| m.step < streak_start);
+    let injector = stepper.injector.take();
+    let dev = model.device().clone();
+    match &good {
+        Some((meta, path)) => {
+            let tensors = checkpoint::load_tensors(path, &dev).map_err(TrainError::Checkpoint)?;
+            model.load_named(&|n| tensors.get(&format!("param.{n}")).cloned())?;
+            *stepper = Stepper::new(cur, model)?;
+            stepper.opt.load_state(meta.adam_t, &tensors)?;
+            if cur.amp.on_scale_collapse == OnScaleCollapse::Rollback {
+                stepper.scaler.load_state(meta.scaler.clone());
+            }
+            st.step = meta.step;
+            st.epoch = meta.epoch;
+            st.batch_pos = meta.batch_pos;
+            st.best_bleu = meta.best_bleu;
+            st.last_ckpt_step = Some(meta.step);
+        }
+        None => {
+            let fresh = Transformer::new(&model.cfg, cur.train.seed, &dev)?;
+            let named: std::collections::HashMap<String, Tensor> =
+                fresh.named_tensors().into_iter().collect();
+            model.load_named(&|n| named.get(n).cloned())?;
+            *stepper = Stepper::new(cur, model)?;
+            st.step = 0;
+            st.epoch = 0;
+            st.batch_pos = 0;
+            st.best_bleu = None;
+            st.last_ckpt_step = None;
+        }
+    }
+    stepper.injector = injector;
+    st.last_bleu = None;
+    let from = st.step;
+    for (m, p) in checkpoint::list(ckpt_dir) {
+        if m.step > from {
+            let _ = fs::remove_file(checkpoint::sidecar_path(&p));
+            let _ = fs::remove_file(&p);
+        }
+    }
+    Ok(RecoveryRecord {
+        step: collapsed_at,
+        action: cur.amp.on_scale_collapse.as_str().to_string(),
+        resumed_from_step: from,
+        precision: cur.train.precision.as_str().to_string(),
+        lr: cur.train.lr,
+        rollbacks: *rollbacks,
+        reason: verdict.0,
+    })
 }
 
 /// What one optimizer step did.

@@ -4,11 +4,11 @@ use super::{DeviceSpec, Trainer, WorkerError};
 use crate::config::TrainSpec;
 use crate::store::checkpoints::NewCheckpoint;
 use crate::store::jobs::Progress;
-use crate::store::overflows::{OverflowEventRow, OverflowTensorRow, UnderflowRow};
+use crate::store::overflows::{OverflowEventRow, OverflowTensorRow, RecoveryRow, UnderflowRow};
 use crate::store::{JobRow, JobStatus, MetricRow, Store, ValidationRow};
 use crate::train::{
-    Barrier, CheckpointRecord, OverflowRecord, RunOptions, StartInfo, StepRecord, Summary,
-    TrainEvent, ValidationRecord,
+    Barrier, CheckpointRecord, OverflowRecord, RecoveryRecord, RunOptions, StartInfo, StepRecord,
+    Summary, TrainEvent, ValidationRecord,
 };
 use serde::Serialize;
 use std::collections::HashMap;
@@ -66,6 +66,8 @@ pub enum JobEventKind {
     Checkpoint(CheckpointRecord),
     /// An overflowing step's forensics (which gradients, which activation).
     Overflow(OverflowRecord),
+    /// A collapsed loss scale was healed (bf16 switch or rollback).
+    Recovery(RecoveryRecord),
     Finished(Summary),
     /// The succeeded job was exported for translation.
     Model {
@@ -84,6 +86,7 @@ impl JobEventKind {
             JobEventKind::Validation(_) => "validation",
             JobEventKind::Checkpoint(_) => "checkpoint",
             JobEventKind::Overflow(_) => "overflow",
+            JobEventKind::Recovery(_) => "recovery",
             JobEventKind::Finished(_) => "finished",
             JobEventKind::Model { .. } => "model",
         }
@@ -783,6 +786,33 @@ impl Worker {
             TrainEvent::Overflow(o) => {
                 store.insert_overflow(id, &overflow_row(&o)).await?;
                 self.pool.publish(id, JobEventKind::Overflow(o));
+            }
+            TrainEvent::Recovery(r) => {
+                // The run went back to a checkpoint: what came after it is written again. The
+                // overflow forensics stay: they are the record of what led to the collapse.
+                let from = r.resumed_from_step as i64;
+                store.delete_metrics_after(id, from).await?;
+                store.delete_validations_after(id, from).await?;
+                store.delete_checkpoints_after(id, from).await?;
+                store
+                    .insert_recovery(
+                        id,
+                        &RecoveryRow {
+                            step: r.step as i64,
+                            action: r.action.clone(),
+                            resumed_from_step: from,
+                            precision: r.precision.clone(),
+                            lr: r.lr,
+                            reason: r.reason.clone(),
+                            created_at: String::new(),
+                        },
+                    )
+                    .await?;
+                progress.step = from;
+                progress.skipped_steps = store.count_skipped_steps(id, from).await?;
+                store.set_job_progress(id, progress).await?;
+                tracing::warn!(job = id, step = r.step, action = %r.action, from, "loss scale collapsed; recovered");
+                self.pool.publish(id, JobEventKind::Recovery(r));
             }
             TrainEvent::Underflow(u) => {
                 store
