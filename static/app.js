@@ -839,6 +839,15 @@
     }
   }
 
+  const OVERFLOW_ROWS = 10;
+
+  /** "2¹⁶ ×3, 2¹⁵ ×1", or the range when there are many scales. */
+  function scalesText(scales) {
+    if (scales.length <= 3) return scales.map((s) => `${fmt.scale(s.loss_scale)} ×${s.steps}`).join(", ");
+    const n = scales.reduce((a, s) => a + s.steps, 0);
+    return `${fmt.scale(scales[0].loss_scale)} … ${fmt.scale(scales[scales.length - 1].loss_scale)} (${scales.length} scales, ${n} steps)`;
+  }
+
   /** Overflow forensics: which tensors and layers overflow, how often, at which loss scales. */
   async function loadOverflows() {
     const d = state.detail;
@@ -862,14 +871,15 @@
         parts.push(h("p", { id: "overflow-summary", text: `${fmt.int(r.overflow_steps)} overflowing steps; ${r.tensors.length} gradient tensors held inf/NaN in ${r.layers.length} layers.` }));
         parts.push(h("div", { class: "table-wrap" }, h("table", { class: "overflows", id: "overflow-tensors" },
           h("thead", null, h("tr", null, ["Tensor", "Layer", "Steps", "Inf/NaN values", "At scales", "Largest finite", "Last step"].map((t, i) => h("th", { scope: "col", class: i >= 2 && i !== 4 ? "num" : null, text: t })))),
-          h("tbody", null, r.tensors.map((t) => h("tr", null,
+          h("tbody", null, r.tensors.slice(0, OVERFLOW_ROWS).map((t) => h("tr", null,
             h("td", { text: t.tensor }),
             h("td", { text: t.layer }),
             h("td", { class: "num", text: fmt.int(t.steps) }),
             h("td", { class: "num", text: fmt.int(t.non_finite_values) }),
-            h("td", { text: t.scales.map((s) => `${fmt.scale(s.loss_scale)} ×${s.steps}`).join(", ") }),
+            h("td", { text: scalesText(t.scales) }),
             h("td", { class: "num", text: t.max_finite === null ? "–" : Number(t.max_finite).toPrecision(3) }),
             h("td", { class: "num", text: fmt.int(t.last_step) })))))));
+        if (r.tensors.length > OVERFLOW_ROWS) parts.push(h("p", { class: "muted", id: "overflow-more", text: `…and ${r.tensors.length - OVERFLOW_ROWS} more tensors (GET /api/jobs/${d.id}/overflows lists all).` }));
         if (r.activations.length) {
           parts.push(h("p", { id: "overflow-activations", text: "First activation beyond f16: " + r.activations.map((a) => `${a.activation} (${a.steps} steps)`).join(", ") }));
         }

@@ -360,7 +360,7 @@ async function main() {
     const ov = await (await fetch(`${srv.base}/api/jobs/${b.id}/overflows`)).json();
     assert.equal(ov.overflow_steps, skipped);
     await page.waitForFunction(() => document.querySelectorAll("#overflow-tensors tbody tr").length > 0);
-    assert.equal(await page.locator("#overflow-tensors tbody tr").count(), ov.tensors.length);
+    assert.equal(await page.locator("#overflow-tensors tbody tr").count(), Math.min(10, ov.tensors.length));
     assert.equal(await page.locator("#overflow-tensors tbody tr").first().locator("td").first().textContent(), ov.tensors[0].tensor);
     assert.match(await page.locator("#overflow-summary").textContent(), new RegExp(`^${skipped} overflowing steps`));
     await shot("03b-detail-f16.png");
