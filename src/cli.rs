@@ -165,17 +165,15 @@ pub fn train(args: TrainArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
                     if s.resumed_from_step > 0 { format!(" | resumed at step {}", s.resumed_from_step) } else { String::new() }
                 );
             }
-            TrainEvent::Step(r) => {
-                if last_print.elapsed().as_millis() >= 200 || r.step == total {
-                    last_print = Instant::now();
-                    let el = start.elapsed().as_secs_f64();
-                    let it_s = (r.step - first_step) as f64 / el.max(1e-9);
-                    let _ = write!(
-                        err,
-                        "\r{}",
-                        progress_line(r.epoch, r.step, total, el, it_s, r.loss, r.loss_scale)
-                    );
-                }
+            TrainEvent::Step(r) if last_print.elapsed().as_millis() >= 200 || r.step == total => {
+                last_print = Instant::now();
+                let el = start.elapsed().as_secs_f64();
+                let it_s = (r.step - first_step) as f64 / el.max(1e-9);
+                let _ = write!(
+                    err,
+                    "\r{}",
+                    progress_line(r.epoch, r.step, total, el, it_s, r.loss, r.loss_scale)
+                );
             }
             TrainEvent::Validation(v) => {
                 let _ = writeln!(
@@ -200,7 +198,17 @@ pub fn train(args: TrainArgs, cancel: Arc<AtomicBool>) -> anyhow::Result<()> {
                     if c.is_best { " [best]" } else { "" }
                 );
             }
-            TrainEvent::Finished(_) => {}
+            TrainEvent::Overflow(o) => {
+                let names: Vec<&str> = o.tensors.iter().map(|t| t.name.as_str()).collect();
+                let _ = writeln!(
+                    err,
+                    "\noverflow @ step {} (scale {}): {}",
+                    o.step,
+                    o.loss_scale,
+                    names.join(", ")
+                );
+            }
+            _ => {}
         }
     };
     let s = train::run(&spec, &opts, &mut sink, &cancel)?;

@@ -138,6 +138,25 @@ pub enum Schedule {
     Noam,
 }
 
+/// Which step count drives the learning-rate schedule (`train.schedule_counts`).
+///
+/// PyTorch's usual AMP loop (`scaler.step(opt); scheduler.step(); scaler.update()`) calls
+/// `scheduler.step()` on every iteration, so a step that `GradScaler` skipped still advances the
+/// schedule (and PyTorch warns "Detected call of `lr_scheduler.step()` before
+/// `optimizer.step()`"; pytorch/pytorch#44511, #67590): that is `all_steps`. fairseq and
+/// Hugging Face's Trainer advance the schedule only on applied updates: `optimizer_steps`, the
+/// default here, because a skipped step changes no weight, and Adam's bias correction already
+/// counts only applied steps; warmup then means "this many real updates".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleCounts {
+    /// The schedule advances only on steps the optimizer applied (skipped steps repeat the lr).
+    #[default]
+    OptimizerSteps,
+    /// Every attempted step advances the schedule, skipped ones included (PyTorch's usual loop).
+    AllSteps,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
@@ -242,6 +261,9 @@ pub struct TrainSection {
     pub lr: f64,
     pub schedule: Schedule,
     pub warmup_steps: usize,
+    /// `optimizer_steps` (default): skipped steps do not advance the schedule; `all_steps`:
+    /// they do (PyTorch's usual loop). See [`ScheduleCounts`].
+    pub schedule_counts: ScheduleCounts,
     pub optimizer: OptimizerKind,
     pub beta1: f64,
     pub beta2: f64,
@@ -278,6 +300,7 @@ impl Default for TrainSection {
             lr: 1e-4,
             schedule: Schedule::Constant,
             warmup_steps: 4000,
+            schedule_counts: ScheduleCounts::OptimizerSteps,
             optimizer: OptimizerKind::Adam,
             beta1: 0.9,
             beta2: 0.999,
@@ -296,6 +319,51 @@ impl Default for TrainSection {
     }
 }
 
+/// What a run does when its loss scale collapses (`amp.on_scale_collapse`): overflow at
+/// `amp.min_scale` for `amp.max_consecutive_skips` steps in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnScaleCollapse {
+    /// The run fails with advice (the behaviour before recovery existed).
+    #[default]
+    Fail,
+    /// Resume from the last good checkpoint (written before the overflows began; the initial
+    /// weights when there is none) in bf16, with the loss scaler off.
+    Bf16,
+    /// Resume from the last good checkpoint with the learning rate halved, at most
+    /// `amp.max_rollbacks` times.
+    Rollback,
+}
+
+impl OnScaleCollapse {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnScaleCollapse::Fail => "fail",
+            OnScaleCollapse::Bf16 => "bf16",
+            OnScaleCollapse::Rollback => "rollback",
+        }
+    }
+}
+
+/// TEST ONLY (`amp.test_inject_inf`): write an inf into one element of the gradient of the
+/// parameter `tensor` on `count` steps from attempted step `from_step` on, while the loss scaler
+/// is on (it stands for an f16 overflow there). It exists so tests can force overflows and scale
+/// collapses deterministically; never set it in a real run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InjectInf {
+    /// A parameter name as checkpoints spell it (e.g. `decoder.layers.0.ffn.w1`).
+    pub tensor: String,
+    #[serde(default = "one")]
+    pub from_step: u64,
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
 /// The GradScaler's settings (PyTorch defaults plus min_scale / hysteresis).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -311,6 +379,18 @@ pub struct AmpSpec {
     pub max_consecutive_skips: u64,
     /// Overflowing steps tolerated before the scale backs off (1 = PyTorch behaviour).
     pub hysteresis: u64,
+    /// Also find which forward activation first left the f16 range (two reductions per
+    /// watched activation on every step: a diagnosis setting, not for speed runs).
+    pub trace_overflow: bool,
+    /// Every N steps (0 = never) record the share of gradient values that underflow f16 at the
+    /// current scale; only while the loss scaler is on.
+    pub underflow_every: u64,
+    /// `fail` (default), `bf16` or `rollback`: see [`OnScaleCollapse`].
+    pub on_scale_collapse: OnScaleCollapse,
+    /// Rollbacks allowed before the run fails anyway.
+    pub max_rollbacks: u64,
+    /// TEST ONLY: see [`InjectInf`].
+    pub test_inject_inf: Option<InjectInf>,
 }
 
 impl Default for AmpSpec {
@@ -324,6 +404,11 @@ impl Default for AmpSpec {
             min_scale: 1.0,
             max_consecutive_skips: 50,
             hysteresis: 1,
+            trace_overflow: false,
+            underflow_every: 100,
+            on_scale_collapse: OnScaleCollapse::Fail,
+            max_rollbacks: 3,
+            test_inject_inf: None,
         }
     }
 }
@@ -624,6 +709,28 @@ impl TrainSpec {
         check((1..=1000).contains(&a.hysteresis), "amp.hysteresis", || {
             "allowed 1..=1000".into()
         })?;
+        check(
+            a.underflow_every <= 100_000_000,
+            "amp.underflow_every",
+            || "allowed 0..=100000000".into(),
+        )?;
+        check(
+            (1..=100).contains(&a.max_rollbacks),
+            "amp.max_rollbacks",
+            || "allowed 1..=100".into(),
+        )?;
+        if let Some(inj) = &a.test_inject_inf {
+            check(
+                !inj.tensor.is_empty() && inj.tensor.len() <= 200,
+                "amp.test_inject_inf.tensor",
+                || "must name a parameter".into(),
+            )?;
+            check(
+                inj.from_step >= 1 && inj.count <= 100_000_000,
+                "amp.test_inject_inf.from_step",
+                || "from_step >= 1 and count <= 100000000".into(),
+            )?;
+        }
 
         range_usize(
             self.checkpoint.every_steps,

@@ -156,6 +156,9 @@ pub struct Ctx<'a> {
     rng: RefCell<StdRng>,
     /// Whether a GPU's generator was seeded from `rng` in this forward pass (once per pass).
     device_seeded: std::cell::Cell<bool>,
+    /// `amp.trace_overflow`: Some once tracing is on; holds the first activation (name, largest
+    /// magnitude) that left the f16 range in this forward pass.
+    trace: Option<RefCell<Option<(String, f64)>>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -166,7 +169,40 @@ impl<'a> Ctx<'a> {
             dropout,
             rng: RefCell::new(rng),
             device_seeded: std::cell::Cell::new(false),
+            trace: None,
         }
+    }
+
+    /// Watch the forward activations for the first one beyond the f16 range (see
+    /// [`Self::first_overflow`]).
+    pub fn with_overflow_trace(mut self) -> Self {
+        self.trace = Some(RefCell::new(None));
+        self
+    }
+
+    /// The first watched activation (in forward order) whose largest magnitude exceeded f16's
+    /// 65504 or was not finite, with that magnitude (inf/NaN as infinity).
+    pub fn first_overflow(&self) -> Option<(String, f64)> {
+        self.trace.as_ref().and_then(|t| t.borrow().clone())
+    }
+
+    /// Two reductions (max and sum) on `x` while tracing and nothing has overflowed yet; a no-op otherwise.
+    fn watch(&self, name: impl FnOnce() -> String, x: &Tensor) -> Result<()> {
+        let Some(t) = &self.trace else {
+            return Ok(());
+        };
+        if t.borrow().is_some() {
+            return Ok(());
+        }
+        // max ignores NaN, so the sum says whether anything was not finite
+        let a = x.abs()?.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+        let m = a.max(0)?.to_scalar::<f32>()? as f64;
+        let sum = a.sum_all()?.to_scalar::<f32>()? as f64;
+        if !sum.is_finite() || m > 65504.0 {
+            let m = if sum.is_finite() { m } else { f64::INFINITY };
+            *t.borrow_mut() = Some((name(), m));
+        }
+        Ok(())
     }
 
     pub fn eval(ac: &'a Autocast) -> Self {
@@ -489,11 +525,17 @@ impl Transformer {
     /// Encoder: src (b, s) u32 -> memory (b, s, d) f32.
     pub fn encode(&self, ctx: &Ctx, src: &Tensor, src_mask: &Tensor) -> Result<Tensor> {
         let mut x = self.embed(ctx, &self.src_emb, src, 0)?;
-        for l in &self.enc {
+        ctx.watch(|| "encoder.embed".into(), &x)?;
+        for (i, l) in self.enc.iter().enumerate() {
             let h = l.norm1.forward(&x)?;
-            x = residual(ctx, &x, &l.attn.forward(ctx, &h, &h, src_mask)?)?;
+            let a = l.attn.forward(ctx, &h, &h, src_mask)?;
+            ctx.watch(|| format!("encoder.layers.{i}.self_attn"), &a)?;
+            x = residual(ctx, &x, &a)?;
             let h = l.norm2.forward(&x)?;
-            x = residual(ctx, &x, &l.ffn.forward(ctx, &h)?)?;
+            let f = l.ffn.forward(ctx, &h)?;
+            ctx.watch(|| format!("encoder.layers.{i}.ffn"), &f)?;
+            x = residual(ctx, &x, &f)?;
+            ctx.watch(|| format!("encoder.layers.{i}.residual"), &x)?;
         }
         self.enc_norm.forward(&x)
     }
@@ -508,20 +550,30 @@ impl Transformer {
         tgt_mask: &Tensor,
     ) -> Result<Tensor> {
         let mut x = self.embed(ctx, &self.tgt_emb, tgt, 0)?;
-        for l in &self.dec {
+        ctx.watch(|| "decoder.embed".into(), &x)?;
+        for (i, l) in self.dec.iter().enumerate() {
             let h = l.norm1.forward(&x)?;
-            x = residual(ctx, &x, &l.self_attn.forward(ctx, &h, &h, tgt_mask)?)?;
+            let a = l.self_attn.forward(ctx, &h, &h, tgt_mask)?;
+            ctx.watch(|| format!("decoder.layers.{i}.self_attn"), &a)?;
+            x = residual(ctx, &x, &a)?;
             let h = l.norm2.forward(&x)?;
-            x = residual(ctx, &x, &l.cross_attn.forward(ctx, &h, memory, src_mask)?)?;
+            let c = l.cross_attn.forward(ctx, &h, memory, src_mask)?;
+            ctx.watch(|| format!("decoder.layers.{i}.cross_attn"), &c)?;
+            x = residual(ctx, &x, &c)?;
             let h = l.norm3.forward(&x)?;
-            x = residual(ctx, &x, &l.ffn.forward(ctx, &h)?)?;
+            let f = l.ffn.forward(ctx, &h)?;
+            ctx.watch(|| format!("decoder.layers.{i}.ffn"), &f)?;
+            x = residual(ctx, &x, &f)?;
+            ctx.watch(|| format!("decoder.layers.{i}.residual"), &x)?;
         }
         self.dec_norm.forward(&x)
     }
 
     /// Logits in the compute dtype: (..., tgt_vocab).
     pub fn project(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        ctx.ac.linear(x, &self.proj_w, Some(&self.proj_b))
+        let logits = ctx.ac.linear(x, &self.proj_w, Some(&self.proj_b))?;
+        ctx.watch(|| "decoder.proj".into(), &logits)?;
+        Ok(logits)
     }
 
     /// Full forward: logits (b, t, V) in the compute dtype.

@@ -473,6 +473,8 @@
     });
     es.addEventListener("validation", () => { if (state.detail && state.detail.id === id) loadValidations(); });
     es.addEventListener("checkpoint", () => { if (state.detail && state.detail.id === id) debounce("ckpts", loadCheckpoints, 500); });
+    es.addEventListener("overflow", () => { if (state.detail && state.detail.id === id) debounce("overflows", loadOverflows, 1000); });
+    es.addEventListener("recovery", () => { if (state.detail && state.detail.id === id) { loadOverflows(); loadMetrics(); } });
     es.addEventListener("lagged", () => refreshOne(id));
     es.onerror = () => {
       entry.errors++;
@@ -644,7 +646,7 @@
     d.lastJob = Date.now();
     mergeJob(job);
     renderDetailHeader(job, true);
-    if (all) await Promise.all([loadMetrics(), loadValidations(), loadCheckpoints()]);
+    if (all) await Promise.all([loadMetrics(), loadValidations(), loadCheckpoints(), loadOverflows()]);
     else if (!state.streams.has(d.id) && ACTIVE.has(job.status)) await Promise.all([loadMetrics(), loadValidations()]);
   }
 
@@ -736,17 +738,14 @@
       empty: job && job.status === "queued" ? "Waiting for the first step" : "No steps recorded yet",
     });
     const on = scalerOn(job);
-    let prevScale = null;
+    // Marks come from each point's exact counts (bucket_skipped / bucket_overflowed), not from
+    // scale drops: hysteresis or a floor at min_scale can hide an overflow from the scale.
     const scalePts = pts.map((p) => {
-      let mark = false, note = null;
-      if (exact) {
-        mark = !!p.skipped;
-        if (mark) note = "step skipped: inf/NaN gradients, scale backed off";
-      } else if (prevScale !== null && p.loss_scale < prevScale) {
-        mark = true;
-        note = "overflow in this group of steps: scale backed off";
-      }
-      prevScale = p.loss_scale;
+      const skipped = p.bucket_skipped ?? (p.skipped ? 1 : 0);
+      const over = p.bucket_overflowed ?? (p.found_inf ? 1 : 0);
+      let mark = skipped > 0 || over > 0, note = null;
+      if (mark && (p.bucket || 1) === 1) note = "step skipped: inf/NaN gradients, scale backed off";
+      else if (mark) note = `${skipped} of ${p.bucket} steps skipped (${over} with inf/NaN gradients)`;
       return { x: p.step, y: p.loss_scale, mark, note };
     });
     Chart.line($("chart-scale"), {
@@ -840,6 +839,60 @@
           h("td", null, canExport && c.exists ? h("button", { type: "button", class: "btn small", "aria-label": `Export a model from the checkpoint at step ${c.step}`, onclick: () => exportJob(job, String(c.step)) }, "Export") : null)))))));
     } catch (e) {
       if (e.status !== 0) toast(`Could not load checkpoints: ${e.message}`, "error");
+    }
+  }
+
+  const OVERFLOW_ROWS = 10;
+
+  /** "2¹⁶ ×3, 2¹⁵ ×1", or the range when there are many scales. */
+  function scalesText(scales) {
+    if (scales.length <= 3) return scales.map((s) => `${fmt.scale(s.loss_scale)} ×${s.steps}`).join(", ");
+    const n = scales.reduce((a, s) => a + s.steps, 0);
+    return `${fmt.scale(scales[0].loss_scale)} … ${fmt.scale(scales[scales.length - 1].loss_scale)} (${scales.length} scales, ${n} steps)`;
+  }
+
+  /** Overflow forensics: which tensors and layers overflow, how often, at which loss scales. */
+  async function loadOverflows() {
+    const d = state.detail;
+    if (!d) return;
+    try {
+      const r = await api(`/api/jobs/${d.id}/overflows?recent=5`);
+      if (state.detail !== d) return;
+      const out = $("overflows");
+      const parts = [];
+      if (r.recoveries && r.recoveries.length) {
+        parts.push(h("ul", { class: "recoveries", id: "recoveries" }, r.recoveries.map((x) =>
+          h("li", { class: "alert", text: x.action === "bf16"
+            ? `Step ${x.step}: the loss scale collapsed; switched to bf16 from the checkpoint at step ${x.resumed_from_step}.`
+            : `Step ${x.step}: the loss scale collapsed; rolled back to the checkpoint at step ${x.resumed_from_step} with lr ${Number(x.lr).toPrecision(3)} (${x.precision}).` }))));
+      }
+      const u = r.underflow.length ? r.underflow[r.underflow.length - 1] : null;
+      const pct = (x) => (100 * x).toFixed(x < 0.01 ? 3 : 1) + "%";
+      if (!r.overflow_steps) {
+        parts.push(h("p", { class: "muted", id: "overflow-summary", text: "No overflowing steps." }));
+      } else {
+        parts.push(h("p", { id: "overflow-summary", text: `${fmt.int(r.overflow_steps)} overflowing steps; ${r.tensors.length} gradient tensors held inf/NaN in ${r.layers.length} layers.` }));
+        parts.push(h("div", { class: "table-wrap" }, h("table", { class: "overflows", id: "overflow-tensors" },
+          h("thead", null, h("tr", null, ["Tensor", "Layer", "Steps", "Inf/NaN values", "At scales", "Largest finite", "Last step"].map((t, i) => h("th", { scope: "col", class: i >= 2 && i !== 4 ? "num" : null, text: t })))),
+          h("tbody", null, r.tensors.slice(0, OVERFLOW_ROWS).map((t) => h("tr", null,
+            h("td", { text: t.tensor }),
+            h("td", { text: t.layer }),
+            h("td", { class: "num", text: fmt.int(t.steps) }),
+            h("td", { class: "num", text: fmt.int(t.non_finite_values) }),
+            h("td", { text: scalesText(t.scales) }),
+            h("td", { class: "num", text: t.max_finite === null ? "–" : Number(t.max_finite).toPrecision(3) }),
+            h("td", { class: "num", text: fmt.int(t.last_step) })))))));
+        if (r.tensors.length > OVERFLOW_ROWS) parts.push(h("p", { class: "muted", id: "overflow-more", text: `…and ${r.tensors.length - OVERFLOW_ROWS} more tensors (GET /api/jobs/${d.id}/overflows lists all).` }));
+        if (r.activations.length) {
+          parts.push(h("p", { id: "overflow-activations", text: "First activation beyond f16: " + r.activations.map((a) => `${a.activation} (${a.steps} steps)`).join(", ") }));
+        }
+        parts.push(h("ul", { class: "overflow-recent", id: "overflow-recent" }, r.recent.map((e) =>
+          h("li", { text: `step ${e.step} at scale ${fmt.scale(e.loss_scale)}: ${e.tensors.map((t) => t.tensor).join(", ") || (e.loss_finite ? "–" : "loss not finite")}` }))));
+      }
+      if (u) parts.push(h("p", { class: "muted", id: "overflow-underflow", text: `f16 underflow at step ${u.step} (scale ${fmt.scale(u.loss_scale)}): ${pct(u.underflow_share)} of gradient values below f16's smallest subnormal, ${pct(u.zero_share)} zero.` }));
+      out.replaceChildren(...parts);
+    } catch (e) {
+      if (e.status !== 0) toast(`Could not load overflows: ${e.message}`, "error");
     }
   }
 

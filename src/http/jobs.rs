@@ -46,6 +46,10 @@ pub struct JobView {
     pub parent_job_id: Option<i64>,
     /// The step of the parent checkpoint a fork started from.
     pub parent_checkpoint: Option<i64>,
+    /// Automatic recoveries from a collapsed loss scale (`amp.on_scale_collapse`), oldest
+    /// first; only in the single-job view, and only when there were any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recoveries: Vec<crate::store::overflows::RecoveryRow>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -116,6 +120,7 @@ impl From<JobRow> for JobView {
             spec: serde_json::from_str(&r.spec_json).unwrap_or(Value::Null),
             parent_job_id: r.parent_job_id,
             parent_checkpoint: r.parent_checkpoint,
+            recoveries: Vec::new(),
             name: r.name,
         }
     }
@@ -209,7 +214,9 @@ async fn show(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<i64>,
 ) -> ApiResult<Json<JobView>> {
-    Ok(Json(load_job(&state, id).await?.into()))
+    let mut view: JobView = load_job(&state, id).await?.into();
+    view.recoveries = state.store.list_recoveries(id).await?;
+    Ok(Json(view))
 }
 
 /// Queued jobs are cancelled at once (200); running ones move to `cancelling` (202) and the

@@ -30,7 +30,7 @@ struct MetricsQuery {
 }
 
 /// One returned point. Downsampled points are the last step of their bucket, with the bucket's
-/// loss range.
+/// loss range and its exact counts of skipped and overflowed steps (a plain row: 0 or 1).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Point {
     #[serde(flatten)]
@@ -41,6 +41,10 @@ pub struct Point {
     pub loss_max: Option<f64>,
     /// Steps in this point's bucket.
     pub bucket: usize,
+    /// Skipped optimizer steps in this point's bucket.
+    pub bucket_skipped: usize,
+    /// Steps with inf/NaN gradients in this point's bucket.
+    pub bucket_overflowed: usize,
 }
 
 #[derive(Serialize)]
@@ -87,6 +91,8 @@ async fn metrics(
             .await?
             .into_iter()
             .map(|row| Point {
+                bucket_skipped: row.skipped as usize,
+                bucket_overflowed: row.found_inf as usize,
                 row,
                 loss_min: None,
                 loss_max: None,
@@ -112,6 +118,8 @@ async fn metrics(
                     loss_min: b.loss_min,
                     loss_max: b.loss_max,
                     bucket: b.rows_in_bucket as usize,
+                    bucket_skipped: b.skipped_in_bucket.max(0) as usize,
+                    bucket_overflowed: b.overflowed_in_bucket.max(0) as usize,
                 })
                 .collect()
         }

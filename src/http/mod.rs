@@ -17,6 +17,7 @@ mod jobs;
 mod metrics;
 mod models;
 pub mod openapi;
+mod overflows;
 pub mod page;
 mod server;
 pub mod spec;
@@ -87,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .merge(fork::router())
         .merge(experiments::router())
         .merge(metrics::router())
+        .merge(overflows::router())
         .merge(events::router())
         .merge(checkpoints::router())
         .merge(corpora::router())

@@ -113,6 +113,7 @@ pub struct ExperimentSubmission {
         super::experiments::show,
         super::metrics::metrics,
         super::metrics::validations,
+        super::overflows::overflows,
         super::events::events,
         super::checkpoints::list,
         super::corpora::upload,

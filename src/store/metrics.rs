@@ -18,7 +18,8 @@ pub struct MetricRow {
     pub step_ms: Option<f64>,
 }
 
-/// One bucket of [`Store::downsample_metrics`]: its last row and the bucket's loss range.
+/// One bucket of [`Store::downsample_metrics`]: its last row, the bucket's loss range and how
+/// many of its steps were skipped and overflowed (exact counts, not inferred from the scale).
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct MetricBucket {
     #[sqlx(flatten)]
@@ -26,6 +27,8 @@ pub struct MetricBucket {
     pub loss_min: Option<f64>,
     pub loss_max: Option<f64>,
     pub rows_in_bucket: i64,
+    pub skipped_in_bucket: i64,
+    pub overflowed_in_bucket: i64,
 }
 
 fn finite(v: Option<f64>) -> Option<f64> {
@@ -115,11 +118,13 @@ impl Store {
                  FROM metrics WHERE job_id = ? AND step > ?
              ), g AS (
                  SELECT b, MAX(step) AS last_step, MIN(loss) AS loss_min, MAX(loss) AS loss_max,
-                        COUNT(*) AS rows_in_bucket
+                        COUNT(*) AS rows_in_bucket, SUM(skipped <> 0) AS skipped_in_bucket,
+                        SUM(found_inf <> 0) AS overflowed_in_bucket
                  FROM r GROUP BY b
              )
              SELECT r.step, r.epoch, r.loss, r.lr, r.loss_scale, r.found_inf, r.skipped,
-                    r.grad_norm, r.tokens_per_s, r.step_ms, g.loss_min, g.loss_max, g.rows_in_bucket
+                    r.grad_norm, r.tokens_per_s, r.step_ms, g.loss_min, g.loss_max, g.rows_in_bucket,
+                    g.skipped_in_bucket, g.overflowed_in_bucket
              FROM g JOIN r ON r.step = g.last_step
              ORDER BY r.step LIMIT ?",
         )
@@ -176,6 +181,41 @@ mod tests {
             tokens_per_s: Some(1234.0),
             step_ms: Some(12.0),
         }
+    }
+
+    #[tokio::test]
+    async fn downsampled_buckets_count_their_skipped_and_overflowed_steps_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("m.db")).await.unwrap();
+        let job = s
+            .insert_job(&NewJob {
+                name: "m".into(),
+                priority: 0,
+                spec_json: "{}".into(),
+            })
+            .await
+            .unwrap()
+            .id;
+        // skipped (and overflowed) at steps 10, 20, 30, 40; one overflow that was not skipped
+        // (step 15) so the two counts differ; the scale never changes, so no scale drop says it
+        let mut rows: Vec<_> = (1..=40).map(|i| row(i, 1.0)).collect();
+        rows[14].found_inf = true;
+        s.insert_metrics(job, &rows).await.unwrap();
+        let b = s.downsample_metrics(job, 0, 15, 100).await.unwrap();
+        assert_eq!(
+            b.iter()
+                .map(|b| (
+                    b.row.step,
+                    b.rows_in_bucket,
+                    b.skipped_in_bucket,
+                    b.overflowed_in_bucket
+                ))
+                .collect::<Vec<_>>(),
+            [(15, 15, 1, 2), (30, 15, 2, 2), (40, 10, 1, 1)]
+        );
+        // after_step starts the buckets after it
+        let b = s.downsample_metrics(job, 20, 100, 100).await.unwrap();
+        assert_eq!((b[0].skipped_in_bucket, b[0].overflowed_in_bucket), (2, 2));
     }
 
     /// Also measures the batched insert cost that the worker pays per step.

@@ -9,6 +9,7 @@ pub mod experiments;
 pub mod jobs;
 pub mod metrics;
 pub mod models;
+pub mod overflows;
 pub mod validations;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

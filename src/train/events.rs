@@ -124,6 +124,26 @@ pub struct Summary {
     pub stopped_by: Option<String>,
 }
 
+/// The run healed a collapsed loss scale (`amp.on_scale_collapse`): it went back to the
+/// checkpoint at `resumed_from_step` and continues from there with the new settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryRecord {
+    /// The step at which the scale was found collapsed.
+    pub step: u64,
+    /// `bf16` or `rollback`.
+    pub action: String,
+    /// The checkpoint step the run continues from (0: the initial weights).
+    pub resumed_from_step: u64,
+    /// The precision from here on.
+    pub precision: String,
+    /// The base learning rate from here on.
+    pub lr: f64,
+    /// Rollbacks so far in this run.
+    pub rollbacks: u64,
+    /// The scaler's verdict that triggered it.
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TrainEvent {
@@ -131,5 +151,11 @@ pub enum TrainEvent {
     Step(StepRecord),
     Validation(ValidationRecord),
     Checkpoint(CheckpointRecord),
+    /// A step whose gradients overflowed: the tensors (and activation) to blame.
+    Overflow(super::overflow::OverflowRecord),
+    /// A sampled step's f16 gradient underflow.
+    Underflow(super::overflow::UnderflowRecord),
+    /// A collapsed loss scale was healed by switching to bf16 or rolling back.
+    Recovery(RecoveryRecord),
     Finished(Summary),
 }

@@ -4,10 +4,12 @@
 
 pub mod early_stop;
 pub mod events;
+pub mod overflow;
 mod runner;
 pub mod tensorboard;
 
 pub use events::*;
+pub use overflow::{OverflowRecord, TensorOverflow, UnderflowRecord};
 pub use runner::{
     evaluate, prepare, run, validation_sample, Evaluation, Prepared, StepOut, Stepper,
 };

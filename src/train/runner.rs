@@ -1,11 +1,12 @@
 //! The training loop proper.
 
 use super::events::*;
+use super::overflow::{self, Injector, OverflowRecord, UnderflowRecord};
 use super::tensorboard;
 use super::{RunOptions, TrainError};
-use crate::amp::{Autocast, GradScaler, ScalerConfig};
+use crate::amp::{Autocast, GradScaler, ScalerConfig, ScalerError};
 use crate::checkpoint::{self, CheckpointMeta};
-use crate::config::{TrainSpec, UnkPolicy};
+use crate::config::{OnScaleCollapse, Precision, ScheduleCounts, TrainSpec, UnkPolicy};
 use crate::data::{self, Example, Pair, WordTokenizer};
 use crate::generation::{self as decode, DecodeOptions};
 use crate::model::{self, Ctx, Transformer};
@@ -463,7 +464,10 @@ pub fn run(
     );
     let dev: Device = opts.device.clone();
     let model = Transformer::new(&mcfg, spec.train.seed, &dev)?;
-    let mut stepper = Stepper::new(spec, &model)?;
+    // The settings in force: the job's spec, changed by a recovery (amp.on_scale_collapse);
+    // checkpoints record it, and a resume adopts a recovered precision and lr from them.
+    let mut cur = spec.clone();
+    let mut stepper = Stepper::new(&cur, &model)?;
 
     let mut st = RunState {
         step: 0,
@@ -494,6 +498,15 @@ pub fn run(
             }
             let tensors = checkpoint::load_tensors(&path, &dev).map_err(TrainError::Checkpoint)?;
             model.load_named(&|n| tensors.get(&format!("param.{n}")).cloned())?;
+            if meta.spec.train.precision != cur.train.precision
+                || meta.spec.train.lr != cur.train.lr
+            {
+                // written after a recovery: continue with what the recovery chose
+                cur.train.precision = meta.spec.train.precision;
+                cur.amp.enabled = meta.spec.amp.enabled;
+                cur.train.lr = meta.spec.train.lr;
+                stepper = Stepper::new(&cur, &model)?;
+            }
             stepper.opt.load_state(meta.adam_t, &tensors)?;
             stepper.scaler.load_state(meta.scaler.clone());
             st.step = meta.step;
@@ -575,6 +588,9 @@ pub fn run(
 
     let mut cancelled = false;
     let mut stopped_by: Option<String> = None;
+    // first step of the current run of skipped steps (None after a clean step)
+    let mut streak_start: Option<u64> = None;
+    let mut rollbacks = 0u64;
     let out_of_time = |st: &RunState| {
         tr.max_time_s > 0.0 && st.wall_prev + t0.elapsed().as_secs_f64() >= tr.max_time_s
     };
@@ -601,7 +617,7 @@ pub fn run(
             let batch = data::make_batch(&prep.train, &plan[st.batch_pos as usize]);
             let db = batch.to_device(&dev)?;
             st.step += 1;
-            let out = stepper.step(&model, &db, st.step)?;
+            let (out, gave_up) = stepper.step_checked(&model, &db, st.step)?;
             st.batch_pos += 1;
             let secs = ts.elapsed().as_secs_f64();
             st.tokens_total += batch.n_tgt_tokens as f64;
@@ -621,6 +637,39 @@ pub fn run(
             };
             mlog.write(&rec);
             sink(TrainEvent::Step(rec));
+            if let Some(mut o) = out.overflow {
+                o.epoch = st.epoch;
+                sink(TrainEvent::Overflow(o));
+            }
+            if let Some(u) = out.underflow {
+                sink(TrainEvent::Underflow(u));
+            }
+            streak_start = if out.skipped {
+                streak_start.or(Some(st.step))
+            } else {
+                None
+            };
+            if let Some(e) = gave_up {
+                let began = streak_start.unwrap_or(st.step);
+                let rec = recover(
+                    &mut cur,
+                    &mut stepper,
+                    &model,
+                    &mut st,
+                    &ckpt_dir,
+                    began,
+                    &mut rollbacks,
+                    e,
+                )?;
+                streak_start = None;
+                for f in ["metrics.jsonl", "validations.jsonl"] {
+                    truncate_jsonl(&opts.out_dir.join(f), rec.resumed_from_step)?;
+                }
+                mlog = Jsonl::open(&opts.out_dir.join("metrics.jsonl"))?;
+                vlog = Jsonl::open(&opts.out_dir.join("validations.jsonl"))?;
+                sink(TrainEvent::Recovery(rec));
+                continue 'epochs;
+            }
             if tr.valid_every > 0
                 && st.step.is_multiple_of(tr.valid_every as u64)
                 && run_validation(spec, &model, &stepper.ac, &prep, &mut st, &mut vlog, sink)?
@@ -636,7 +685,7 @@ pub fn run(
                     stopped_by = Some("early_stopping".into());
                 }
                 save_checkpoint(
-                    spec,
+                    &cur,
                     &ckpt_dir,
                     &model,
                     &stepper,
@@ -656,7 +705,7 @@ pub fn run(
             let every = spec.checkpoint.every_steps as u64;
             if every > 0 && st.step.is_multiple_of(every) {
                 save_checkpoint(
-                    spec,
+                    &cur,
                     &ckpt_dir,
                     &model,
                     &stepper,
@@ -676,7 +725,7 @@ pub fn run(
     }
     if st.last_ckpt_step != Some(st.step) || st.step == 0 {
         save_checkpoint(
-            spec,
+            &cur,
             &ckpt_dir,
             &model,
             &stepper,
@@ -710,8 +759,100 @@ pub fn run(
     Ok(summary)
 }
 
+/// Heal a collapsed loss scale as `amp.on_scale_collapse` says (or fail with the scaler's
+/// verdict): reload the newest checkpoint written before the run of skipped steps that began at
+/// `streak_start` (the initial weights when there is none), drop the checkpoints after it, and
+/// rebuild the stepper in bf16 or with the learning rate halved. The run state is reset to that
+/// checkpoint so the loop replays from there.
+#[allow(clippy::too_many_arguments)]
+fn recover(
+    cur: &mut TrainSpec,
+    stepper: &mut Stepper,
+    model: &Transformer,
+    st: &mut RunState,
+    ckpt_dir: &Path,
+    streak_start: u64,
+    rollbacks: &mut u64,
+    verdict: ScalerError,
+) -> Result<RecoveryRecord, TrainError> {
+    let collapsed_at = st.step;
+    match cur.amp.on_scale_collapse {
+        OnScaleCollapse::Fail => return Err(TrainError::Scaler(verdict.0)),
+        OnScaleCollapse::Bf16 => {
+            if !stepper.scaler.is_enabled() {
+                // nothing left to switch: the scaler is already off
+                return Err(TrainError::Scaler(verdict.0));
+            }
+            cur.train.precision = Precision::Bf16;
+            cur.amp.enabled = Some(false);
+        }
+        OnScaleCollapse::Rollback => {
+            if *rollbacks >= cur.amp.max_rollbacks {
+                return Err(TrainError::Scaler(format!(
+                    "{} (after {} rollbacks with the learning rate halved each time, \
+                     amp.max_rollbacks)",
+                    verdict.0, rollbacks
+                )));
+            }
+            *rollbacks += 1;
+            cur.train.lr /= 2.0;
+        }
+    }
+    let good = checkpoint::list(ckpt_dir)
+        .into_iter()
+        .rfind(|(m, _)| m.step < streak_start);
+    let injector = stepper.injector.take();
+    let dev = model.device().clone();
+    match &good {
+        Some((meta, path)) => {
+            let tensors = checkpoint::load_tensors(path, &dev).map_err(TrainError::Checkpoint)?;
+            model.load_named(&|n| tensors.get(&format!("param.{n}")).cloned())?;
+            *stepper = Stepper::new(cur, model)?;
+            stepper.opt.load_state(meta.adam_t, &tensors)?;
+            if cur.amp.on_scale_collapse == OnScaleCollapse::Rollback {
+                stepper.scaler.load_state(meta.scaler.clone());
+            }
+            st.step = meta.step;
+            st.epoch = meta.epoch;
+            st.batch_pos = meta.batch_pos;
+            st.best_bleu = meta.best_bleu;
+            st.last_ckpt_step = Some(meta.step);
+        }
+        None => {
+            let fresh = Transformer::new(&model.cfg, cur.train.seed, &dev)?;
+            let named: std::collections::HashMap<String, Tensor> =
+                fresh.named_tensors().into_iter().collect();
+            model.load_named(&|n| named.get(n).cloned())?;
+            *stepper = Stepper::new(cur, model)?;
+            st.step = 0;
+            st.epoch = 0;
+            st.batch_pos = 0;
+            st.best_bleu = None;
+            st.last_ckpt_step = None;
+        }
+    }
+    stepper.injector = injector;
+    st.last_bleu = None;
+    let from = st.step;
+    for (m, p) in checkpoint::list(ckpt_dir) {
+        if m.step > from {
+            let _ = fs::remove_file(checkpoint::sidecar_path(&p));
+            let _ = fs::remove_file(&p);
+        }
+    }
+    Ok(RecoveryRecord {
+        step: collapsed_at,
+        action: cur.amp.on_scale_collapse.as_str().to_string(),
+        resumed_from_step: from,
+        precision: cur.train.precision.as_str().to_string(),
+        lr: cur.train.lr,
+        rollbacks: *rollbacks,
+        reason: verdict.0,
+    })
+}
+
 /// What one optimizer step did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepOut {
     pub loss: f64,
     pub lr: f64,
@@ -719,6 +860,10 @@ pub struct StepOut {
     pub found_inf: bool,
     pub skipped: bool,
     pub grad_norm: f64,
+    /// On an overflowing step: which gradients (and, when traced, activations) were to blame.
+    pub overflow: Option<OverflowRecord>,
+    /// On a sampled step (`amp.underflow_every`, scaler on): the gradients' f16 underflow.
+    pub underflow: Option<UnderflowRecord>,
 }
 
 /// One mixed-precision training step, shared by the trainer and the benchmark: forward under
@@ -733,10 +878,16 @@ pub struct Stepper {
     pub dropout: f64,
     pub label_smoothing: f64,
     pub clip: f64,
+    pub schedule_counts: ScheduleCounts,
+    pub trace_overflow: bool,
+    pub underflow_every: u64,
+    /// `amp.test_inject_inf` (test only).
+    pub injector: Option<Injector>,
 }
 
 impl Stepper {
     pub fn new(spec: &TrainSpec, model: &Transformer) -> Result<Self, TrainError> {
+        let names: Vec<&str> = model.params.iter().map(|(n, _)| n.as_str()).collect();
         Ok(Self {
             opt: Adam::new(model.params.clone(), AdamConfig::from_spec(&spec.train))?,
             scaler: GradScaler::new(ScalerConfig::from_spec(&spec.amp, spec.scaler_enabled())),
@@ -746,22 +897,54 @@ impl Stepper {
             dropout: spec.model.dropout,
             label_smoothing: spec.train.label_smoothing,
             clip: spec.train.clip_grad_norm,
+            schedule_counts: spec.train.schedule_counts,
+            trace_overflow: spec.amp.trace_overflow,
+            underflow_every: spec.amp.underflow_every,
+            injector: Injector::new(spec.amp.test_inject_inf.as_ref(), &names)?,
         })
     }
 
-    /// `step` is the 1-based step number (it seeds dropout and sets the learning rate).
+    /// The step the schedule reads for attempted step `step` (1-based): `step` itself, or the
+    /// optimizer step this one would apply (skipped steps do not advance it).
+    pub fn schedule_step(&self, step: u64) -> u64 {
+        match self.schedule_counts {
+            ScheduleCounts::AllSteps => step,
+            ScheduleCounts::OptimizerSteps => self.opt.t + 1,
+        }
+    }
+
+    /// `step` is the 1-based step number (it seeds dropout and, with
+    /// `train.schedule_counts = "all_steps"`, sets the learning rate). Errors when the scaler
+    /// gives up (see [`Self::step_checked`] for the step's record along with that verdict).
     pub fn step(
         &mut self,
         model: &Transformer,
         db: &data::DeviceBatch,
         step: u64,
     ) -> Result<StepOut, TrainError> {
+        match self.step_checked(model, db, step)? {
+            (out, None) => Ok(out),
+            (_, Some(e)) => Err(TrainError::Scaler(e.0)),
+        }
+    }
+
+    /// [`Self::step`], returning the step's record even when the scaler gave up on this step
+    /// (the second value: overflow at `min_scale` for `amp.max_consecutive_skips` steps).
+    pub fn step_checked(
+        &mut self,
+        model: &Transformer,
+        db: &data::DeviceBatch,
+        step: u64,
+    ) -> Result<(StepOut, Option<ScalerError>), TrainError> {
         self.ac.new_step();
-        let ctx = Ctx::new(&self.ac, true, self.dropout, ops::step_rng(self.seed, step));
+        let mut ctx = Ctx::new(&self.ac, true, self.dropout, ops::step_rng(self.seed, step));
+        if self.trace_overflow {
+            ctx = ctx.with_overflow_trace();
+        }
         let loss = model.loss(&ctx, &db.src, &db.tgt_in, &db.tgt_out, self.label_smoothing)?;
         let grads = self.scaler.scale_loss(&loss)?.backward()?;
         let loss_v = loss.to_scalar::<f32>()? as f64;
-        let glist: Vec<Tensor> = model
+        let mut glist: Vec<Tensor> = model
             .params
             .iter()
             .map(|(_, v)| match grads.get(v) {
@@ -770,25 +953,60 @@ impl Stepper {
             })
             .collect::<candle_core::Result<_>>()?;
         drop(grads);
+        if self.scaler.is_enabled() {
+            if let Some(inj) = self.injector.as_mut() {
+                inj.apply(step, &mut glist)?;
+            }
+        }
         let ss = optim::sum_squares(&glist)?;
         let found_inf = GradScaler::found_inf(ss) || !loss_v.is_finite();
+        let scale = self.scaler.scale();
         let grad_norm = ss.sqrt() * self.scaler.inv_scale();
-        let lr = self.sched.lr(step);
+        let lr = self.sched.lr(self.schedule_step(step));
+        let overflow = if found_inf {
+            let names: Vec<&str> = model.params.iter().map(|(n, _)| n.as_str()).collect();
+            let act = ctx.first_overflow();
+            Some(OverflowRecord {
+                step,
+                epoch: 0,
+                loss_scale: scale,
+                loss_finite: loss_v.is_finite(),
+                tensors: overflow::inspect(&names, &glist)?,
+                activation_max: act.as_ref().map(|a| a.1),
+                activation: act.map(|a| a.0),
+            })
+        } else {
+            None
+        };
+        let underflow = if !found_inf
+            && self.scaler.is_enabled()
+            && self.underflow_every > 0
+            && step.is_multiple_of(self.underflow_every)
+        {
+            Some(overflow::underflow(step, scale, &glist)?)
+        } else {
+            None
+        };
         if !found_inf {
             let coef = optim::clip_coef(grad_norm, self.clip);
             self.opt.step(&glist, lr, self.scaler.inv_scale() * coef)?;
         }
-        let o = self
-            .scaler
-            .update(found_inf)
-            .map_err(|e| TrainError::Scaler(e.0))?;
-        Ok(StepOut {
-            loss: loss_v,
-            lr,
-            scale_used: o.scale_used,
-            found_inf,
-            skipped: o.skipped,
-            grad_norm,
-        })
+        let (used, skipped, gave_up) = match self.scaler.update(found_inf) {
+            Ok(o) => (o.scale_used, o.skipped, None),
+            Err(e) => (scale, true, Some(e)),
+        };
+        Ok((
+            StepOut {
+                loss: loss_v,
+                lr,
+                scale_used: used,
+                found_inf,
+                skipped,
+                grad_norm,
+                overflow,
+                underflow,
+            },
+            gave_up,
+        ))
     }
 }

@@ -4,10 +4,11 @@ use super::{DeviceSpec, Trainer, WorkerError};
 use crate::config::TrainSpec;
 use crate::store::checkpoints::NewCheckpoint;
 use crate::store::jobs::Progress;
+use crate::store::overflows::{OverflowEventRow, OverflowTensorRow, RecoveryRow, UnderflowRow};
 use crate::store::{JobRow, JobStatus, MetricRow, Store, ValidationRow};
 use crate::train::{
-    Barrier, CheckpointRecord, RunOptions, StartInfo, StepRecord, Summary, TrainEvent,
-    ValidationRecord,
+    Barrier, CheckpointRecord, OverflowRecord, RecoveryRecord, RunOptions, StartInfo, StepRecord,
+    Summary, TrainEvent, ValidationRecord,
 };
 use serde::Serialize;
 use std::collections::HashMap;
@@ -63,6 +64,10 @@ pub enum JobEventKind {
     Step(StepRecord),
     Validation(ValidationRecord),
     Checkpoint(CheckpointRecord),
+    /// An overflowing step's forensics (which gradients, which activation).
+    Overflow(OverflowRecord),
+    /// A collapsed loss scale was healed (bf16 switch or rollback).
+    Recovery(RecoveryRecord),
     Finished(Summary),
     /// The succeeded job was exported for translation.
     Model {
@@ -80,6 +85,8 @@ impl JobEventKind {
             JobEventKind::Step(_) => "step",
             JobEventKind::Validation(_) => "validation",
             JobEventKind::Checkpoint(_) => "checkpoint",
+            JobEventKind::Overflow(_) => "overflow",
+            JobEventKind::Recovery(_) => "recovery",
             JobEventKind::Finished(_) => "finished",
             JobEventKind::Model { .. } => "model",
         }
@@ -698,6 +705,7 @@ impl Worker {
                 let m = store.delete_metrics_after(id, from).await?;
                 store.delete_validations_after(id, from).await?;
                 store.delete_checkpoints_after(id, from).await?;
+                store.delete_overflows_after(id, from).await?;
                 // Rows of files that are gone (removed by retention just before a crash).
                 let gone: Vec<String> = store
                     .list_checkpoints(id)
@@ -780,6 +788,51 @@ impl Worker {
                     .await?;
                 self.pool.publish(id, JobEventKind::Checkpoint(c));
             }
+            TrainEvent::Overflow(o) => {
+                store.insert_overflow(id, &overflow_row(&o)).await?;
+                self.pool.publish(id, JobEventKind::Overflow(o));
+            }
+            TrainEvent::Recovery(r) => {
+                // The run went back to a checkpoint: what came after it is written again. The
+                // overflow forensics stay: they are the record of what led to the collapse.
+                let from = r.resumed_from_step as i64;
+                store.delete_metrics_after(id, from).await?;
+                store.delete_validations_after(id, from).await?;
+                store.delete_checkpoints_after(id, from).await?;
+                store
+                    .insert_recovery(
+                        id,
+                        &RecoveryRow {
+                            step: r.step as i64,
+                            action: r.action.clone(),
+                            resumed_from_step: from,
+                            precision: r.precision.clone(),
+                            lr: r.lr,
+                            reason: r.reason.clone(),
+                            created_at: String::new(),
+                        },
+                    )
+                    .await?;
+                progress.step = from;
+                progress.skipped_steps = store.count_skipped_steps(id, from).await?;
+                store.set_job_progress(id, progress).await?;
+                tracing::warn!(job = id, step = r.step, action = %r.action, from, "loss scale collapsed; recovered");
+                self.pool.publish(id, JobEventKind::Recovery(r));
+            }
+            TrainEvent::Underflow(u) => {
+                store
+                    .insert_underflow(
+                        id,
+                        &UnderflowRow {
+                            step: u.step as i64,
+                            loss_scale: Some(u.loss_scale),
+                            n_values: u.values as i64,
+                            zero_share: u.zero_share,
+                            underflow_share: u.underflow_share,
+                        },
+                    )
+                    .await?;
+            }
             TrainEvent::Finished(s) => {
                 // Skipped steps are counted from the stored rows (the summary may only cover
                 // this attempt).
@@ -790,6 +843,27 @@ impl Worker {
             TrainEvent::Step(_) => unreachable!("steps are buffered by the caller"),
         }
         Ok(())
+    }
+}
+
+fn overflow_row(o: &OverflowRecord) -> OverflowEventRow {
+    OverflowEventRow {
+        step: o.step as i64,
+        epoch: o.epoch as i64,
+        loss_scale: Some(o.loss_scale),
+        loss_finite: o.loss_finite,
+        activation: o.activation.clone(),
+        activation_max: o.activation_max,
+        tensors: o
+            .tensors
+            .iter()
+            .map(|t| OverflowTensorRow {
+                tensor: t.name.clone(),
+                non_finite: t.non_finite as i64,
+                numel: t.numel as i64,
+                max_finite: t.max_finite,
+            })
+            .collect(),
     }
 }
 

@@ -356,7 +356,40 @@ async function main() {
     assert.equal(await page.locator("#chart-scale path.marker").count(), skipped);
     assert.equal(await page.locator("#job-facts div", { has: page.locator("dt", { hasText: "Skipped steps" }) }).locator("dd").textContent(), String(skipped));
     assert.match(await page.locator("#chart-scale .axis-label").last().textContent(), /\(log\)/);
+    // The overflow panel names the gradient tensors that overflowed, as /overflows does.
+    const ov = await (await fetch(`${srv.base}/api/jobs/${b.id}/overflows`)).json();
+    assert.equal(ov.overflow_steps, skipped);
+    await page.waitForFunction(() => document.querySelectorAll("#overflow-tensors tbody tr").length > 0);
+    assert.equal(await page.locator("#overflow-tensors tbody tr").count(), Math.min(10, ov.tensors.length));
+    assert.equal(await page.locator("#overflow-tensors tbody tr").first().locator("td").first().textContent(), ov.tensors[0].tensor);
+    assert.match(await page.locator("#overflow-summary").textContent(), new RegExp(`^${skipped} overflowing steps`));
     await shot("03b-detail-f16.png");
+  });
+
+  await step("job detail (f16 that collapses): the switch to bf16 is shown in the Overflows panel", async () => {
+    // a test-only inf in one gradient from step 6 on collapses the scale at step 10
+    const job = tinyJob("tatoeba-collapse", "f16");
+    job.train.max_steps = 20;
+    job.checkpoint.every_steps = 4;
+    job.amp = {
+      init_scale: 4, min_scale: 1, max_consecutive_skips: 3, on_scale_collapse: "bf16",
+      test_inject_inf: { tensor: "decoder.layers.0.ffn.linear_2.weight", from_step: 6, count: 1000 },
+    };
+    const c = await post(srv.base, "/api/jobs", job);
+    let view;
+    for (let i = 0; i < 600; i++) {
+      view = await (await fetch(`${srv.base}/api/jobs/${c.id}`)).json();
+      if (["succeeded", "failed", "cancelled"].includes(view.status)) break;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    assert.equal(view.status, "succeeded", JSON.stringify(view));
+    assert.equal(view.recoveries.length, 1);
+    await page.goto(`${srv.base}/#/jobs/${c.id}`);
+    await page.locator("#recoveries li").first().waitFor();
+    assert.equal(await page.locator("#recoveries li").count(), 1);
+    assert.match(await page.locator("#recoveries li").first().textContent(), /^Step 10: the loss scale collapsed; switched to bf16 from the checkpoint at step 4\./);
+    assert.match(await page.locator("#overflow-tensors tbody tr").first().locator("td").first().textContent(), /decoder\.layers\.0\.ffn\.linear_2\.weight/);
+    await shot("03e-detail-recovery.png");
   });
 
   await step("compare: loss curves overlaid, throughput ratio", async () => {
@@ -399,6 +432,7 @@ async function main() {
     await page.goto(`${srv.base}/#/new`);
     await page.locator('#f-config option[value="tiny"]').waitFor({ state: "attached" });
     assert.equal(await page.locator("#f-batch").inputValue(), "32"); // from the preset
+    const before = (await (await fetch(srv.base + "/api/jobs")).json()).total;
     await page.fill("#f-batch", "0");
     await page.click("#f-submit");
     const err = page.locator('[id="err-train.batch_size"]');
@@ -407,7 +441,7 @@ async function main() {
     assert.equal(await page.locator("#f-batch").getAttribute("aria-invalid"), "true");
     assert.ok(await page.locator("#form-error").isHidden());
     const jobs = await (await fetch(srv.base + "/api/jobs")).json();
-    assert.equal(jobs.total, 2, "the bad form must not create a job");
+    assert.equal(jobs.total, before, "the bad form must not create a job");
     await shot("05-form-error.png");
   });
 
