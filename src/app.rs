@@ -2,6 +2,7 @@
 //! router, and graceful shutdown.
 
 use crate::config::Precision;
+use crate::data_dir_lock::{self, DataDirLock, LockError};
 use crate::http::{self, AppState, HttpStats, Settings};
 use crate::infer::{BatcherConfig, CacheConfig, ModelCache};
 use crate::store::Store;
@@ -134,7 +135,7 @@ pub struct App {
     shutdown_tx: watch::Sender<bool>,
     /// Exclusive lock on `<data-dir>/ampserve.lock` for the life of the app: two servers on one
     /// data directory would re-queue each other's running jobs.
-    _lock: std::fs::File,
+    _lock: DataDirLock,
 }
 
 impl App {
@@ -184,20 +185,14 @@ pub async fn build_app_with(
     for d in [data_dir, &corpora_dir, &runs_dir] {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    let data_dir = std::fs::canonicalize(data_dir)?;
-    let lock_path = data_dir.join("ampserve.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    lock.try_lock().map_err(|e| {
-        anyhow::anyhow!(
-            "another ampserve is using the data directory {} ({e})",
-            data_dir.display()
-        )
+    let lock = data_dir_lock::lock(data_dir).map_err(|e| match e {
+        LockError::Busy { dir, source } => anyhow::anyhow!(
+            "another ampserve is using the data directory {} ({source})",
+            dir.display()
+        ),
+        e => e.into(),
     })?;
+    let data_dir = lock.dir.clone();
     // Nothing writes yet (we hold the lock): what a crash left half-written goes now.
     let swept = crate::tempfiles::sweep(&data_dir, 3);
     if !swept.is_empty() {

@@ -6,6 +6,7 @@
 //! data directory's lock, so it runs while the server is stopped; tests and embedders call
 //! [`import_into`] with a store they already hold.
 
+use crate::data_dir_lock::{self, LockError};
 use crate::infer::{self, InferError, MarianImport};
 use crate::store::{ModelRow, NewModel, Store};
 use anyhow::Context;
@@ -99,22 +100,14 @@ pub async fn import_into(
 /// The CLI: lock the data directory (the server must not be running on it), import, print
 /// the new row as JSON.
 pub fn run(a: ImportMarianArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&a.data_dir)
-        .with_context(|| format!("cannot create {}", a.data_dir.display()))?;
-    let data_dir = std::fs::canonicalize(&a.data_dir)?;
-    let lock_path = data_dir.join("ampserve.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    lock.try_lock().map_err(|e| {
-        anyhow::anyhow!(
-            "a server is using the data directory {} ({e}): stop it, import, start it again",
-            data_dir.display()
-        )
+    let lock = data_dir_lock::lock(&a.data_dir).map_err(|e| match e {
+        LockError::Busy { dir, source } => anyhow::anyhow!(
+            "a server is using the data directory {} ({source}): stop it, import, start it again",
+            dir.display()
+        ),
+        e => e.into(),
     })?;
+    let data_dir = lock.dir.clone();
     let req = a.request();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

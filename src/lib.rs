@@ -13,6 +13,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod data;
+pub mod data_dir_lock;
 pub mod experiment;
 pub mod generation;
 pub mod http;

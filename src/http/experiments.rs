@@ -13,7 +13,6 @@ use crate::experiment::summary::{
 use crate::experiment::{arm_spec, parse_arms, Budget};
 use crate::store::experiments::{ExperimentRow, NewArm};
 use crate::store::{JobStatus, NewJob};
-use crate::worker::JobEventKind;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -172,16 +171,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl In
             &new_arms,
         )
         .await?;
-    for j in &jobs {
-        state.pool.publish(
-            j.id,
-            JobEventKind::Status {
-                status: JobStatus::Queued,
-                error: None,
-            },
-        );
-    }
-    state.pool.notify_new_job();
+    state.pool.announce_queued(jobs.iter().map(|j| j.id));
     tracing::info!(experiment = exp.id, arms = jobs.len(), "experiment queued");
     Ok((StatusCode::CREATED, Json(view(&state, exp).await?)))
 }

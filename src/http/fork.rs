@@ -10,8 +10,8 @@ use super::spec::{deep_merge, serde_field_error};
 use super::{ApiError, ApiPath, ApiResult, AppState};
 use crate::config::TrainSpec;
 use crate::infer::CheckpointChoice;
-use crate::store::{JobStatus, NewJob};
-use crate::worker::{ForkFailure, JobEventKind};
+use crate::store::NewJob;
+use crate::worker::ForkFailure;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -216,14 +216,7 @@ async fn fork(
         scaler_reset = staged.scaler_reset,
         "fork queued"
     );
-    state.pool.publish(
-        row.id,
-        JobEventKind::Status {
-            status: JobStatus::Queued,
-            error: None,
-        },
-    );
-    state.pool.notify_new_job();
+    state.pool.announce_queued([row.id]);
     Ok((StatusCode::CREATED, Json(JobView::from(row))))
 }
 

@@ -149,14 +149,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl In
         })
         .await?;
     tracing::info!(job = row.id, name = %row.name, priority = row.priority, "job queued");
-    state.pool.publish(
-        row.id,
-        JobEventKind::Status {
-            status: JobStatus::Queued,
-            error: None,
-        },
-    );
-    state.pool.notify_new_job();
+    state.pool.announce_queued([row.id]);
     Ok((StatusCode::CREATED, Json(JobView::from(row))))
 }
 
@@ -271,14 +264,7 @@ async fn resume(
         )));
     }
     tracing::info!(job = id, "job re-queued to resume");
-    state.pool.publish(
-        id,
-        JobEventKind::Status {
-            status: JobStatus::Queued,
-            error: None,
-        },
-    );
-    state.pool.notify_new_job();
+    state.pool.announce_queued([id]);
     Ok(Json(load_job(&state, id).await?.into()))
 }
 

@@ -247,6 +247,21 @@ impl PoolHandle {
         self.inner.wake.notify_waiters();
     }
 
+    /// Tells subscribers that `job_ids` are queued, then wakes the claim loop once: what every
+    /// route that queues work (submit, resume, fork, experiments) does after its insert.
+    pub fn announce_queued(&self, job_ids: impl IntoIterator<Item = i64>) {
+        for id in job_ids {
+            self.publish(
+                id,
+                JobEventKind::Status {
+                    status: JobStatus::Queued,
+                    error: None,
+                },
+            );
+        }
+        self.notify_new_job();
+    }
+
     /// Events of job `job_id` from now on.
     pub fn subscribe(&self, job_id: i64) -> broadcast::Receiver<JobEvent> {
         let mut map = self.inner.events.lock().unwrap();
