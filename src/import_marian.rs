@@ -8,7 +8,7 @@
 
 use crate::data_dir_lock::{self, LockError};
 use crate::infer::{self, InferError, MarianImport};
-use crate::store::{ModelRow, NewModel, Store};
+use crate::store::{ModelRow, Store};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 
@@ -73,21 +73,7 @@ pub async fn import_into(
     let manifest = tokio::task::spawn_blocking(move || infer::marian::import(&req, &out2))
         .await
         .context("the import task failed")??;
-    let row = NewModel {
-        name: manifest.name.clone(),
-        job_id: None,
-        step: 0,
-        checkpoint: manifest.checkpoint.clone(),
-        path: out.to_string_lossy().into_owned(),
-        src_lang: manifest.src_lang.clone(),
-        tgt_lang: manifest.tgt_lang.clone(),
-        dtype: manifest.dtype.clone(),
-        train_precision: manifest.train_precision.clone(),
-        val_bleu: None,
-        params: manifest.params as i64,
-        size_bytes: manifest.total_bytes() as i64,
-        manifest_json: serde_json::to_string(&manifest)?,
-    };
+    let row = crate::worker::model_row(&manifest, None, &out);
     match store.insert_model(&row).await {
         Ok(r) => Ok(r),
         Err(e) => {

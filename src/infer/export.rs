@@ -278,23 +278,7 @@ pub fn export_averaged(
     let src_tok = tok(&meta.src_tokenizer, "source")?;
     let tgt_tok = tok(&meta.tgt_tokenizer, "target")?;
 
-    let parent = out_dir
-        .parent()
-        .ok_or_else(|| InferError::Invalid(format!("{} has no parent", out_dir.display())))?;
-    fs::create_dir_all(parent)?;
-    // Unique per export: concurrent exports never share (and delete) each other's directory.
-    let tmp = parent.join(crate::tempfiles::unique_name(
-        ".",
-        &format!(
-            "{}.partial",
-            out_dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("model")
-        ),
-    ));
-    fs::create_dir(&tmp)?;
-    let result = (|| -> Result<Manifest, InferError> {
+    write_model_dir(out_dir, |tmp| {
         let masters: HashMap<String, Tensor> = if set.is_empty() {
             checkpoint::load_tensors(&ckpt, &Device::Cpu)
                 .map_err(InferError::Invalid)?
@@ -368,20 +352,7 @@ pub fn export_averaged(
             fs::File::open(tmp.join(f))?.sync_all()?;
         }
         Ok(manifest)
-    })();
-    match result {
-        Ok(m) => {
-            fs::rename(&tmp, out_dir)?;
-            if let Ok(d) = fs::File::open(parent) {
-                let _ = d.sync_all();
-            }
-            Ok(m)
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    })
 }
 
 /// Read `dir/manifest.json` and check every file it lists against its sha256.
@@ -418,6 +389,41 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, InferError> {
     let text = fs::read_to_string(&path)
         .map_err(|e| InferError::Invalid(format!("{}: {e}", path.display())))?;
     serde_json::from_str(&text).map_err(|e| InferError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Writes a model directory all or nothing: `fill` writes into a fresh hidden directory beside
+/// `out_dir` (unique per call, so concurrent writers never share or delete each other's), which
+/// is then renamed into place and the rename made durable; on error it is removed.
+pub(crate) fn write_model_dir(
+    out_dir: &Path,
+    fill: impl FnOnce(&Path) -> Result<Manifest, InferError>,
+) -> Result<Manifest, InferError> {
+    let parent = out_dir
+        .parent()
+        .ok_or_else(|| InferError::Invalid(format!("{} has no parent", out_dir.display())))?;
+    fs::create_dir_all(parent)?;
+    let base = out_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("model");
+    let tmp = parent.join(crate::tempfiles::unique_name(
+        ".",
+        &format!("{base}.partial"),
+    ));
+    fs::create_dir(&tmp)?;
+    match fill(&tmp) {
+        Ok(m) => {
+            fs::rename(&tmp, out_dir)?;
+            if let Ok(d) = fs::File::open(parent) {
+                let _ = d.sync_all();
+            }
+            Ok(m)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]

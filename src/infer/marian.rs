@@ -193,20 +193,7 @@ pub fn import(req: &MarianImport, out_dir: &Path) -> Result<Manifest, InferError
             out_dir.display()
         )));
     }
-    let parent = out_dir
-        .parent()
-        .ok_or_else(|| InferError::Invalid(format!("{} has no parent", out_dir.display())))?;
-    fs::create_dir_all(parent)?;
-    let base = out_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("marian");
-    let tmp = parent.join(crate::tempfiles::unique_name(
-        ".",
-        &format!("{base}.partial"),
-    ));
-    fs::create_dir(&tmp)?;
-    let result = (|| -> Result<Manifest, InferError> {
+    super::export::write_model_dir(out_dir, |tmp| {
         let mut files: BTreeMap<String, FileEntry> = BTreeMap::new();
         for (from, to) in [
             (&config, CONFIG_FILE),
@@ -242,17 +229,7 @@ pub fn import(req: &MarianImport, out_dir: &Path) -> Result<Manifest, InferError
         fs::write(tmp.join(MANIFEST_FILE), json)?;
         fs::File::open(tmp.join(MANIFEST_FILE))?.sync_all()?;
         Ok(manifest)
-    })();
-    match result {
-        Ok(m) => {
-            fs::rename(&tmp, out_dir)?;
-            Ok(m)
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    })
 }
 
 /// Read `dir/manifest.json` (format `ampserve-marian/1`) and check every file's sha256.

@@ -220,24 +220,13 @@ impl Translator {
             .decode_with(&h.tokens, self.config.unk_policy == UnkPolicy::Drop)
     }
 
-    /// Tokenize, decode as one batch, detokenize.
+    /// Tokenize, decode as one batch, detokenize ([`super::Engine::translate_texts`]).
     pub fn translate(
         &self,
         texts: &[&str],
         opts: &DecodeOptions,
         max_len: Option<usize>,
     ) -> Result<Vec<Translation>, InferError> {
-        let words: Vec<Vec<u32>> = texts.iter().map(|t| self.encode(t)).collect();
-        let hyps = self.translate_ids(&words, opts, max_len)?;
-        Ok(words
-            .iter()
-            .zip(hyps)
-            .map(|(w, h)| Translation {
-                text: self.detokenize(&h),
-                source_tokens: w.len(),
-                tokens: h.tokens.len(),
-                score: h.score,
-            })
-            .collect())
+        super::Engine::translate_texts(self, texts, opts, max_len)
     }
 }

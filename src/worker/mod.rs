@@ -11,7 +11,7 @@ mod publish;
 pub use fork::{ForkFailure, StagedFork};
 pub use pool::{JobEvent, JobEventKind, LiveJob, PoolConfig, PoolHandle, WriteStats};
 pub use process::ProcessTrainer;
-pub use publish::ExportFailure;
+pub use publish::{model_row, ExportFailure};
 
 use crate::config::TrainSpec;
 use crate::train::{RunOptions, Summary, TrainError, TrainEvent};

@@ -6,7 +6,7 @@
 use super::PoolHandle;
 use crate::infer::{self, CheckpointChoice, InferError};
 use crate::store::{JobRow, ModelRow, NewModel};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportFailure {
@@ -15,6 +15,26 @@ pub enum ExportFailure {
     NotFound(String),
     #[error("{0}")]
     Failed(String),
+}
+
+/// The `models` row of a model directory written at `path` (an export, or an imported
+/// pretrained model when `job_id` is `None`), from its manifest.
+pub fn model_row(manifest: &infer::Manifest, job_id: Option<i64>, path: &Path) -> NewModel {
+    NewModel {
+        name: manifest.name.clone(),
+        job_id,
+        step: manifest.step as i64,
+        checkpoint: manifest.checkpoint.clone(),
+        path: path.to_string_lossy().into_owned(),
+        src_lang: manifest.src_lang.clone(),
+        tgt_lang: manifest.tgt_lang.clone(),
+        dtype: manifest.dtype.clone(),
+        train_precision: manifest.train_precision.clone(),
+        val_bleu: manifest.val_bleu,
+        params: manifest.params as i64,
+        size_bytes: manifest.total_bytes() as i64,
+        manifest_json: serde_json::to_string(manifest).unwrap_or_default(),
+    }
 }
 
 impl PoolHandle {
@@ -81,21 +101,7 @@ impl PoolHandle {
             InferError::NotFound(m) => ExportFailure::NotFound(m),
             other => ExportFailure::Failed(other.to_string()),
         })?;
-        let row = NewModel {
-            name: manifest.name.clone(),
-            job_id: Some(job.id),
-            step: manifest.step as i64,
-            checkpoint: manifest.checkpoint.clone(),
-            path: out.to_string_lossy().into_owned(),
-            src_lang: manifest.src_lang.clone(),
-            tgt_lang: manifest.tgt_lang.clone(),
-            dtype: manifest.dtype.clone(),
-            train_precision: manifest.train_precision.clone(),
-            val_bleu: manifest.val_bleu,
-            params: manifest.params as i64,
-            size_bytes: manifest.total_bytes() as i64,
-            manifest_json: serde_json::to_string(&manifest).unwrap_or_default(),
-        };
+        let row = model_row(&manifest, Some(job.id), &out);
         match self.store().insert_model(&row).await {
             Ok(r) => {
                 *last = Some((manifest.checkpoint_sha256.clone(), r.id));
