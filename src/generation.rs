@@ -134,6 +134,25 @@ pub fn greedy(
     max_len: &[usize],
     opts: &DecodeOptions,
 ) -> Result<Vec<Hypothesis>> {
+    step_by_step(model, ac, src, max_len, opts, |logp, _| {
+        let next_t = logp.argmax_keepdim(D::Minus1)?;
+        let lp: Vec<f32> = logp.gather(&next_t, 1)?.flatten_all()?.to_vec1()?;
+        Ok((next_t.flatten_all()?.to_vec1()?, lp))
+    })
+}
+
+/// The token-at-a-time loop with the KV cache that greedy decoding and sampling share (same
+/// banned ids, no `[EOS]` first, per-sentence limits). `pick` is what differs: given the step's
+/// log-probabilities (one row per live sentence, banned ids at -inf) and the live sentences'
+/// indices into `src`, it returns their next tokens and those tokens' log-probabilities.
+pub fn step_by_step(
+    model: &Transformer,
+    ac: &Autocast,
+    src: &[Vec<u32>],
+    max_len: &[usize],
+    opts: &DecodeOptions,
+    mut pick: impl FnMut(&Tensor, &[usize]) -> Result<(Vec<u32>, Vec<f32>)>,
+) -> Result<Vec<Hypothesis>> {
     let b = src.len();
     if b == 0 {
         return Ok(Vec::new());
@@ -159,9 +178,7 @@ pub fn greedy(
             .decode_step(&ctx, &mut cache, &tok, &sm)?
             .broadcast_add(if first { &bias_first } else { &bias })?;
         first = false;
-        let next_t = logp.argmax_keepdim(D::Minus1)?;
-        let lp: Vec<f32> = logp.gather(&next_t, 1)?.flatten_all()?.to_vec1()?;
-        let next: Vec<u32> = next_t.flatten_all()?.to_vec1()?;
+        let (next, lp) = pick(&logp, &alive)?;
         let mut keep = Vec::with_capacity(n);
         for (r, &i) in alive.iter().enumerate() {
             let h = &mut hyps[i];

@@ -1,14 +1,14 @@
 //! Sampled decoding (temperature, top-p) for every model kind, through candle-transformers'
 //! `generation::LogitsProcessor`, so ampserve models and pretrained Marian models sample the
-//! same way. Deterministic decoding (greedy / beam) stays in `decode`; this file only adds the
-//! sampled variant of greedy: one token per step drawn from the (temperature-scaled, top-p
-//! truncated) distribution, one seeded generator per sentence so a sentence's output depends on
-//! its seed and the model only, not on which other requests shared its batch.
+//! same way. Deterministic decoding (greedy / beam) stays in `crate::generation`, whose
+//! token-at-a-time loop this file reuses for the sampled variant of greedy: one token per step
+//! drawn from the (temperature-scaled, top-p truncated) distribution, one seeded generator per
+//! sentence so a sentence's output depends on its seed and the model only, not on which other
+//! requests shared its batch.
 
 use crate::amp::Autocast;
-use crate::data::{EOS_ID, PAD_ID, SOS_ID, UNK_ID};
-use crate::generation::{length_penalty, DecodeOptions, Hypothesis};
-use crate::model::{self, Ctx, Transformer};
+use crate::generation::{DecodeOptions, Hypothesis};
+use crate::model::Transformer;
 use candle_core::{DType, Result, Tensor};
 use candle_transformers::generation::LogitsProcessor;
 
@@ -71,91 +71,25 @@ pub fn sample_transformer(
     opts: &DecodeOptions,
     sampling: &[Sampling],
 ) -> Result<Vec<Hypothesis>> {
-    let b = src.len();
-    if b == 0 {
-        return Ok(Vec::new());
-    }
-    let dev = model.device().clone();
-    let cap = model.cfg.max_positions.saturating_sub(1).max(1);
-    let limits: Vec<usize> = max_len.iter().map(|&m| m.clamp(1, cap)).collect();
     let mut procs: Vec<LogitsProcessor> = sampling.iter().map(Sampling::processor).collect();
-    let ctx = Ctx::eval(ac);
-    let src_t = crate::generation::pad_sources(src, &dev)?;
-    let mut sm = model::src_mask(&src_t)?;
-    let memory = model.encode(&ctx, &src_t, &sm)?;
-    let mut cache = model.start_decoding(&ctx, &memory)?;
-    let v = model.cfg.tgt_vocab;
-    let bias = Tensor::from_vec(banned(v, opts, false), (1, v), &dev)?;
-    let bias_first = Tensor::from_vec(banned(v, opts, true), (1, v), &dev)?;
-    let mut first = true;
-    let mut hyps = vec![Hypothesis::default(); b];
-    let mut alive: Vec<usize> = (0..b).collect();
-    let mut cur = vec![SOS_ID; b];
-    loop {
-        let n = alive.len();
-        let tok = Tensor::from_vec(cur.clone(), (n, 1), &dev)?;
-        let logp = model
-            .decode_step(&ctx, &mut cache, &tok, &sm)?
-            .broadcast_add(if first { &bias_first } else { &bias })?
-            .to_dtype(DType::F32)?;
-        first = false;
-        let mut keep = Vec::with_capacity(n);
-        let mut next = Vec::with_capacity(n);
+    crate::generation::step_by_step(model, ac, src, max_len, opts, |logp, alive| {
+        let logp = logp.to_dtype(DType::F32)?;
+        let mut next = Vec::with_capacity(alive.len());
+        let mut lp = Vec::with_capacity(alive.len());
         for (r, &i) in alive.iter().enumerate() {
             let row = logp.get(r)?;
             let t = draw(&mut procs[i], &row)?;
             next.push(t);
-            let h = &mut hyps[i];
-            h.score += row.get(t as usize)?.to_scalar::<f32>()? as f64;
-            if t == EOS_ID {
-                h.finished = true;
-                continue;
-            }
-            h.tokens.push(t);
-            if h.tokens.len() < limits[i] {
-                keep.push(r);
-            }
+            lp.push(row.get(t as usize)?.to_scalar::<f32>()?);
         }
-        if keep.is_empty() {
-            break;
-        }
-        if keep.len() < n {
-            let idx: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
-            let idx = Tensor::from_vec(idx, keep.len(), &dev)?;
-            cache.select(&idx)?;
-            sm = sm.index_select(&idx, 0)?;
-        }
-        cur = keep.iter().map(|&r| next[r]).collect();
-        alive = keep.iter().map(|&r| alive[r]).collect();
-    }
-    for h in &mut hyps {
-        h.norm_score = h.score / length_penalty(h.tokens.len() + h.finished as usize, opts.alpha);
-    }
-    Ok(hyps)
-}
-
-/// Additive bias over the vocabulary: -inf for the ids deterministic decoding never emits
-/// either (`[PAD]`, `[SOS]`, `[UNK]` unless allowed, `[EOS]` first or when ignored).
-fn banned(v: usize, opts: &DecodeOptions, first: bool) -> Vec<f32> {
-    let mut bias = vec![0f32; v];
-    let mut ban = vec![PAD_ID, SOS_ID];
-    if opts.ban_unk {
-        ban.push(UNK_ID);
-    }
-    if opts.ignore_eos || first {
-        ban.push(EOS_ID);
-    }
-    for id in ban {
-        if (id as usize) < v {
-            bias[id as usize] = f32::NEG_INFINITY;
-        }
-    }
-    bias
+        Ok((next, lp))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::{EOS_ID, SOS_ID};
 
     #[test]
     fn a_sentence_seed_is_the_request_seed_offset_by_its_index() {
