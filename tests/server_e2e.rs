@@ -7,7 +7,6 @@ use ampserve::worker::CandleTrainer;
 use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -223,25 +222,8 @@ fn spawn_server(data_dir: &std::path::Path) -> Server {
         .spawn()
         .unwrap();
     // Logs go to stderr.
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("http://127.0.0.1:") {
-                let rest = &line[i + "http://127.0.0.1:".len()..];
-                let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-                let _ = tx.send(port);
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("server did not start");
-    Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    }
+    let base = announced_base(&mut child, false);
+    Server { child, base }
 }
 
 async fn get(c: &reqwest::Client, url: String) -> Value {

@@ -10,7 +10,6 @@ use ampserve::worker::CandleTrainer;
 use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -196,24 +195,9 @@ fn spawn_server(data_dir: &std::path::Path) -> Server {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("http://127.0.0.1:") {
-                let rest = &line[i + "http://127.0.0.1:".len()..];
-                let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-                let _ = tx.send(port);
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("server did not start");
-    Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    }
+    // Logs go to stderr.
+    let base = announced_base(&mut child, false);
+    Server { child, base }
 }
 
 fn rss(pid: u32) -> u64 {

@@ -507,7 +507,6 @@ pub struct BinServer {
 }
 
 pub fn spawn_bin_server(data_dir: &Path, extra: &[&str]) -> BinServer {
-    use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ampserve"))
         .args([
             "serve",
@@ -526,14 +525,25 @@ pub fn spawn_bin_server(data_dir: &Path, extra: &[&str]) -> BinServer {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let base = announced_base(&mut child, true);
+    BinServer { child, base }
+}
+
+/// The `http://127.0.0.1:PORT` a spawned `ampserve serve` (bound to port 0) logs on stderr. Keeps
+/// draining the log afterwards, so the server never blocks on a full pipe; `echo` copies it to
+/// the test's stderr.
+pub fn announced_base(child: &mut std::process::Child, echo: bool) -> String {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("the server's stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stderr)
             .lines()
             .map_while(Result::ok)
         {
-            eprintln!("{line}");
+            if echo {
+                eprintln!("{line}");
+            }
             if let Some(i) = line.find("http://127.0.0.1:") {
                 let rest = &line[i + "http://127.0.0.1:".len()..];
                 let port: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
@@ -544,10 +554,7 @@ pub fn spawn_bin_server(data_dir: &Path, extra: &[&str]) -> BinServer {
     let port = rx
         .recv_timeout(Duration::from_secs(120))
         .expect("server did not start");
-    BinServer {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    }
+    format!("http://127.0.0.1:{port}")
 }
 
 impl BinServer {
