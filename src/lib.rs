@@ -25,6 +25,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod scores;
+pub mod spec_overrides;
 pub mod store;
 pub mod tempfiles;
 pub mod train;

@@ -9,6 +9,7 @@ pub mod local;
 pub mod summary;
 
 use crate::config::{Precision, SpecError, TrainSpec};
+use crate::spec_overrides::{self, deep_merge, Allowed, Refusal};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -17,7 +18,7 @@ pub const MAX_ARMS: usize = 8;
 
 /// What an arm may change, by spec section (`None`: any field of it). Nothing that changes the
 /// model, the data, the seed or the batches.
-const ARM_FIELDS: &[(&str, Option<&[&str]>)] = &[
+const ARM_FIELDS: &Allowed = &[
     (
         "train",
         Some(&[
@@ -162,37 +163,10 @@ fn check_fields(o: &Map<String, Value>, at: &str) -> Result<(), SpecError> {
              batches",
         )
     };
-    for (key, v) in o {
-        let Some((_, fields)) = ARM_FIELDS.iter().find(|(k, _)| k == key) else {
-            return Err(refuse(key.clone()));
-        };
-        let Value::Object(inner) = v else {
-            return Err(SpecError::new(format!("{at}.{key}"), "expected an object"));
-        };
-        if let Some(fields) = fields {
-            if let Some(k) = inner.keys().find(|k| !fields.contains(&k.as_str())) {
-                return Err(refuse(format!("{key}.{k}")));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Objects merge key by key (recursively); anything else in `over` replaces `base`.
-fn merge(base: &mut Value, over: &Value) {
-    match (base, over) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                match b.get_mut(k) {
-                    Some(slot) if slot.is_object() && v.is_object() => merge(slot, v),
-                    _ => {
-                        b.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
-        (slot, v) => *slot = v.clone(),
-    }
+    spec_overrides::check(o, ARM_FIELDS).map_err(|r| match r {
+        Refusal::NotAllowed(f) => refuse(f),
+        Refusal::NotAnObject(key) => SpecError::new(format!("{at}.{key}"), "expected an object"),
+    })
 }
 
 /// The spec arm `index` runs: `base` with the arm's overrides and the budget (`max_steps`
@@ -205,7 +179,7 @@ pub fn arm_spec(
 ) -> Result<TrainSpec, SpecError> {
     let at = format!("arms[{index}]");
     let mut v = serde_json::to_value(base).map_err(|e| SpecError::new(&at, e.to_string()))?;
-    merge(&mut v, &Value::Object(arm.overrides.clone()));
+    deep_merge(&mut v, Value::Object(arm.overrides.clone()));
     let mut spec: TrainSpec =
         serde_json::from_value(v).map_err(|e| SpecError::new(&at, e.to_string()))?;
     spec.train.max_steps = budget.max_steps;

@@ -10,6 +10,7 @@ use super::spec::{deep_merge, serde_field_error};
 use super::{ApiError, ApiPath, ApiResult, AppState};
 use crate::config::TrainSpec;
 use crate::infer::CheckpointChoice;
+use crate::spec_overrides::{self, Allowed, Refusal};
 use crate::store::NewJob;
 use crate::worker::ForkFailure;
 use axum::body::Bytes;
@@ -25,7 +26,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Settings a fork may change, by section (`None`: every field of the section).
-const ALLOWED: &[(&str, Option<&[&str]>)] = &[
+const ALLOWED: &Allowed = &[
     ("name", Some(&[])),
     (
         "train",
@@ -58,32 +59,12 @@ pub fn check_overrides(o: &Map<String, Value>) -> ApiResult<()> {
              valid_samples, early_stopping}, amp.*, checkpoint.*",
         )
     };
-    for (key, v) in o {
-        let Some((_, fields)) = ALLOWED.iter().find(|(k, _)| k == key) else {
-            return Err(refuse(key.clone()));
-        };
-        match (fields, v) {
-            (Some(fields), Value::Object(inner)) if !fields.is_empty() => {
-                if let Some(k) = inner.keys().find(|k| !fields.contains(&k.as_str())) {
-                    return Err(refuse(format!("{key}.{k}")));
-                }
-            }
-            (Some(fields), _) if !fields.is_empty() => {
-                return Err(ApiError::invalid(
-                    format!("overrides.{key}"),
-                    "expected an object",
-                ))
-            }
-            (None, v) if !v.is_object() => {
-                return Err(ApiError::invalid(
-                    format!("overrides.{key}"),
-                    "expected an object",
-                ))
-            }
-            _ => {}
+    spec_overrides::check(o, ALLOWED).map_err(|r| match r {
+        Refusal::NotAllowed(f) => refuse(f),
+        Refusal::NotAnObject(key) => {
+            ApiError::invalid(format!("overrides.{key}"), "expected an object")
         }
-    }
-    Ok(())
+    })
 }
 
 /// The parent's spec with `overrides` merged in and validated (fields named `overrides.*`).

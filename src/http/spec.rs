@@ -160,22 +160,7 @@ fn load_preset(name: &str, dir: &Path) -> ApiResult<Value> {
     serde_json::to_value(table).map_err(|e| ApiError::internal(e.to_string()))
 }
 
-/// Objects merge key by key (recursively); anything else in `over` replaces `base`.
-pub fn deep_merge(base: &mut Value, over: Value) {
-    match (base, over) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                match b.get_mut(&k) {
-                    Some(slot) if slot.is_object() && v.is_object() => deep_merge(slot, v),
-                    _ => {
-                        b.insert(k, v);
-                    }
-                }
-            }
-        }
-        (slot, v) => *slot = v,
-    }
-}
+pub use crate::spec_overrides::deep_merge;
 
 /// 422 naming the dotted field: the unknown key itself for `deny_unknown_fields`, else the
 /// path serde was at (wrong type, bad enum variant, ...).

@@ -321,6 +321,18 @@ struct RunState {
     early_stop: Option<super::early_stop::EarlyStop>,
 }
 
+impl RunState {
+    /// Back to where a checkpoint was written (on resume and on recovery): the step, the
+    /// position in the data, the best BLEU so far.
+    fn rewind_to(&mut self, meta: &CheckpointMeta) {
+        self.step = meta.step;
+        self.epoch = meta.epoch;
+        self.batch_pos = meta.batch_pos;
+        self.best_bleu = meta.best_bleu;
+        self.last_ckpt_step = Some(meta.step);
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
     spec: &TrainSpec,
@@ -509,11 +521,7 @@ pub fn run(
             }
             stepper.opt.load_state(meta.adam_t, &tensors)?;
             stepper.scaler.load_state(meta.scaler.clone());
-            st.step = meta.step;
-            st.epoch = meta.epoch;
-            st.batch_pos = meta.batch_pos;
-            st.best_bleu = meta.best_bleu;
-            st.last_ckpt_step = Some(meta.step);
+            st.rewind_to(&meta);
             st.wall_prev = meta.wall_s;
             st.tokens_total = meta.tokens_total;
             st.step_time_total = meta.step_time_total_s;
@@ -812,11 +820,7 @@ fn recover(
             if cur.amp.on_scale_collapse == OnScaleCollapse::Rollback {
                 stepper.scaler.load_state(meta.scaler.clone());
             }
-            st.step = meta.step;
-            st.epoch = meta.epoch;
-            st.batch_pos = meta.batch_pos;
-            st.best_bleu = meta.best_bleu;
-            st.last_ckpt_step = Some(meta.step);
+            st.rewind_to(meta);
         }
         None => {
             let fresh = Transformer::new(&model.cfg, cur.train.seed, &dev)?;
