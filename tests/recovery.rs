@@ -125,6 +125,47 @@ fn bf16_turns_a_collapsing_f16_run_into_a_bf16_run_that_finishes() {
 }
 
 #[test]
+fn after_a_bf16_switch_the_summary_still_counts_the_steps_skipped_before_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec(OnScaleCollapse::Bf16, 1000);
+    // a scale far above f16's range: the first steps overflow and back off on their own, before
+    // the checkpoint the recovery goes back to
+    s.amp.init_scale = 2f64.powi(24);
+    s.amp.min_scale = 2f64.powi(14);
+    s.checkpoint.every_steps = 8;
+    s.amp.test_inject_inf.as_mut().unwrap().from_step = 10;
+    let (r, events) = run(&s, dir.path());
+    let summary = r.expect("the run recovers and finishes");
+    let rec = recoveries(&events);
+    let trace: Vec<(u64, f64, bool)> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Step(st) => Some((st.step, st.loss_scale, st.skipped)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rec.len(), 1, "{rec:?} {trace:?}");
+    let kept_before: Vec<StepRecord> = events
+        .iter()
+        .take_while(|e| !matches!(e, TrainEvent::Recovery(_)))
+        .filter_map(|e| match e {
+            TrainEvent::Step(st) if st.step <= rec[0].resumed_from_step => Some(st.clone()),
+            _ => None,
+        })
+        .collect();
+    let skipped_kept = kept_before.iter().filter(|st| st.skipped).count() as u64
+        + steps_after_recovery(&events)
+            .iter()
+            .filter(|st| st.skipped)
+            .count() as u64;
+    assert!(
+        skipped_kept > 0,
+        "the huge initial scale skipped early steps"
+    );
+    assert_eq!(summary.skipped_steps, skipped_kept);
+}
+
+#[test]
 fn rollback_halves_the_learning_rate_and_continues_from_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     // exactly the five injections that collapse the scale once

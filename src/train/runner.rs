@@ -4,7 +4,7 @@ use super::events::*;
 use super::overflow::{self, Injector, OverflowRecord, UnderflowRecord};
 use super::tensorboard;
 use super::{RunOptions, TrainError};
-use crate::amp::{Autocast, GradScaler, ScalerConfig, ScalerError};
+use crate::amp::{Autocast, GradScaler, ScalerConfig, ScalerError, ScalerState};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::config::{OnScaleCollapse, Precision, ScheduleCounts, TrainSpec, UnkPolicy};
 use crate::data::{self, Example, Pair, WordTokenizer};
@@ -817,9 +817,15 @@ fn recover(
             model.load_named(&|n| tensors.get(&format!("param.{n}")).cloned())?;
             *stepper = Stepper::new(cur, model)?;
             stepper.opt.load_state(meta.adam_t, &tensors)?;
-            if cur.amp.on_scale_collapse == OnScaleCollapse::Rollback {
-                stepper.scaler.load_state(meta.scaler.clone());
-            }
+            // rollback keeps f16 with the checkpoint's scale; bf16 starts a scaler that is off,
+            // but the steps skipped before the checkpoint stay counted
+            stepper.scaler.load_state(match cur.amp.on_scale_collapse {
+                OnScaleCollapse::Rollback => meta.scaler.clone(),
+                _ => ScalerState {
+                    skipped_total: meta.scaler.skipped_total,
+                    ..stepper.scaler.state()
+                },
+            });
             st.rewind_to(meta);
         }
         None => {
