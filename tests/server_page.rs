@@ -36,14 +36,28 @@ async fn page_and_assets_are_served_without_a_token() {
         assert!(html.contains(&format!("id=\"{id}\"")), "missing {id}");
     }
 
-    // Every file the page references, byte for byte what is in static/.
-    for (file, ctype) in [
-        ("app.js", "text/javascript; charset=utf-8"),
-        ("chart.js", "text/javascript; charset=utf-8"),
-        ("app.css", "text/css; charset=utf-8"),
-        ("favicon.svg", "image/svg+xml"),
-    ] {
+    // The page loads its entry module; every file of static/ (each module the entry imports
+    // included) is served byte for byte, with the type module loading needs.
+    assert!(html.contains(r#"<script type="module" src="/static/app.js">"#));
+    for file in ["app.css", "favicon.svg"] {
         assert!(html.contains(&format!("/static/{file}")), "{file} unused");
+    }
+    let mut files: Vec<String> = std::fs::read_dir("static")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.starts_with('.') && !n.ends_with(".html"))
+        .collect();
+    files.sort();
+    for module in ["app.js", "chart.js", "api.js", "live.js", "router.js"] {
+        assert!(files.iter().any(|f| f == module), "{module} missing");
+    }
+    for file in &files {
+        let ctype = match file.rsplit_once('.').unwrap().1 {
+            "js" => "text/javascript; charset=utf-8",
+            "css" => "text/css; charset=utf-8",
+            "svg" => "image/svg+xml",
+            other => panic!("static/{file}: no expected type for .{other}"),
+        };
         let r = srv
             .client
             .get(srv.url(&format!("/static/{file}")))
@@ -54,10 +68,10 @@ async fn page_and_assets_are_served_without_a_token() {
         assert_eq!(r.headers()["content-type"], ctype, "{file}");
         assert_eq!(r.headers()["cache-control"], "public, max-age=60");
         assert_eq!(r.headers()["x-content-type-options"], "nosniff");
-        let body = r.text().await.unwrap();
+        let body = r.bytes().await.unwrap();
         assert_eq!(
-            body,
-            std::fs::read_to_string(format!("static/{file}")).unwrap(),
+            body.as_ref(),
+            std::fs::read(format!("static/{file}")).unwrap(),
             "{file}"
         );
     }
@@ -66,6 +80,7 @@ async fn page_and_assets_are_served_without_a_token() {
     for path in [
         "/static/nope.js",
         "/static/index.html",
+        "/static/docs.html",
         "/static/..%2FCargo.toml",
     ] {
         let (s, v) = srv.get(path).await;
