@@ -1,10 +1,14 @@
 /* The translate view (#/translate): pick an exported model from GET /api/models (with its
- * languages, dtype and newest score), type a sentence, POST /api/translate, and show the
+ * kind (our Transformer or an imported Marian model), languages, dtype and newest score), type a sentence, POST /api/translate, and show the
  * translation with the server's timing; errors go next to the field the API names. */
 import { $, h } from "./dom.js";
 import { api } from "./api.js";
 import { fmt } from "./format.js";
 import { clearFormErrors, showFieldError } from "./forms.js";
+
+/** GET /api/models' `kind`: a Transformer trained by this server, or an imported MarianMT model. */
+const KINDS = { ampserve: "Transformer (trained here)", marian: "MarianMT (imported)" };
+const kindText = (m) => KINDS[m.kind] || m.kind || "unknown kind";
 
 export async function enter() {
   const none = $("tr-none"), sel = $("tr-model");
@@ -26,7 +30,7 @@ export async function enter() {
     if (ev) return ` · test BLEU ${fmt.num(ev.bleu, 2)} chrF ${fmt.num(ev.chrf, 2)} (${ev.corpus.split("/").pop()})`;
     return m.val_bleu !== null && m.val_bleu !== undefined ? ` · valid BLEU ${fmt.num(m.val_bleu, 2)}` : "";
   };
-  sel.replaceChildren(...models.map((m) => h("option", { value: m.id, text: `#${m.id} ${m.name} · ${m.src_lang}→${m.tgt_lang} · ${m.dtype}${score(m)}` })));
+  sel.replaceChildren(...models.map((m) => h("option", { value: m.id, dataset: { kind: m.kind }, text: `#${m.id} ${m.name} · ${kindText(m)} · ${m.src_lang}→${m.tgt_lang} · ${m.dtype}${score(m)}` })));
   if (cur && models.some((m) => String(m.id) === cur)) sel.value = cur;
   const empty = models.length === 0;
   none.hidden = !empty;

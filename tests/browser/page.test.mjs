@@ -13,7 +13,8 @@
 // shows the API's error next to the batch-size field; the page works at 390 px without
 // sideways scrolling; the job page downloads its metrics as CSV and its loss chart as SVG and
 // PNG, and the compare view switches its x axis to seconds; with --api-token --protect-reads the page asks for the token once, keeps
-// it for the tab and follows jobs by polling; the translate box translates a sentence.
+// it for the tab and follows jobs by polling; the translate box translates a sentence, and its
+// model picker names each model's kind.
 // Screenshots go to target/screenshots/.
 //
 // Translation uses the model the server exported when the first job succeeded.
@@ -558,6 +559,21 @@ async function main() {
     await page.waitForFunction(() => document.getElementById("err-text").textContent.length > 0);
     assert.match(await page.locator("#err-text").textContent(), /300 source tokens/);
     await shot("06b-translate-error.png");
+  });
+
+  await step("translate: each model in the picker names its kind, as GET /api/models gives it", async () => {
+    await page.goto(`${srv.base}/#/translate`);
+    await page.locator("#tr-model option").first().waitFor({ state: "attached" });
+    const models = (await (await fetch(srv.base + "/api/models")).json()).models;
+    const options = await page.locator("#tr-model option").evaluateAll((os) => os.map((o) => ({ id: Number(o.value), kind: o.dataset.kind, text: o.textContent })));
+    assert.deepEqual(options.map((o) => o.id).sort(), models.map((m) => m.id).sort());
+    for (const m of models) {
+      const o = options.find((x) => x.id === m.id);
+      // every model here was trained by this server (an imported Marian model reads "MarianMT (imported)")
+      assert.equal(m.kind, "ampserve", JSON.stringify(m));
+      assert.equal(o.kind, m.kind);
+      assert.ok(o.text.startsWith(`#${m.id} ${m.name} · Transformer (trained here) · ${m.src_lang}→${m.tgt_lang} · `), o.text);
+    }
   });
 
   assert.deepEqual(problems, [], "the page logged errors");
