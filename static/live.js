@@ -1,7 +1,7 @@
 /* Live updates: one EventSource per job worth following (the open job, then running jobs on
- * screen, then queued ones; at most MAX_STREAMS), patching the store as status / step events
- * arrive, and giving up on a stream after repeated errors so the views' polling takes over.
- * It also owns the header's connection indicator. What is on screen comes from the function
+ * screen, then queued ones; at most MAX_STREAMS), handing status / step events to the store as
+ * they arrive, and giving up on a stream after repeated errors so the views' polling takes
+ * over. It also owns the header's connection indicator. What is on screen comes from the function
  * given to `start`; events for the open job go to the listeners registered with `onEvent`. */
 import { $, debounce } from "./dom.js";
 import { api } from "./api.js";
@@ -89,19 +89,14 @@ export function syncStreams() {
 
 function openStream(id) {
   const es = new EventSource(`/api/jobs/${id}/events`);
-  const entry = { es, errors: 0, failed: false };
+  const entry = { es, errors: 0 };
   streams.set(id, entry);
   const parse = (ev) => { try { return JSON.parse(ev.data); } catch (_) { return null; } };
   es.addEventListener("open", () => { entry.errors = 0; });
   es.addEventListener("status", (ev) => {
     const d = parse(ev);
     if (!d) return;
-    const job = store.job(id);
-    if (job && job.status !== d.status) {
-      job.status = d.status;
-      if (d.error) job.error = d.error;
-      store.statusChanged(job);
-    }
+    store.applyStatus(id, d);
     // Fetch started_at and the other fields a status event does not carry.
     if (d.status === "running") debounce("one-" + id, () => refreshOne(id), 300);
     if (TERMINAL.has(d.status)) {
@@ -113,28 +108,11 @@ function openStream(id) {
   });
   es.addEventListener("started", (ev) => {
     const d = parse(ev);
-    const job = store.job(id);
-    if (!d || !job) return;
-    job.progress.total_steps = d.total_steps;
-    job.progress.resumed_from_step = d.resumed_from_step;
-    store.touch(id);
+    if (d && store.applyStarted(id, d)) store.touch(id);
   });
   es.addEventListener("step", (ev) => {
     const d = parse(ev);
-    const job = store.job(id);
-    if (!d || !job) return;
-    const p = job.progress;
-    p.step = d.step;
-    p.epoch = d.epoch;
-    if (p.total_steps) p.fraction = Math.min(1, d.step / p.total_steps);
-    const m = job.metrics;
-    m.loss = d.loss;
-    m.lr = d.lr;
-    m.loss_scale = d.loss_scale;
-    m.tokens_per_s = d.tokens_per_s;
-    if (d.step_ms > 0) m.steps_per_s = 1000 / d.step_ms;
-    if (d.skipped) m.skipped_steps = (m.skipped_steps || 0) + 1;
-    store.noteStep(id, d.step);
+    if (!d || !store.applyStep(id, d)) return;
     emit(id, "step", d);
     store.touch(id);
   });

@@ -1,7 +1,7 @@
 /* The jobs the page knows: each job's latest view from the API (patched by live events), the
  * listing on the jobs page (ids newest first, and the total), and recent step times for the
  * progress line's rate. Views and the live-events module change it only through these
- * functions, and hear about changes through `on(event, fn)`:
+ * functions (live events are applied here too), and hear about changes through `on(event, fn)`:
  *   "merged" (job)   a job view was stored (live.js then picks which jobs to stream)
  *   "status" (job)   a job's status changed
  *   "render" (job)   its numbers changed; batched to one call per job per animation frame
@@ -40,9 +40,44 @@ export function remember(j) {
   if (!jobs.has(j.id)) jobs.set(j.id, j);
 }
 
-/** A live event changed the stored job's status in place. */
-export const statusChanged = (j) => emit("status", j);
 export const acted = (id) => emit("acted", id);
+
+/** A live `status` event: {status, error?}. */
+export function applyStatus(id, d) {
+  const j = jobs.get(id);
+  if (!j || j.status === d.status) return;
+  j.status = d.status;
+  if (d.error) j.error = d.error;
+  emit("status", j);
+}
+
+/** A live `started` event: {total_steps, resumed_from_step}; false for an unknown job. */
+export function applyStarted(id, d) {
+  const j = jobs.get(id);
+  if (!j) return false;
+  j.progress.total_steps = d.total_steps;
+  j.progress.resumed_from_step = d.resumed_from_step;
+  return true;
+}
+
+/** A live `step` event (one metric row); false for an unknown job. */
+export function applyStep(id, d) {
+  const j = jobs.get(id);
+  if (!j) return false;
+  const p = j.progress;
+  p.step = d.step;
+  p.epoch = d.epoch;
+  if (p.total_steps) p.fraction = Math.min(1, d.step / p.total_steps);
+  const m = j.metrics;
+  m.loss = d.loss;
+  m.lr = d.lr;
+  m.loss_scale = d.loss_scale;
+  m.tokens_per_s = d.tokens_per_s;
+  if (d.step_ms > 0) m.steps_per_s = 1000 / d.step_ms;
+  if (d.skipped) m.skipped_steps = (m.skipped_steps || 0) + 1;
+  noteStep(id, d.step);
+  return true;
+}
 
 export function setListing(ids, n) {
   order = ids;
@@ -66,8 +101,8 @@ export function deleted(id) {
   emit("deleted", id);
 }
 
-/** A live step event: remember when it came, for `stepRate`. */
-export function noteStep(id, step) {
+/** Remember when a live step came, for `stepRate`. */
+function noteStep(id, step) {
   const r = rates.get(id) || [];
   const now = Date.now();
   r.push([now, step]);
