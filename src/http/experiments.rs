@@ -69,7 +69,7 @@ struct ExperimentView {
     window: usize,
     arms: Vec<ArmView>,
     /// The base spec every arm starts from.
-    spec: Value,
+    spec: TrainSpec,
 }
 
 fn number(obj: &mut Map<String, Value>, key: &str) -> ApiResult<Option<f64>> {
@@ -156,7 +156,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl In
                 job: NewJob {
                     name: s.name.clone(),
                     priority: req.priority,
-                    spec_json: serde_json::to_string(s)?,
+                    spec: s.clone(),
                 },
             })
         })
@@ -164,12 +164,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl In
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let (exp, jobs) = state
         .store
-        .insert_experiment(
-            &base.name,
-            &to_json(&base)?,
-            &to_json(&settings)?,
-            &new_arms,
-        )
+        .insert_experiment(&base.name, &base, &to_json(&settings)?, &new_arms)
         .await?;
     state.pool.announce_queued(jobs.iter().map(|j| j.id));
     tracing::info!(experiment = exp.id, arms = jobs.len(), "experiment queued");
@@ -277,7 +272,7 @@ async fn view(state: &AppState, exp: ExperimentRow) -> ApiResult<ExperimentView>
         equal_time_s: s.equal_time_s,
         window: s.window,
         arms,
-        spec: serde_json::from_str(&exp.spec_json).unwrap_or(Value::Null),
+        spec: exp.spec,
     })
 }
 

@@ -147,10 +147,9 @@ async fn fork(
         ));
     }
     let parent = load_job(&state, id).await?;
-    let parent_spec: TrainSpec = serde_json::from_str(&parent.spec_json)
-        .map_err(|e| ApiError::internal(format!("job {id} has an unreadable spec: {e}")))?;
+    let parent_spec = &parent.spec;
     let has_name = overrides.contains_key("name");
-    let mut spec = forked_spec(&parent_spec, overrides)?;
+    let mut spec = forked_spec(parent_spec, overrides)?;
     super::admission::admit(&state, &spec).await?;
     let staged = state
         .pool
@@ -168,7 +167,6 @@ async fn fork(
         name.truncate(100);
         spec.name = name;
     }
-    let spec_json = serde_json::to_string(&spec).map_err(|e| ApiError::internal(e.to_string()))?;
     let seed = staged.seed_dir.to_string_lossy().into_owned();
     let row = match state
         .store
@@ -176,7 +174,7 @@ async fn fork(
             &NewJob {
                 name: spec.name.clone(),
                 priority,
-                spec_json,
+                spec,
             },
             id,
             staged.step as i64,

@@ -2,6 +2,7 @@
 
 use super::spec::parse_job_request;
 use super::{ApiError, ApiPath, ApiQuery, ApiResult, AppState};
+use crate::config::TrainSpec;
 use crate::store::{JobRow, JobStatus, NewJob};
 use crate::worker::JobEventKind;
 use axum::body::Bytes;
@@ -11,7 +12,6 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -41,7 +41,7 @@ pub struct JobView {
     pub metrics: MetricsView,
     /// The full validated TrainSpec.
     #[schema(value_type = Object)]
-    pub spec: Value,
+    pub spec: TrainSpec,
     /// A fork's parent job (`POST /api/jobs/{id}/fork`), null otherwise.
     pub parent_job_id: Option<i64>,
     /// The step of the parent checkpoint a fork started from.
@@ -117,7 +117,7 @@ impl From<JobRow> for JobView {
                 best_bleu: r.best_bleu,
                 best_bleu_step: r.best_bleu_step,
             },
-            spec: serde_json::from_str(&r.spec_json).unwrap_or(Value::Null),
+            spec: r.spec,
             parent_job_id: r.parent_job_id,
             parent_checkpoint: r.parent_checkpoint,
             recoveries: Vec::new(),
@@ -138,14 +138,12 @@ pub(super) async fn load_job(state: &AppState, id: i64) -> ApiResult<JobRow> {
 async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl IntoResponse> {
     let req = parse_job_request(&body, &state.settings)?;
     super::admission::admit(&state, &req.spec).await?;
-    let spec_json =
-        serde_json::to_string(&req.spec).map_err(|e| ApiError::internal(e.to_string()))?;
     let row = state
         .store
         .insert_job(&NewJob {
             name: req.spec.name.clone(),
             priority: req.priority,
-            spec_json,
+            spec: req.spec,
         })
         .await?;
     tracing::info!(job = row.id, name = %row.name, priority = row.priority, "job queued");

@@ -2,13 +2,17 @@
 //! and settings, and one row per arm naming the job that runs it. The experiment and its arms'
 //! jobs are inserted in one transaction, so no experiment exists with a missing arm.
 
+use super::jobs::spec_column;
 use super::{JobRow, NewJob, Store, StoreResult};
+use crate::config::TrainSpec;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ExperimentRow {
     pub id: i64,
     pub name: String,
-    pub spec_json: String,
+    /// The base spec the arms' overrides apply to, stored as JSON in `spec_json`.
+    #[sqlx(rename = "spec_json", try_from = "String")]
+    pub spec: TrainSpec,
     pub settings_json: String,
     pub created_at: String,
 }
@@ -36,7 +40,7 @@ impl Store {
     pub async fn insert_experiment(
         &self,
         name: &str,
-        spec_json: &str,
+        spec: &TrainSpec,
         settings_json: &str,
         arms: &[NewArm],
     ) -> StoreResult<(ExperimentRow, Vec<JobRow>)> {
@@ -45,7 +49,7 @@ impl Store {
             "INSERT INTO experiments (name, spec_json, settings_json) VALUES (?, ?, ?) RETURNING *",
         )
         .bind(name)
-        .bind(spec_json)
+        .bind(spec_column(spec)?)
         .bind(settings_json)
         .fetch_one(&mut *tx)
         .await?;
@@ -56,7 +60,7 @@ impl Store {
             )
             .bind(&a.job.name)
             .bind(a.job.priority)
-            .bind(&a.job.spec_json)
+            .bind(spec_column(&a.job.spec)?)
             .fetch_one(&mut *tx)
             .await?;
             sqlx::query(

@@ -2,6 +2,7 @@
 //! so two workers (or a worker and an HTTP request) can never both win the same transition.
 
 use super::{Store, StoreResult};
+use crate::config::TrainSpec;
 use serde::{Deserialize, Serialize};
 
 /// `queued → running → succeeded | failed | cancelled`, with `cancelling` between `running`
@@ -68,7 +69,10 @@ pub struct JobRow {
     pub name: String,
     pub status: String,
     pub priority: i64,
-    pub spec_json: String,
+    /// The validated spec, stored as JSON in `spec_json`; a row whose JSON does not parse is a
+    /// `StoreError::Sqlx(ColumnDecode { index: "spec_json", .. })` when it is read.
+    #[sqlx(rename = "spec_json", try_from = "String")]
+    pub spec: TrainSpec,
     pub run_dir: Option<String>,
     pub worker: Option<String>,
     pub device: Option<String>,
@@ -112,11 +116,24 @@ impl JobRow {
     }
 }
 
+/// The `spec_json` column's form of a spec: the JSON the store wrote.
+impl TryFrom<String> for TrainSpec {
+    type Error = serde_json::Error;
+    fn try_from(json: String) -> Result<Self, Self::Error> {
+        serde_json::from_str(&json)
+    }
+}
+
+/// The column form written for a spec.
+pub(super) fn spec_column(spec: &TrainSpec) -> StoreResult<String> {
+    Ok(serde_json::to_string(spec)?)
+}
+
 #[derive(Debug, Clone)]
 pub struct NewJob {
     pub name: String,
     pub priority: i64,
-    pub spec_json: String,
+    pub spec: TrainSpec,
 }
 
 /// The latest step's numbers, written to the job row once per metrics flush.
@@ -141,7 +158,7 @@ impl Store {
         )
         .bind(&job.name)
         .bind(job.priority)
-        .bind(&job.spec_json)
+        .bind(spec_column(&job.spec)?)
         .fetch_one(self.pool())
         .await?;
         Ok(row)
@@ -162,7 +179,7 @@ impl Store {
         )
         .bind(&job.name)
         .bind(job.priority)
-        .bind(&job.spec_json)
+        .bind(spec_column(&job.spec)?)
         .bind(parent_job_id)
         .bind(parent_checkpoint)
         .bind(seed_dir)
@@ -457,11 +474,50 @@ mod tests {
         s.insert_job(&NewJob {
             name: name.into(),
             priority,
-            spec_json: "{}".into(),
+            spec: TrainSpec::default(),
         })
         .await
         .unwrap()
         .id
+    }
+
+    #[tokio::test]
+    async fn a_job_reads_back_with_the_spec_it_was_inserted_with() {
+        let (_d, s) = store().await;
+        let mut spec = TrainSpec {
+            name: "typed".into(),
+            ..TrainSpec::default()
+        };
+        spec.train.precision = crate::config::Precision::Bf16;
+        spec.checkpoint.keep_last = 7;
+        let id = s
+            .insert_job(&NewJob {
+                name: spec.name.clone(),
+                priority: 0,
+                spec: spec.clone(),
+            })
+            .await
+            .unwrap()
+            .id;
+        assert_eq!(s.get_job(id).await.unwrap().unwrap().spec, spec);
+    }
+
+    #[tokio::test]
+    async fn a_stored_spec_that_does_not_parse_is_a_decode_error_naming_the_column() {
+        let (_d, s) = store().await;
+        let id = add(&s, "broken", 0).await;
+        sqlx::query("UPDATE jobs SET spec_json = '{\"train\": {\"nope\": 1}}' WHERE id = ?")
+            .bind(id)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        match s.get_job(id).await {
+            Err(crate::store::StoreError::Sqlx(sqlx::Error::ColumnDecode { index, source })) => {
+                assert_eq!(index, "spec_json");
+                assert!(source.to_string().contains("nope"), "{source}");
+            }
+            other => panic!("expected a decode error, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -191,7 +191,7 @@ mod tests {
             .insert_job(&NewJob {
                 name: "m".into(),
                 priority: 0,
-                spec_json: "{}".into(),
+                spec: crate::config::TrainSpec::default(),
             })
             .await
             .unwrap()
@@ -227,7 +227,7 @@ mod tests {
             .insert_job(&NewJob {
                 name: "m".into(),
                 priority: 0,
-                spec_json: "{}".into(),
+                spec: crate::config::TrainSpec::default(),
             })
             .await
             .unwrap()

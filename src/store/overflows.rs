@@ -410,7 +410,7 @@ mod tests {
             .insert_job(&NewJob {
                 name: "o".into(),
                 priority: 0,
-                spec_json: "{}".into(),
+                spec: crate::config::TrainSpec::default(),
             })
             .await
             .unwrap()

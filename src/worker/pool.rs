@@ -1,7 +1,6 @@
 //! Worker tasks (one per device), the trainer thread per job, and event persistence.
 
 use super::{DeviceSpec, Trainer, WorkerError};
-use crate::config::TrainSpec;
 use crate::store::checkpoints::NewCheckpoint;
 use crate::store::jobs::Progress;
 use crate::store::overflows::{OverflowEventRow, OverflowTensorRow, RecoveryRow, UnderflowRow};
@@ -413,24 +412,6 @@ impl Worker {
     async fn run_job(&self, job: JobRow) -> anyhow::Result<()> {
         let inner = &self.pool.inner;
         let id = job.id;
-        let spec: TrainSpec = match serde_json::from_str(&job.spec_json) {
-            Ok(s) => s,
-            Err(e) => {
-                let msg = format!("stored spec is invalid: {e}");
-                inner
-                    .store
-                    .finish_job(id, JobStatus::Failed, Some(&msg))
-                    .await?;
-                self.pool.publish(
-                    id,
-                    JobEventKind::Status {
-                        status: JobStatus::Failed,
-                        error: Some(msg),
-                    },
-                );
-                return Ok(());
-            }
-        };
         let run_dir = inner.runs_dir.join(id.to_string());
         std::fs::create_dir_all(&run_dir)?;
         // A fork's first run: its parent's checkpoint moves in, and the resume below starts there.
@@ -457,6 +438,7 @@ impl Worker {
             }
         }
         tracing::info!(job = id, worker = %self.name, device = %self.device_name, attempt = job.attempts, "job started");
+        let spec = job.spec;
         self.pool.publish(
             id,
             JobEventKind::Status {
