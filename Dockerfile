@@ -38,7 +38,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY .cargo .cargo
 COPY src src
-# Embedded at compile time: the status page (include_str!) and the migrations (sqlx::migrate!).
+# Embedded at compile time: the status page (build.rs lists static/, include_bytes! per file) and the migrations (sqlx::migrate!).
 COPY static static
 COPY migrations migrations
 COPY configs configs
