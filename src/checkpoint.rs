@@ -5,7 +5,8 @@
 //! Checkpoints: one safetensors file (master weights `param.<name>`, Adam moments
 //! `adam.m.<name>` / `adam.v.<name>`) plus a JSON sidecar (step, data position, optimizer step,
 //! scaler state, seed, the full spec, the file's sha256). Both are written atomically (temp file,
-//! fsync, rename). Loading verifies the checksum; retention keeps the last N plus the best.
+//! fsync, rename). Loading verifies the checksum. `best_step` is the one rule for "best"; the
+//! retention strategy built on it is `train::KeepLastPlusBest`.
 
 use crate::amp::ScalerState;
 use crate::config::TrainSpec;
@@ -154,20 +155,12 @@ pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
         .map_err(|e| format!("load {}: {e}", path.display()))
 }
 
-/// Keep the last `keep_last` checkpoints plus the one with the best validation BLEU; delete the
-/// rest (file and sidecar). Returns the removed safetensors paths.
-pub fn retain(dir: &Path, keep_last: usize) -> Vec<PathBuf> {
-    let all = list(dir);
-    let best_step = all
-        .iter()
-        .filter_map(|(m, _)| m.val_bleu.map(|b| (b, m.step)))
-        .max_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
-        .map(|(_, s)| s);
-    let n = all.len();
+/// Delete the checkpoints at `steps` in `dir` (file and sidecar). Returns the removed
+/// safetensors paths.
+pub fn remove_steps(dir: &Path, steps: &[u64]) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    for (i, (m, p)) in all.into_iter().enumerate() {
-        let recent = i + keep_last >= n;
-        if recent || Some(m.step) == best_step {
+    for (m, p) in list(dir) {
+        if !steps.contains(&m.step) {
             continue;
         }
         let _ = fs::remove_file(sidecar_path(&p));
@@ -181,15 +174,19 @@ pub fn retain(dir: &Path, keep_last: usize) -> Vec<PathBuf> {
     removed
 }
 
-/// Step of the best checkpoint (by validation BLEU), if any has one.
-pub fn best(dir: &Path) -> Option<(CheckpointMeta, PathBuf)> {
-    list(dir)
+/// Which of `checkpoints` (step, validation BLEU) is the best: the highest BLEU, the later step
+/// among equals; None when none was validated. The one rule retention and export share.
+pub fn best_step(checkpoints: impl IntoIterator<Item = (u64, Option<f64>)>) -> Option<u64> {
+    checkpoints
         .into_iter()
-        .filter(|(m, _)| m.val_bleu.is_some())
-        .max_by(|a, b| {
-            a.0.val_bleu
-                .unwrap()
-                .total_cmp(&b.0.val_bleu.unwrap())
-                .then(a.0.step.cmp(&b.0.step))
-        })
+        .filter_map(|(step, bleu)| bleu.map(|b| (b, step)))
+        .max_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
+        .map(|(_, step)| step)
+}
+
+/// The best checkpoint (by validation BLEU, see [`best_step`]), if any was validated.
+pub fn best(dir: &Path) -> Option<(CheckpointMeta, PathBuf)> {
+    let all = list(dir);
+    let step = best_step(all.iter().map(|(m, _)| (m.step, m.val_bleu)))?;
+    all.into_iter().find(|(m, _)| m.step == step)
 }

@@ -84,7 +84,7 @@ fn fail_keeps_failing_the_run_when_the_scale_collapses() {
     let dir = tempfile::tempdir().unwrap();
     let (r, events) = run(&spec(OnScaleCollapse::Fail, 1000), dir.path());
     match r {
-        Err(TrainError::Scaler(m)) => assert!(m.contains("min_scale"), "{m}"),
+        Err(TrainError::Scaler(e)) => assert!(e.to_string().contains("min_scale"), "{e}"),
         other => panic!("expected a scaler failure, got {other:?}"),
     }
     assert!(recoveries(&events).is_empty());
@@ -202,7 +202,9 @@ fn rollback_gives_up_after_max_rollbacks() {
     spec.amp.max_rollbacks = 2;
     let (r, events) = run(&spec, dir.path());
     match r {
-        Err(TrainError::Scaler(m)) => assert!(m.contains("amp.max_rollbacks"), "{m}"),
+        Err(e @ TrainError::RollbacksExhausted { .. }) => {
+            assert!(e.to_string().contains("amp.max_rollbacks"), "{e}")
+        }
         other => panic!("expected a scaler failure, got {other:?}"),
     }
     let lrs: Vec<f64> = recoveries(&events).iter().map(|r| r.lr).collect();

@@ -49,9 +49,24 @@ pub struct ScalerState {
     pub steps: u64,
 }
 
+/// The scaler gave up: `steps` overflowing steps in a row with nothing left to back off to.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{0}")]
-pub struct ScalerError(pub String);
+pub enum ScalerError {
+    /// The scale sat at `amp.min_scale` and the gradients kept overflowing.
+    #[error(
+        "training diverged: the loss scale reached amp.min_scale ({min_scale}) and gradients \
+         still overflowed for {steps} consecutive steps. Try a lower train.lr, gradient clipping \
+         (train.clip_grad_norm = 1.0), precision \"bf16\" or \"fp32\", or a lower amp.min_scale"
+    )]
+    AtMinScale { min_scale: f64, steps: u64 },
+    /// Loss scaling is off and the gradients kept being non-finite.
+    #[error(
+        "training diverged: gradients were not finite (loss scaling is disabled) for {steps} \
+         consecutive steps. Try a lower train.lr, gradient clipping (train.clip_grad_norm = 1.0), \
+         precision \"bf16\" or \"fp32\", or a lower amp.min_scale"
+    )]
+    NotFinite { steps: u64 },
+}
 
 /// What `update` decided for one step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -156,20 +171,15 @@ impl GradScaler {
                 }
             }
             if at_floor && self.st.consecutive_skips >= self.cfg.max_consecutive_skips {
-                let what = if self.cfg.enabled {
-                    format!(
-                        "the loss scale reached amp.min_scale ({}) and gradients still overflowed",
-                        self.cfg.min_scale
-                    )
+                let steps = self.st.consecutive_skips;
+                return Err(if self.cfg.enabled {
+                    ScalerError::AtMinScale {
+                        min_scale: self.cfg.min_scale,
+                        steps,
+                    }
                 } else {
-                    "gradients were not finite (loss scaling is disabled)".to_string()
-                };
-                return Err(ScalerError(format!(
-                    "training diverged: {what} for {} consecutive steps. Try a lower train.lr, \
-                     gradient clipping (train.clip_grad_norm = 1.0), precision \"bf16\" or \"fp32\", \
-                     or a lower amp.min_scale",
-                    self.st.consecutive_skips
-                )));
+                    ScalerError::NotFinite { steps }
+                });
             }
         } else {
             self.st.consecutive_skips = 0;
@@ -271,9 +281,17 @@ mod tests {
         s.update(true).unwrap(); // 2nd
         assert_eq!(s.scale(), 1.0, "never below min_scale");
         let err = s.update(true).unwrap_err();
+        assert_eq!(
+            err,
+            ScalerError::AtMinScale {
+                min_scale: 1.0,
+                steps: 3
+            }
+        );
+        let msg = err.to_string();
         assert!(
-            err.0.contains("min_scale") && err.0.contains("clip_grad_norm"),
-            "{err}"
+            msg.contains("min_scale") && msg.contains("clip_grad_norm"),
+            "{msg}"
         );
     }
 

@@ -1,5 +1,6 @@
 //! The one error type of the HTTP layer: `{"error": {"code", "message", "field"?}}`.
 
+use crate::infer::{InferError, SubmitError};
 use crate::store::StoreError;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -168,6 +169,51 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!("store error: {e}");
         ApiError::internal("database error")
+    }
+}
+
+/// The batcher refused a request: a full queue is 429, a stopped batcher 503, both with
+/// `Retry-After: 1`.
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull(_) => ApiError::too_many_requests(e.to_string(), 1),
+            SubmitError::Closed => {
+                let mut err =
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", e.to_string());
+                err.retry_after = Some(1);
+                err
+            }
+        }
+    }
+}
+
+/// A decode that failed: a request given up before it was decoded is a 408; anything else is
+/// the server's fault.
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        match e {
+            InferError::Cancelled => ApiError::from_status(StatusCode::REQUEST_TIMEOUT),
+            e => ApiError::internal(e.to_string()),
+        }
+    }
+}
+
+/// Loading model `.0` for translation failed with `.1`.
+pub struct ModelLoadFailure(pub i64, pub InferError);
+
+impl From<ModelLoadFailure> for ApiError {
+    fn from(ModelLoadFailure(id, e): ModelLoadFailure) -> Self {
+        match e {
+            InferError::Deleted(id) => {
+                ApiError::not_found(format!("model {id} was deleted")).with_field("model")
+            }
+            InferError::NotFound(msg) | InferError::Invalid(msg) => {
+                tracing::error!(model = id, "cannot load model: {msg}");
+                ApiError::internal(format!("model {id} cannot be loaded: {msg}"))
+            }
+            other => ApiError::internal(format!("model {id} cannot be loaded: {other}")),
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use super::models::load_model;
 use super::spec::{confine, serde_field_error};
 use super::{ApiError, ApiPath, ApiResult, AppState};
+use crate::store::evaluations::NewEvaluation;
 use crate::store::EvaluationRow;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -162,12 +163,14 @@ async fn evaluate(
         .store
         .insert_evaluation(
             id,
-            &tsv.display().to_string(),
-            report.sentences as i64,
-            report.beam_size as i64,
-            report.bleu,
-            report.chrf,
-            &json,
+            &NewEvaluation {
+                corpus: &tsv.display().to_string(),
+                sentences: report.sentences as i64,
+                beam_size: report.beam_size as i64,
+                bleu: report.bleu,
+                chrf: report.chrf,
+                report_json: &json,
+            },
         )
         .await?;
     Ok((

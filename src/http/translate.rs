@@ -2,12 +2,12 @@
 //! batcher (loading the model on first use), await the answer. A full queue is a 429 with
 //! `Retry-After`, never an unbounded wait.
 
+use super::error::ModelLoadFailure;
 use super::models::load_model;
 use super::spec::serde_field_error;
 use super::{ApiError, ApiQuery, ApiResult, AppState};
 use crate::infer::{
     kind_of_manifest, sentence_cost, Answer, Batcher, DecodeOptions, InferError, Job, Sampling,
-    SubmitError,
 };
 use crate::store::ModelRow;
 use axum::body::Bytes;
@@ -303,16 +303,7 @@ async fn batcher_for(state: &AppState, m: &ModelRow) -> ApiResult<Arc<Batcher>> 
     tokio::task::spawn_blocking(move || cache.get_or_load(id, &dir))
         .await
         .map_err(|e| ApiError::internal(format!("model loading task failed: {e}")))?
-        .map_err(|e| match e {
-            InferError::Deleted(id) => {
-                ApiError::not_found(format!("model {id} was deleted")).with_field("model")
-            }
-            InferError::NotFound(msg) | InferError::Invalid(msg) => {
-                tracing::error!(model = id, "cannot load model: {msg}");
-                ApiError::internal(format!("model {id} cannot be loaded: {msg}"))
-            }
-            other => ApiError::internal(format!("model {id} cannot be loaded: {other}")),
-        })
+        .map_err(|e| ApiError::from(ModelLoadFailure(id, e)))
 }
 
 async fn translate(state: AppState, c: TranslateRequest) -> ApiResult<Json<TranslateResponse>> {
@@ -372,36 +363,19 @@ async fn translate(state: AppState, c: TranslateRequest) -> ApiResult<Json<Trans
     let beam_size = c.opts.beam_size;
     let alpha = c.opts.alpha;
     let sampling = c.sampling;
-    batcher
-        .submit(Job {
-            words,
-            opts: c.opts,
-            sampling,
-            max_len: c.max_len,
-            cancelled,
-            reply: Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        })
-        .map_err(|e| match e {
-            SubmitError::QueueFull(_) => ApiError::too_many_requests(e.to_string(), 1),
-            SubmitError::Closed => {
-                let mut err = ApiError::new(
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    "not_ready",
-                    e.to_string(),
-                );
-                err.retry_after = Some(1);
-                err
-            }
-        })?;
+    batcher.submit(Job {
+        words,
+        opts: c.opts,
+        sampling,
+        max_len: c.max_len,
+        cancelled,
+        reply: Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    })?;
     let answer = rx
         .await
-        .map_err(|_| ApiError::internal("the batcher dropped the request"))?
-        .map_err(|e| match e {
-            InferError::Cancelled => ApiError::from_status(axum::http::StatusCode::REQUEST_TIMEOUT),
-            e => ApiError::internal(e.to_string()),
-        })?;
+        .map_err(|_| ApiError::internal("the batcher dropped the request"))??;
     Ok(Json(TranslateResponse {
         model: m.id,
         model_name: m.name,

@@ -18,29 +18,34 @@ pub struct EvaluationRow {
     pub created_at: String,
 }
 
+/// One test-set score to record for a model.
+#[derive(Debug, Clone)]
+pub struct NewEvaluation<'a> {
+    pub corpus: &'a str,
+    pub sentences: i64,
+    pub beam_size: i64,
+    pub bleu: f64,
+    pub chrf: f64,
+    pub report_json: &'a str,
+}
+
 impl Store {
-    #[allow(clippy::too_many_arguments)]
     pub async fn insert_evaluation(
         &self,
         model_id: i64,
-        corpus: &str,
-        sentences: i64,
-        beam_size: i64,
-        bleu: f64,
-        chrf: f64,
-        report_json: &str,
+        e: &NewEvaluation<'_>,
     ) -> StoreResult<EvaluationRow> {
         Ok(sqlx::query_as::<_, EvaluationRow>(
             "INSERT INTO model_evaluations (model_id, corpus, sentences, beam_size, bleu, chrf, report_json)
              VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(model_id)
-        .bind(corpus)
-        .bind(sentences)
-        .bind(beam_size)
-        .bind(bleu)
-        .bind(chrf)
-        .bind(report_json)
+        .bind(e.corpus)
+        .bind(e.sentences)
+        .bind(e.beam_size)
+        .bind(e.bleu)
+        .bind(e.chrf)
+        .bind(e.report_json)
         .fetch_one(self.pool())
         .await?)
     }

@@ -1,18 +1,30 @@
 //! The synchronous training loop: data, model under autocast, loss scaling, optimizer,
 //! validation and checkpoints. Free of tokio/sqlx/axum so the CLI and the server's workers both
-//! drive it.
+//! drive it. `learner.rs` holds the loop (a `Learner` owning its parts), `stepper.rs` the one
+//! mixed-precision step, `checkpointer.rs` checkpoints and their retention, `recovery.rs` the
+//! scale-collapse healing, `corpus.rs` corpus preparation, `validation.rs` evaluation,
+//! `logs.rs` the JSONL logs, `state.rs` the run state.
 
+mod checkpointer;
+mod corpus;
 pub mod early_stop;
 pub mod events;
+mod learner;
+mod logs;
 pub mod overflow;
-mod runner;
+mod recovery;
+mod state;
+mod stepper;
 pub mod tensorboard;
+mod validation;
 
+pub use checkpointer::KeepLastPlusBest;
+pub use corpus::{prepare, validation_sample, Prepared};
 pub use events::*;
+pub use learner::run;
 pub use overflow::{OverflowRecord, TensorOverflow, UnderflowRecord};
-pub use runner::{
-    evaluate, prepare, run, validation_sample, Evaluation, Prepared, StepOut, Stepper,
-};
+pub use stepper::{StepOut, Stepper};
+pub use validation::{evaluate, Evaluation};
 
 use crate::config::SpecError;
 use std::path::PathBuf;
@@ -66,8 +78,17 @@ pub enum TrainError {
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     /// The loss scaler gave up (overflow at min_scale for too many steps).
-    #[error("{0}")]
-    Scaler(String),
+    #[error(transparent)]
+    Scaler(#[from] crate::amp::ScalerError),
+    /// `amp.on_scale_collapse = "rollback"` ran out of `amp.max_rollbacks`.
+    #[error(
+        "{verdict} (after {rollbacks} rollbacks with the learning rate halved each time, \
+         amp.max_rollbacks)"
+    )]
+    RollbacksExhausted {
+        verdict: crate::amp::ScalerError,
+        rollbacks: u64,
+    },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
     /// The training process died (signal, abort, non-zero exit) or broke its protocol.

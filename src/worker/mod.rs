@@ -3,13 +3,18 @@
 //! inserts), honours cancellation, and re-queues interrupted jobs at start. The server's trainer
 //! is [`ProcessTrainer`]: each job in its own process, so a crash fails the job, not the server.
 
+mod claim;
+mod events;
 pub mod fork;
+mod job;
+mod persist;
 mod pool;
 pub mod process;
 mod publish;
 
+pub use events::{JobEvent, JobEventKind};
 pub use fork::{ForkFailure, StagedFork};
-pub use pool::{JobEvent, JobEventKind, LiveJob, PoolConfig, PoolHandle, WriteStats};
+pub use pool::{LiveJob, PoolConfig, PoolHandle, WriteStats};
 pub use process::ProcessTrainer;
 pub use publish::{model_row, ExportFailure};
 

@@ -316,7 +316,7 @@ pub fn child_main() -> anyhow::Result<()> {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(p) => Err(format!(
                 "trainer panicked: {}",
-                super::pool::panic_message(&*p)
+                super::job::panic_message(&*p)
             )),
         }
     })();

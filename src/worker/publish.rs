@@ -116,3 +116,33 @@ impl PoolHandle {
         }
     }
 }
+
+impl PoolHandle {
+    /// Export a succeeded job's best checkpoint for translation. A job without checkpoints (or
+    /// a failed export) stays succeeded; the reason is logged.
+    pub(super) async fn auto_export(&self, id: i64) {
+        let job = match self.inner.store.get_job(id).await {
+            Ok(Some(j)) => j,
+            _ => return,
+        };
+        match self
+            .export_job(&job, crate::infer::CheckpointChoice::Best, None)
+            .await
+        {
+            Ok(m) => {
+                tracing::info!(job = id, model = m.id, path = %m.path, "exported for translation");
+                self.publish(
+                    id,
+                    super::JobEventKind::Model {
+                        model_id: m.id,
+                        name: m.name,
+                    },
+                );
+            }
+            Err(ExportFailure::NotFound(why)) => {
+                tracing::info!(job = id, "not exported: {why}")
+            }
+            Err(e) => tracing::warn!(job = id, "export failed: {e}"),
+        }
+    }
+}

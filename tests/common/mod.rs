@@ -6,8 +6,8 @@
 use ampserve::app::{build_app_with, App, ServeArgs};
 use ampserve::config::TrainSpec;
 use ampserve::train::{
-    CheckpointRecord, RunOptions, Sample, StartInfo, StepRecord, Summary, TrainError, TrainEvent,
-    ValidationRecord,
+    CheckpointRecord, KeepLastPlusBest, RunOptions, Sample, StartInfo, StepRecord, Summary,
+    TrainError, TrainEvent, ValidationRecord,
 };
 use ampserve::worker::{PoolConfig, Trainer};
 use reqwest::StatusCode;
@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Behaves like `train::run` without the math: `max_steps` steps (50 when 0), a validation
-/// every `valid_every`, a checkpoint every `checkpoint.every_steps` and at the end, retention
-/// keeping `keep_last` plus the best by BLEU, resume from the latest checkpoint whose sha256
+/// every `valid_every`, a checkpoint every `checkpoint.every_steps` and at the end, the real
+/// retention (`train::KeepLastPlusBest`), resume from the latest checkpoint whose sha256
 /// matches its sidecar. Step 17, 34, ... overflow (skipped, loss scale halves).
 ///
 /// `hold`: while set, the fake waits before any step after `hold_after` (still honouring
@@ -149,7 +149,8 @@ impl Trainer for FakeTrainer {
         // (step, path, bleu) of checkpoints on disk, for retention.
         let mut kept: Vec<(u64, PathBuf, Option<f64>)> =
             existing.into_iter().filter(|c| c.0 <= start).collect();
-        let mut last_bleu: Option<f64> = None;
+        // (step, BLEU) of the latest validation
+        let mut last_bleu: Option<(u64, f64)> = None;
         let mut scale = 65536.0;
         let mut skipped = 0;
         let write_ckpt = |step: u64,
@@ -175,18 +176,16 @@ impl Trainer for FakeTrainer {
             )?;
             kept.retain(|c| c.0 != step);
             kept.push((step, path.clone(), bleu));
-            let best = kept
-                .iter()
-                .filter(|c| c.2.is_some())
-                .max_by(|a, b| a.2.partial_cmp(&b.2).unwrap().then(b.0.cmp(&a.0)))
-                .map(|c| c.0);
-            let keep_last = spec.checkpoint.keep_last;
+            // the real trainer's retention strategy
+            let retention = KeepLastPlusBest {
+                keep_last: spec.checkpoint.keep_last,
+            };
+            let on_disk: Vec<(u64, Option<f64>)> = kept.iter().map(|c| (c.0, c.2)).collect();
+            let best = retention.best(&on_disk);
+            let gone = retention.to_remove(&on_disk);
             let mut removed = Vec::new();
-            let mut steps: Vec<u64> = kept.iter().map(|c| c.0).collect();
-            steps.sort();
-            let recent: Vec<u64> = steps.iter().rev().take(keep_last).copied().collect();
             kept.retain(|c| {
-                let keep = recent.contains(&c.0) || Some(c.0) == best;
+                let keep = !gone.contains(&c.0);
                 if !keep {
                     let _ = std::fs::remove_file(&c.1);
                     let _ = std::fs::remove_file(c.1.with_extension("json"));
@@ -212,7 +211,7 @@ impl Trainer for FakeTrainer {
             loop {
                 if cancel.load(Ordering::SeqCst) {
                     if done > 0 && !kept.iter().any(|c| c.0 == done) {
-                        write_ckpt(done, last_bleu, &mut kept, sink)?;
+                        write_ckpt(done, bleu_at(last_bleu, done), &mut kept, sink)?;
                     }
                     let s = summary(opts, done, skipped, scale, t0, true);
                     sink(TrainEvent::Finished(s.clone()));
@@ -265,7 +264,7 @@ impl Trainer for FakeTrainer {
                 } else {
                     (total - step) as f64 / 4.0
                 };
-                last_bleu = Some(bleu);
+                last_bleu = Some((step, bleu));
                 sink(TrainEvent::Validation(ValidationRecord {
                     step,
                     epoch: 1,
@@ -284,13 +283,19 @@ impl Trainer for FakeTrainer {
             }
             let every = spec.checkpoint.every_steps as u64;
             if (every > 0 && step % every == 0) || step == total {
-                write_ckpt(step, last_bleu, &mut kept, sink)?;
+                write_ckpt(step, bleu_at(last_bleu, step), &mut kept, sink)?;
             }
         }
         let s = summary(opts, done, skipped, scale, t0, false);
         sink(TrainEvent::Finished(s.clone()));
         Ok(s)
     }
+}
+
+/// A checkpoint's validation BLEU, as the real trainer records it: only when it validated at
+/// that step.
+fn bleu_at(last: Option<(u64, f64)>, step: u64) -> Option<f64> {
+    last.filter(|(s, _)| *s == step).map(|(_, b)| b)
 }
 
 fn summary(

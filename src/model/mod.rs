@@ -11,14 +11,22 @@
 //! Mixed precision: linears and attention matmuls go through `Autocast` (compute dtype); the
 //! embeddings, layer norms, softmax, the residual stream and the loss are f32.
 
-use crate::amp::Autocast;
+mod ctx;
+mod layers;
+mod masks;
+mod params;
+
+pub use ctx::Ctx;
+pub use layers::{DecoderCache, KvCache};
+pub use masks::{src_mask, tgt_mask};
+pub use params::Params;
+
 use crate::data::PAD_ID;
 use crate::ops;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use layers::{residual, Attention, DecoderLayer, EncoderLayer, FeedForward, LayerNorm};
+use masks::sinusoidal;
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
 
 /// The one weight of a model with tied embeddings: (vocab, d_model).
 pub const SHARED_EMBED: &str = "shared_embed.weight";
@@ -69,320 +77,6 @@ impl Config {
     }
 }
 
-/// Named f32 master weights, created with a seeded RNG (candle's CPU RNG cannot be seeded).
-pub struct Params {
-    pub vars: Vec<(String, Var)>,
-    rng: StdRng,
-    device: Device,
-}
-
-impl Params {
-    pub fn new(seed: u64, device: &Device) -> Self {
-        Self {
-            vars: Vec::new(),
-            rng: StdRng::seed_from_u64(seed),
-            device: device.clone(),
-        }
-    }
-
-    fn add(&mut self, name: String, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
-        let t = Tensor::from_vec(data, shape, &self.device)?;
-        let v = Var::from_tensor(&t)?;
-        let t = v.as_tensor().clone();
-        self.vars.push((name, v));
-        Ok(t)
-    }
-
-    /// xavier_uniform_: U(-a, a), a = sqrt(6 / (fan_in + fan_out)).
-    fn xavier(&mut self, name: String, rows: usize, cols: usize) -> Result<Tensor> {
-        let a = (6.0 / (rows + cols) as f64).sqrt();
-        let data = (0..rows * cols)
-            .map(|_| self.rng.gen_range(-a..a) as f32)
-            .collect();
-        self.add(name, data, &[rows, cols])
-    }
-
-    /// nn.Linear's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    fn bias(&mut self, name: String, n: usize, fan_in: usize) -> Result<Tensor> {
-        let a = 1.0 / (fan_in as f64).sqrt();
-        let data = (0..n).map(|_| self.rng.gen_range(-a..a) as f32).collect();
-        self.add(name, data, &[n])
-    }
-
-    fn constant(&mut self, name: String, n: usize, v: f32) -> Result<Tensor> {
-        self.add(name, vec![v; n], &[n])
-    }
-
-    pub fn count(&self) -> usize {
-        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
-    }
-}
-
-struct LayerNorm {
-    alpha: Tensor,
-    beta: Tensor,
-    eps: f64,
-    tutorial: bool,
-}
-
-impl LayerNorm {
-    fn new(p: &mut Params, name: &str, d: usize, cfg: &Config) -> Result<Self> {
-        Ok(Self {
-            alpha: p.constant(format!("{name}.alpha"), d, 1.0)?,
-            beta: p.constant(format!("{name}.bias"), d, 0.0)?,
-            eps: cfg.norm_eps,
-            tutorial: cfg.tutorial_layer_norm,
-        })
-    }
-
-    /// f32 in, f32 out (the next linear casts once).
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(
-            x,
-            &self.alpha,
-            &self.beta,
-            self.eps,
-            self.tutorial,
-            DType::F32,
-        )
-    }
-}
-
-/// Per-forward state: autocast, train/eval, and the dropout RNG.
-pub struct Ctx<'a> {
-    pub ac: &'a Autocast,
-    pub train: bool,
-    pub dropout: f64,
-    rng: RefCell<StdRng>,
-    /// Whether a GPU's generator was seeded from `rng` in this forward pass (once per pass).
-    device_seeded: std::cell::Cell<bool>,
-    /// `amp.trace_overflow`: Some once tracing is on; holds the first activation (name, largest
-    /// magnitude) that left the f16 range in this forward pass.
-    trace: Option<RefCell<Option<(String, f64)>>>,
-}
-
-impl<'a> Ctx<'a> {
-    pub fn new(ac: &'a Autocast, train: bool, dropout: f64, rng: StdRng) -> Self {
-        Self {
-            ac,
-            train,
-            dropout,
-            rng: RefCell::new(rng),
-            device_seeded: std::cell::Cell::new(false),
-            trace: None,
-        }
-    }
-
-    /// Watch the forward activations for the first one beyond the f16 range (see
-    /// [`Self::first_overflow`]).
-    pub fn with_overflow_trace(mut self) -> Self {
-        self.trace = Some(RefCell::new(None));
-        self
-    }
-
-    /// The first watched activation (in forward order) whose largest magnitude exceeded f16's
-    /// 65504 or was not finite, with that magnitude (inf/NaN as infinity).
-    pub fn first_overflow(&self) -> Option<(String, f64)> {
-        self.trace.as_ref().and_then(|t| t.borrow().clone())
-    }
-
-    /// Two reductions (max and sum) on `x` while tracing and nothing has overflowed yet; a no-op otherwise.
-    fn watch(&self, name: impl FnOnce() -> String, x: &Tensor) -> Result<()> {
-        let Some(t) = &self.trace else {
-            return Ok(());
-        };
-        if t.borrow().is_some() {
-            return Ok(());
-        }
-        // max ignores NaN, so the sum says whether anything was not finite
-        let a = x.abs()?.to_dtype(candle_core::DType::F32)?.flatten_all()?;
-        let m = a.max(0)?.to_scalar::<f32>()? as f64;
-        let sum = a.sum_all()?.to_scalar::<f32>()? as f64;
-        if !sum.is_finite() || m > 65504.0 {
-            let m = if sum.is_finite() { m } else { f64::INFINITY };
-            *t.borrow_mut() = Some((name(), m));
-        }
-        Ok(())
-    }
-
-    pub fn eval(ac: &'a Autocast) -> Self {
-        Self::new(ac, false, 0.0, StdRng::seed_from_u64(0))
-    }
-
-    /// A dropout mask for `n` elements, or `None` outside training or with p = 0.
-    fn mask(&self, n: usize) -> Option<ops::DropMask> {
-        (self.train && self.dropout > 0.0)
-            .then(|| ops::DropMask::sample(n, self.dropout, &mut self.rng.borrow_mut()))
-    }
-
-    fn drop(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.device().is_cpu() {
-            // on a GPU the mask is drawn on the device (seeded once per forward pass)
-            if !(self.train && self.dropout > 0.0) {
-                return Ok(x.clone());
-            }
-            let mut rng = self.rng.borrow_mut();
-            if !self.device_seeded.get() {
-                ops::seed_device(x.device(), &mut rng)?;
-                self.device_seeded.set(true);
-            }
-            return ops::dropout(x, self.dropout, &mut rng);
-        }
-        match self.mask(x.elem_count()) {
-            Some(m) => ops::dropout_with(x, &m),
-            None => Ok(x.clone()),
-        }
-    }
-}
-
-struct Attention {
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    wo: Tensor,
-    heads: usize,
-    d_k: usize,
-}
-
-/// Cached keys and values of one attention layer: (batch, heads, len, d_k).
-#[derive(Clone)]
-pub struct KvCache {
-    pub k: Tensor,
-    pub v: Tensor,
-}
-
-impl Attention {
-    fn new(p: &mut Params, name: &str, cfg: &Config) -> Result<Self> {
-        let d = cfg.d_model;
-        Ok(Self {
-            wq: p.xavier(format!("{name}.w_q"), d, d)?,
-            wk: p.xavier(format!("{name}.w_k"), d, d)?,
-            wv: p.xavier(format!("{name}.w_v"), d, d)?,
-            wo: p.xavier(format!("{name}.w_o"), d, d)?,
-            heads: cfg.heads,
-            d_k: d / cfg.heads,
-        })
-    }
-
-    /// (b, t, d) -> (b, h, t, d_k)
-    fn split(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        x.reshape((b, t, self.heads, self.d_k))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
-    fn project_kv(&self, ctx: &Ctx, kv: &Tensor) -> Result<KvCache> {
-        Ok(KvCache {
-            k: self.split(&ctx.ac.linear(kv, &self.wk, None)?)?,
-            v: self.split(&ctx.ac.linear(kv, &self.wv, None)?)?,
-        })
-    }
-
-    /// q_in: (b, tq, d) f32; keys/values from `kv`; mask additive f32 (b, 1, 1|tq, tk).
-    /// Returns (b, tq, d) in the compute dtype.
-    fn forward_kv(&self, ctx: &Ctx, q_in: &Tensor, kv: &KvCache, mask: &Tensor) -> Result<Tensor> {
-        let (b, tq, _) = q_in.dims3()?;
-        let q = self.split(&ctx.ac.linear(q_in, &self.wq, None)?)?;
-        // (b, h, tq, tk) in the compute dtype
-        let scores = ctx.ac.matmul(&q, &kv.k.t()?)?;
-        let probs = ops::masked_softmax(
-            &scores,
-            mask,
-            1.0 / (self.d_k as f64).sqrt(),
-            ctx.ac.compute_dtype(),
-        )?;
-        let probs = ctx.drop(&probs)?;
-        // (b, h, tq, d_k)
-        let out = ctx.ac.matmul(&probs, &kv.v)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, tq, self.heads * self.d_k))?;
-        ctx.ac.linear(&out, &self.wo, None)
-    }
-
-    fn forward(&self, ctx: &Ctx, q_in: &Tensor, kv_in: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let kv = self.project_kv(ctx, kv_in)?;
-        self.forward_kv(ctx, q_in, &kv, mask)
-    }
-}
-
-struct FeedForward {
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-}
-
-impl FeedForward {
-    fn new(p: &mut Params, name: &str, cfg: &Config) -> Result<Self> {
-        let (d, f) = (cfg.d_model, cfg.d_ff);
-        Ok(Self {
-            w1: p.xavier(format!("{name}.linear_1.weight"), f, d)?,
-            b1: p.bias(format!("{name}.linear_1.bias"), f, d)?,
-            w2: p.xavier(format!("{name}.linear_2.weight"), d, f)?,
-            b2: p.bias(format!("{name}.linear_2.bias"), d, f)?,
-        })
-    }
-
-    fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        // dropout(relu(x @ w1.T + b1)) as one fused epilogue after the matmul
-        let n = x.elem_count() / x.dim(D::Minus1)? * self.w1.dim(0)?;
-        let m = ctx.mask(n);
-        let h = ctx
-            .ac
-            .linear_act(x, &self.w1, Some(&self.b1), true, m.as_ref())?;
-        ctx.ac.linear(&h, &self.w2, Some(&self.b2))
-    }
-}
-
-/// `x + dropout(sublayer_out)` with the residual stream kept in f32 (one fused op).
-fn residual(ctx: &Ctx, x: &Tensor, sub: &Tensor) -> Result<Tensor> {
-    ops::residual_dropout(x, sub, ctx.mask(sub.elem_count()).as_ref())
-}
-
-struct EncoderLayer {
-    norm1: LayerNorm,
-    attn: Attention,
-    norm2: LayerNorm,
-    ffn: FeedForward,
-}
-
-struct DecoderLayer {
-    norm1: LayerNorm,
-    self_attn: Attention,
-    norm2: LayerNorm,
-    cross_attn: Attention,
-    norm3: LayerNorm,
-    ffn: FeedForward,
-}
-
-/// Per-layer decoder caches for incremental decoding.
-pub struct DecoderCache {
-    /// Self-attention keys/values of the tokens decoded so far, per layer.
-    pub self_kv: Vec<Option<KvCache>>,
-    /// Cross-attention keys/values of the encoder output, per layer (computed once).
-    pub cross_kv: Vec<KvCache>,
-    pub len: usize,
-}
-
-impl DecoderCache {
-    /// Keep and reorder rows (batch entries) of every cached tensor: row `i` of the result is
-    /// row `idx[i]` of the cache. Beam search reorders hypotheses with it; batched decoding
-    /// drops finished sentences with it.
-    pub fn select(&mut self, idx: &Tensor) -> Result<()> {
-        for kv in self.self_kv.iter_mut().flatten() {
-            kv.k = kv.k.index_select(idx, 0)?;
-            kv.v = kv.v.index_select(idx, 0)?;
-        }
-        for kv in &mut self.cross_kv {
-            kv.k = kv.k.index_select(idx, 0)?;
-            kv.v = kv.v.index_select(idx, 0)?;
-        }
-        Ok(())
-    }
-}
-
 pub struct Transformer {
     pub cfg: Config,
     src_emb: Tensor,
@@ -395,39 +89,6 @@ pub struct Transformer {
     proj_w: Tensor,
     proj_b: Tensor,
     pub params: Vec<(String, Var)>,
-}
-
-fn sinusoidal(n: usize, d: usize, device: &Device) -> Result<Tensor> {
-    let mut data = vec![0f32; n * d];
-    for pos in 0..n {
-        for i in (0..d).step_by(2) {
-            let div = (-(i as f64) * (10000f64.ln() / d as f64)).exp();
-            data[pos * d + i] = (pos as f64 * div).sin() as f32;
-            if i + 1 < d {
-                data[pos * d + i + 1] = (pos as f64 * div).cos() as f32;
-            }
-        }
-    }
-    Tensor::from_vec(data, (n, d), device)
-}
-
-/// Additive f32 source mask (b, 1, 1, s): 0 for tokens, MASK_FILL for PAD.
-pub fn src_mask(src: &Tensor) -> Result<Tensor> {
-    let (b, s) = src.dims2()?;
-    let pad = src.eq(PAD_ID)?.to_dtype(DType::F32)?;
-    (pad * MASK_FILL as f64)?.reshape((b, 1, 1, s))
-}
-
-/// Additive f32 decoder self-attention mask (b, 1, t, t): causal and no PAD keys.
-pub fn tgt_mask(tgt: &Tensor) -> Result<Tensor> {
-    let (b, t) = tgt.dims2()?;
-    let causal: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { MASK_FILL } else { 0.0 }))
-        .collect();
-    let causal = Tensor::from_vec(causal, (1, 1, t, t), tgt.device())?;
-    let pad = (tgt.eq(PAD_ID)?.to_dtype(DType::F32)? * MASK_FILL as f64)?.reshape((b, 1, 1, t))?;
-    // MASK_FILL + MASK_FILL stays finite in f32 and is still "masked".
-    causal.broadcast_add(&pad)
 }
 
 impl Transformer {
@@ -684,6 +345,7 @@ impl Transformer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::amp::Autocast;
     use crate::config::Precision;
 
     fn tiny() -> Config {

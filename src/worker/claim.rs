@@ -1,0 +1,56 @@
+//! The claim loop: one per device. It waits for queued work (a wake-up from a route that queued
+//! a job, or the fallback poll), claims the next job in the single call to
+//! `store.claim_next_job` below, and runs it (`job.rs`) to its end before claiming again.
+
+use super::pool::PoolHandle;
+use crate::store::JobStatus;
+use std::sync::atomic::Ordering;
+
+pub(super) struct Worker {
+    pub(super) name: String,
+    pub(super) device_name: String,
+    pub(super) device: candle_core::Device,
+    pub(super) pool: PoolHandle,
+}
+
+impl Worker {
+    pub(super) async fn run(self) {
+        let inner = &self.pool.inner;
+        loop {
+            // Register for wake-ups before looking, so a job queued in between is not missed.
+            let wake = inner.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if inner.shutting_down.load(Ordering::SeqCst) {
+                break;
+            }
+            match inner
+                .store
+                .claim_next_job(&self.name, &self.device_name)
+                .await
+            {
+                Ok(Some(job)) => {
+                    let id = job.id;
+                    if let Err(e) = self.run_job(job).await {
+                        tracing::error!(job = id, "persisting job failed: {e:#}");
+                        let error = Some(format!("server error: {e:#}"));
+                        if let Err(e) = self.pool.end_job(id, JobStatus::Failed, error).await {
+                            tracing::error!(job = id, "recording the failure failed: {e}");
+                        }
+                    }
+                }
+                Ok(None) => {
+                    tokio::select! {
+                        _ = &mut wake => {}
+                        _ = tokio::time::sleep(inner.config.poll_every) => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(worker = %self.name, "claiming a job failed: {e}");
+                    tokio::time::sleep(inner.config.poll_every).await;
+                }
+            }
+        }
+        tracing::info!(worker = %self.name, "worker stopped");
+    }
+}
