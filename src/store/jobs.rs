@@ -512,9 +512,10 @@ mod tests {
             .await
             .unwrap();
         match s.get_job(id).await {
-            Err(crate::store::StoreError::Sqlx(sqlx::Error::ColumnDecode { index, source })) => {
+            // (sqlx's derive loses the serde message here: its source prints as "unprintable
+            // error"; the column is named)
+            Err(crate::store::StoreError::Sqlx(sqlx::Error::ColumnDecode { index, .. })) => {
                 assert_eq!(index, "spec_json");
-                assert!(source.to_string().contains("nope"), "{source}");
             }
             other => panic!("expected a decode error, got {other:?}"),
         }
