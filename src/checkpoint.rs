@@ -89,26 +89,67 @@ pub fn sidecar_path(st: &Path) -> PathBuf {
     st.with_extension("json")
 }
 
+/// Why a checkpoint file could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointFileError {
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{action} {}: {source}", path.display())]
+    Tensors {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("sidecar of {}: {source}", path.display())]
+    Sidecar {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointFileError {
+    let path = path.to_path_buf();
+    move |source| CheckpointFileError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
 /// Write a checkpoint; returns the safetensors path and fills `meta.sha256/size_bytes`.
 pub fn write(
     dir: &Path,
     meta: &mut CheckpointMeta,
     tensors: Vec<(String, Tensor)>,
-) -> Result<PathBuf, String> {
-    fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+) -> Result<PathBuf, CheckpointFileError> {
+    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
     let path = checkpoint_path(dir, meta.step);
     let tmp = path.with_extension("safetensors.tmp");
     let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, &tmp)
-        .map_err(|e| format!("write {}: {e}", tmp.display()))?;
+    candle_core::safetensors::save(&map, &tmp).map_err(|source| CheckpointFileError::Tensors {
+        action: "write",
+        path: tmp.clone(),
+        source,
+    })?;
     File::open(&tmp)
         .and_then(|f| f.sync_all())
-        .map_err(|e| format!("fsync {}: {e}", tmp.display()))?;
-    meta.sha256 = sha256_file(&tmp).map_err(|e| e.to_string())?;
+        .map_err(io_err("fsync", &tmp))?;
+    meta.sha256 = sha256_file(&tmp).map_err(io_err("hash", &tmp))?;
     meta.size_bytes = fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
-    fs::rename(&tmp, &path).map_err(|e| format!("rename {}: {e}", path.display()))?;
-    let json = serde_json::to_vec_pretty(meta).map_err(|e| e.to_string())?;
-    write_atomic(&sidecar_path(&path), &json).map_err(|e| format!("write sidecar: {e}"))?;
+    fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+    let json = serde_json::to_vec_pretty(meta).map_err(|source| CheckpointFileError::Sidecar {
+        path: path.clone(),
+        source,
+    })?;
+    let sidecar = sidecar_path(&path);
+    write_atomic(&sidecar, &json).map_err(io_err("write", &sidecar))?;
     Ok(path)
 }
 
@@ -150,9 +191,15 @@ pub fn latest_valid(dir: &Path) -> Option<(CheckpointMeta, PathBuf)> {
     None
 }
 
-pub fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, String> {
-    candle_core::safetensors::load(path, device)
-        .map_err(|e| format!("load {}: {e}", path.display()))
+pub fn load_tensors(
+    path: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, CheckpointFileError> {
+    candle_core::safetensors::load(path, device).map_err(|source| CheckpointFileError::Tensors {
+        action: "load",
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Delete the checkpoints at `steps` in `dir` (file and sidecar). Returns the removed

@@ -255,10 +255,7 @@ pub struct ExportArgs {
 /// `ampserve export`: write an f16 model directory and print its manifest.
 pub fn export(a: ExportArgs) -> anyhow::Result<()> {
     use crate::infer::{export, CheckpointChoice};
-    let choice: CheckpointChoice = a
-        .checkpoint
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let choice: CheckpointChoice = a.checkpoint.parse().map_err(anyhow::Error::from)?;
     let out = a
         .out
         .unwrap_or_else(|| a.run.join(format!("model-{choice}")));

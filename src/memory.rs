@@ -243,8 +243,19 @@ pub fn available_bytes() -> Option<u64> {
     }
 }
 
+/// Why a size such as `--max-job-memory 8GiB` did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("`{0}` is not a size such as 8GiB or 512MiB")]
+    NotANumber(String),
+    #[error("`{0}`: unknown unit; use B, KiB, MiB, GiB or TiB")]
+    UnknownUnit(String),
+    #[error("`{0}` is out of range")]
+    OutOfRange(String),
+}
+
 /// `8GiB`, `512MiB`, `512M`, `1.5G`, `1048576` (bytes): binary units, case-insensitive.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -252,18 +263,18 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let (num, unit) = t.split_at(split);
     let value: f64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a size such as 8GiB or 512MiB"))?;
+        .map_err(|_| SizeError::NotANumber(s.to_string()))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1u64,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(format!("`{s}`: unknown unit; use B, KiB, MiB, GiB or TiB")),
+        _ => return Err(SizeError::UnknownUnit(s.to_string())),
     };
     let bytes = value * mult as f64;
     if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
-        return Err(format!("`{s}` is out of range"));
+        return Err(SizeError::OutOfRange(s.to_string()));
     }
     Ok(bytes as u64)
 }

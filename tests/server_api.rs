@@ -392,7 +392,10 @@ async fn a_trainer_error_fails_its_job_with_the_error() {
     let srv = TestServer::start(args_for(dir.path()), FakeTrainer::new()).await;
     let f = srv.submit(&fake_job("will-fail")).await;
     let job = srv.wait_status(f, "failed").await;
-    assert_eq!(job["error"], "data: corpus vanished at step 2");
+    assert_eq!(
+        job["error"],
+        "data: cannot read corpus.tsv: vanished at step 2"
+    );
     srv.stop().await;
 }
 

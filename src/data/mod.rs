@@ -66,6 +66,8 @@ pub enum DataError {
     },
     #[error("cannot train a tokenizer on an empty text collection")]
     NoTrainingText,
+    #[error("{path}: {model} models are not supported")]
+    UnsupportedModel { path: PathBuf, model: &'static str },
 }
 
 impl DataError {

@@ -57,12 +57,15 @@ pub struct TextTokenizer {
 /// The historical name (every tokenizer was word-level once).
 pub type WordTokenizer = TextTokenizer;
 
-fn kind_of(t: &Tokenizer) -> Result<TokenizerKind, String> {
+fn kind_of(t: &Tokenizer, path: &Path) -> Result<TokenizerKind, DataError> {
     match t.get_model() {
         ModelWrapper::WordLevel(_) => Ok(TokenizerKind::Word),
         ModelWrapper::BPE(_) => Ok(TokenizerKind::Bpe),
         ModelWrapper::Unigram(_) => Ok(TokenizerKind::Unigram),
-        ModelWrapper::WordPiece(_) => Err("WordPiece models are not supported".into()),
+        ModelWrapper::WordPiece(_) => Err(DataError::UnsupportedModel {
+            path: path.to_path_buf(),
+            model: "WordPiece",
+        }),
     }
 }
 
@@ -119,8 +122,7 @@ impl TextTokenizer {
     pub fn from_file(path: &Path) -> Result<Self, DataError> {
         let inner = Tokenizer::from_file(path)
             .map_err(|e| DataError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
-        let kind = kind_of(&inner)
-            .map_err(|e| DataError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let kind = kind_of(&inner, path)?;
         let t = Self { inner, kind };
         t.check_specials(&path.display().to_string())?;
         Ok(t)

@@ -88,9 +88,9 @@ pub fn forked_spec(parent: &TrainSpec, overrides: Map<String, Value>) -> ApiResu
 fn parse_choice(v: Option<Value>) -> ApiResult<CheckpointChoice> {
     match v {
         None | Some(Value::Null) => Ok(CheckpointChoice::Latest),
-        Some(Value::String(s)) => s
-            .parse()
-            .map_err(|m: String| ApiError::invalid("checkpoint", m)),
+        Some(Value::String(s)) => s.parse().map_err(|e: crate::infer::NotACheckpointChoice| {
+            ApiError::invalid("checkpoint", e.to_string())
+        }),
         Some(Value::Number(n)) => n.as_u64().map(CheckpointChoice::Step).ok_or_else(|| {
             ApiError::invalid(
                 "checkpoint",

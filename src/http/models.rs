@@ -163,9 +163,9 @@ async fn export(
 ) -> ApiResult<impl IntoResponse> {
     let choice: CheckpointChoice = match q.checkpoint.as_deref() {
         None | Some("") => CheckpointChoice::Best,
-        Some(s) => s
-            .parse()
-            .map_err(|m: String| ApiError::invalid("checkpoint", m))?,
+        Some(s) => s.parse().map_err(|e: crate::infer::NotACheckpointChoice| {
+            ApiError::invalid("checkpoint", e.to_string())
+        })?,
     };
     if let Some(n) = q.average_last {
         if !(1..=1000).contains(&n) {

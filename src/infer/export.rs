@@ -35,16 +35,21 @@ pub enum CheckpointChoice {
     Step(u64),
 }
 
+/// A checkpoint choice that is none of `best`, `latest` or a step number.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not `best`, `latest` or a step number")]
+pub struct NotACheckpointChoice(pub String);
+
 impl std::str::FromStr for CheckpointChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = NotACheckpointChoice;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "best" => Ok(Self::Best),
             "latest" => Ok(Self::Latest),
             _ => s
                 .parse::<u64>()
                 .map(Self::Step)
-                .map_err(|_| format!("`{s}` is not `best`, `latest` or a step number")),
+                .map_err(|_| NotACheckpointChoice(s.to_string())),
         }
     }
 }
@@ -215,7 +220,8 @@ pub fn average_weights(
 ) -> Result<HashMap<String, Tensor>, InferError> {
     let mut sum: HashMap<String, Tensor> = HashMap::new();
     for (_, p) in set {
-        let t = checkpoint::load_tensors(p, &Device::Cpu).map_err(InferError::Invalid)?;
+        let t = checkpoint::load_tensors(p, &Device::Cpu)
+            .map_err(|e| InferError::Invalid(e.to_string()))?;
         for (n, x) in t {
             if let Some(name) = n.strip_prefix("param.") {
                 let x = x.to_dtype(DType::F32)?;
@@ -281,7 +287,7 @@ pub fn export_averaged(
     write_model_dir(out_dir, |tmp| {
         let masters: HashMap<String, Tensor> = if set.is_empty() {
             checkpoint::load_tensors(&ckpt, &Device::Cpu)
-                .map_err(InferError::Invalid)?
+                .map_err(|e| InferError::Invalid(e.to_string()))?
                 .into_iter()
                 .filter_map(|(n, t)| n.strip_prefix("param.").map(|s| (s.to_string(), t)))
                 .collect()

@@ -23,7 +23,7 @@ pub use batcher::{
 pub use cache::{CacheConfig, ModelCache};
 pub use engine::{kind_of_manifest, Engine, SourceEncoder};
 pub use evaluate::{evaluate_tsv, EvalReport};
-pub use export::{CheckpointChoice, Manifest, ModelConfig};
+pub use export::{CheckpointChoice, Manifest, ModelConfig, NotACheckpointChoice};
 pub use marian::{MarianImport, MarianTranslator};
 pub use sampling::Sampling;
 pub use translator::{default_compute, Translation, Translator};

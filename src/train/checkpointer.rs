@@ -7,13 +7,32 @@
 use super::events::{CheckpointRecord, TrainEvent};
 use super::state::RunState;
 use super::stepper::Stepper;
-use super::{Barrier, TrainError};
-use crate::checkpoint::{self, CheckpointMeta};
+use super::{Barrier, BarrierError, TrainError};
+use crate::checkpoint::{self, CheckpointFileError, CheckpointMeta};
 use crate::config::TrainSpec;
-use crate::model::Transformer;
+use crate::model::{Config as ModelConfig, Transformer};
 use candle_core::Tensor;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Why a run could not write or resume from a checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    File(#[from] CheckpointFileError),
+    #[error(
+        "{} was written for a different model ({model:?}); the spec changed the model or data",
+        path.display()
+    )]
+    ModelMismatch {
+        path: PathBuf,
+        model: Box<ModelConfig>,
+    },
+    #[error(
+        "step {step}: the metrics it covers could not be made durable ({reason}); not writing it"
+    )]
+    NotDurable { step: u64, reason: BarrierError },
+}
 
 /// `checkpoint.keep_last`: keep the newest `keep_last` checkpoints plus the best by validation
 /// BLEU ([`checkpoint::best_step`]); the rest go.
@@ -78,12 +97,11 @@ impl Checkpointer {
     ) -> Result<(), TrainError> {
         // The rows this checkpoint covers must be durable before the checkpoint exists.
         if let Some(b) = &self.barrier {
-            b.wait(st.step).map_err(|e| {
-                TrainError::Checkpoint(format!(
-                    "step {}: the metrics it covers could not be made durable ({e}); not writing it",
-                    st.step
-                ))
-            })?;
+            b.wait(st.step)
+                .map_err(|reason| CheckpointError::NotDurable {
+                    step: st.step,
+                    reason,
+                })?;
         }
         let val_bleu = st.last_bleu.filter(|(s, _)| *s == st.step).map(|(_, b)| b);
         let mut meta = CheckpointMeta {
@@ -113,7 +131,7 @@ impl Checkpointer {
             .collect();
         tensors.extend(stepper.opt.state_tensors());
         let path =
-            checkpoint::write(&self.dir, &mut meta, tensors).map_err(TrainError::Checkpoint)?;
+            checkpoint::write(&self.dir, &mut meta, tensors).map_err(CheckpointError::File)?;
         let on_disk = self.steps();
         let removed = checkpoint::remove_steps(&self.dir, &self.retention.to_remove(&on_disk));
         let is_best = self.retention.best(&on_disk) == Some(st.step);

@@ -9,8 +9,19 @@ use crate::data::{self, Example, Pair, WordTokenizer};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
-fn data_err(e: impl std::fmt::Display) -> TrainError {
-    TrainError::Data(e.to_string())
+/// Why a corpus gives a run nothing to train on.
+#[derive(Debug, thiserror::Error)]
+pub enum CorpusError {
+    #[error(transparent)]
+    Read(#[from] data::DataError),
+    #[error("{}: no training pairs", path.display())]
+    NoTrainingPairs { path: PathBuf },
+    #[error("no training pair fits data.max_len = {max_len} ({dropped_long} dropped as too long)")]
+    NothingFitsMaxLen { max_len: usize, dropped_long: usize },
+}
+
+fn data_err(e: data::DataError) -> TrainError {
+    TrainError::Data(CorpusError::Read(e))
 }
 
 /// Everything a run needs from its corpus.
@@ -49,10 +60,10 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
         None => data::split_seeded(pairs, d.valid_fraction, spec.train.seed),
     };
     if train_pairs.is_empty() {
-        return Err(TrainError::Data(format!(
-            "{}: no training pairs",
-            d.train.display()
-        )));
+        return Err(CorpusError::NoTrainingPairs {
+            path: d.train.clone(),
+        }
+        .into());
     }
     // Tokenizers are trained on the training split only; the cache key covers the corpus
     // content and every choice that changes the split, plus the language.
@@ -109,10 +120,11 @@ pub fn prepare(spec: &TrainSpec, out_dir: &Path) -> Result<Prepared, TrainError>
     };
     let (train, stats) = data::encode_pairs(&train_pairs, &src_tok, &tgt_tok, d.max_len, d.on_long);
     if train.is_empty() {
-        return Err(TrainError::Data(format!(
-            "no training pair fits data.max_len = {} ({} dropped as too long)",
-            d.max_len, stats.dropped_long
-        )));
+        return Err(CorpusError::NothingFitsMaxLen {
+            max_len: d.max_len,
+            dropped_long: stats.dropped_long,
+        }
+        .into());
     }
     let mut valid = Vec::with_capacity(valid_pairs.len());
     for p in valid_pairs {

@@ -4,7 +4,7 @@
 //! their schedules, stops (cancel, `max_steps`, `max_time_s`, early stopping), the summary.
 //! Healing a collapsed loss scale is in `recovery.rs`.
 
-use super::checkpointer::Checkpointer;
+use super::checkpointer::{CheckpointError, Checkpointer};
 use super::corpus::{prepare, Prepared};
 use super::early_stop::EarlyStop;
 use super::events::*;
@@ -60,13 +60,13 @@ impl Parts {
             return Ok(None);
         };
         if meta.model != self.model.cfg {
-            return Err(TrainError::Checkpoint(format!(
-                "{} was written for a different model ({:?}); the spec changed the model or data",
-                path.display(),
-                meta.model
-            )));
+            return Err(CheckpointError::ModelMismatch {
+                path,
+                model: Box::new(meta.model),
+            }
+            .into());
         }
-        let tensors = checkpoint::load_tensors(&path, device).map_err(TrainError::Checkpoint)?;
+        let tensors = checkpoint::load_tensors(&path, device).map_err(CheckpointError::File)?;
         self.model
             .load_named(&|n| tensors.get(&format!("param.{n}")).cloned())?;
         if meta.spec.train.precision != self.cur.train.precision

@@ -18,8 +18,8 @@ mod stepper;
 pub mod tensorboard;
 mod validation;
 
-pub use checkpointer::KeepLastPlusBest;
-pub use corpus::{prepare, validation_sample, Prepared};
+pub use checkpointer::{CheckpointError, KeepLastPlusBest};
+pub use corpus::{prepare, validation_sample, CorpusError, Prepared};
 pub use events::*;
 pub use learner::run;
 pub use overflow::{OverflowRecord, TensorOverflow, UnderflowRecord};
@@ -35,15 +35,32 @@ use std::sync::Arc;
 /// rows committed to SQLite). A resume starts after the newest checkpoint on disk, so a
 /// checkpoint must never exist before the rows it covers, or a crash leaves permanent gaps.
 #[derive(Clone)]
-pub struct Barrier(pub Arc<dyn Fn(u64) -> Result<(), String> + Send + Sync>);
+pub struct Barrier(pub Arc<dyn Fn(u64) -> Result<(), BarrierError> + Send + Sync>);
+
+/// Why the rows a checkpoint covers could not be made durable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BarrierError {
+    /// Writing them failed; the store's message (it may come from another process).
+    #[error("{0}")]
+    Persist(String),
+    /// Nobody acknowledges any more: who stopped listening.
+    #[error("{0}")]
+    Gone(&'static str),
+}
 
 impl Barrier {
-    pub fn new(f: impl Fn(u64) -> Result<(), String> + Send + Sync + 'static) -> Self {
+    pub fn new(f: impl Fn(u64) -> Result<(), BarrierError> + Send + Sync + 'static) -> Self {
         Self(Arc::new(f))
     }
 
-    pub fn wait(&self, step: u64) -> Result<(), String> {
+    pub fn wait(&self, step: u64) -> Result<(), BarrierError> {
         (self.0)(step)
+    }
+}
+
+impl From<checkpointer::CheckpointError> for TrainError {
+    fn from(e: checkpointer::CheckpointError) -> Self {
+        TrainError::Checkpoint(Box::new(e))
     }
 }
 
@@ -72,7 +89,7 @@ pub enum TrainError {
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error("data: {0}")]
-    Data(String),
+    Data(#[from] corpus::CorpusError),
     #[error("tensor: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("io: {0}")]
@@ -89,8 +106,9 @@ pub enum TrainError {
         verdict: crate::amp::ScalerError,
         rollbacks: u64,
     },
+    /// Boxed: the file errors carry paths and sources, and `TrainError` travels in every `Result`.
     #[error("checkpoint: {0}")]
-    Checkpoint(String),
+    Checkpoint(Box<checkpointer::CheckpointError>),
     /// The training process died (signal, abort, non-zero exit) or broke its protocol.
     #[error("the training process {0}")]
     Crashed(String),

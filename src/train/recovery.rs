@@ -52,7 +52,7 @@ impl Learner<'_> {
         match &good {
             Some((meta, path)) => {
                 let tensors =
-                    checkpoint::load_tensors(path, &dev).map_err(TrainError::Checkpoint)?;
+                    checkpoint::load_tensors(path, &dev).map_err(super::CheckpointError::File)?;
                 model.load_named(&|n| tensors.get(&format!("param.{n}")).cloned())?;
                 self.stepper = Stepper::new(cur, model)?;
                 self.stepper.opt.load_state(meta.adam_t, &tensors)?;

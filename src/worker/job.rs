@@ -6,7 +6,7 @@ use super::claim::Worker;
 use super::events::JobEventKind;
 use super::pool::CancelState;
 use crate::store::{JobRow, JobStatus};
-use crate::train::{Barrier, RunOptions, Summary, TrainEvent};
+use crate::train::{Barrier, BarrierError, RunOptions, Summary, TrainEvent};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -17,7 +17,7 @@ const EVENT_QUEUE: usize = 1024;
 pub(super) enum Msg {
     Event(TrainEvent),
     /// The trainer is about to write the checkpoint at this step: flush, then answer.
-    Barrier(u64, std::sync::mpsc::SyncSender<Result<(), String>>),
+    Barrier(u64, std::sync::mpsc::SyncSender<Result<(), BarrierError>>),
     Done(Result<Summary, Failure>),
 }
 
@@ -74,10 +74,10 @@ impl Worker {
             let (ack_tx, ack_rx) = std::sync::mpsc::sync_channel(1);
             barrier_tx
                 .blocking_send(Msg::Barrier(step, ack_tx))
-                .map_err(|_| "the worker stopped listening".to_string())?;
+                .map_err(|_| BarrierError::Gone("the worker stopped listening"))?;
             ack_rx
                 .recv()
-                .map_err(|_| "the worker stopped listening".to_string())?
+                .map_err(|_| BarrierError::Gone("the worker stopped listening"))?
         });
         let opts = RunOptions {
             out_dir: run_dir,

@@ -11,7 +11,7 @@ use crate::store::checkpoints::NewCheckpoint;
 use crate::store::jobs::Progress;
 use crate::store::overflows::{OverflowEventRow, OverflowTensorRow, RecoveryRow, UnderflowRow};
 use crate::store::{MetricRow, ValidationRow};
-use crate::train::{OverflowRecord, StepRecord, Summary, TrainEvent};
+use crate::train::{BarrierError, OverflowRecord, StepRecord, Summary, TrainEvent};
 use std::time::Instant;
 use tokio::sync::mpsc;
 
@@ -71,7 +71,7 @@ impl Worker {
                                 let _ = ack.send(Ok(()));
                             }
                             Err(e) => {
-                                let _ = ack.send(Err(format!("{e:#}")));
+                                let _ = ack.send(Err(BarrierError::Persist(format!("{e:#}"))));
                                 return Err(e);
                             }
                         }

@@ -11,7 +11,7 @@
 
 use super::{DeviceSpec, Trainer};
 use crate::config::TrainSpec;
-use crate::train::{self, Barrier, RunOptions, Summary, TrainError, TrainEvent};
+use crate::train::{self, Barrier, BarrierError, RunOptions, Summary, TrainError, TrainEvent};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
@@ -208,7 +208,7 @@ impl Trainer for ProcessTrainer {
                         };
                         let reply = match answer {
                             Ok(()) => "ack".to_string(),
-                            Err(e) => format!("nack {}", e.replace('\n', " ")),
+                            Err(e) => format!("nack {}", e.to_string().replace('\n', " ")),
                         };
                         let _ = send_line(&stdin, &reply);
                     }
@@ -270,7 +270,7 @@ pub fn child_main() -> anyhow::Result<()> {
         }
     };
     let cancel = Arc::new(AtomicBool::new(false));
-    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<Result<(), BarrierError>>();
     {
         let cancel = cancel.clone();
         std::thread::spawn(move || {
@@ -282,7 +282,7 @@ pub fn child_main() -> anyhow::Result<()> {
                 } else if line == "ack" {
                     let _ = ack_tx.send(Ok(()));
                 } else if let Some(why) = line.strip_prefix("nack") {
-                    let _ = ack_tx.send(Err(why.trim().to_string()));
+                    let _ = ack_tx.send(Err(BarrierError::Persist(why.trim().to_string())));
                 }
             }
             eprintln!("{RUN_JOB_SUBCOMMAND}: the server went away; stopping");
@@ -298,7 +298,7 @@ pub fn child_main() -> anyhow::Result<()> {
                 .lock()
                 .unwrap()
                 .recv()
-                .map_err(|_| "the server went away".to_string())?
+                .map_err(|_| BarrierError::Gone("the server went away"))?
         })
     };
     let result = (|| -> Result<Summary, String> {

@@ -228,7 +228,17 @@ impl Trainer for FakeTrainer {
                 panic!("fake trainer exploded at step {step}");
             }
             if spec.name.contains("fail") && step == 2 {
-                return Err(TrainError::Data("corpus vanished at step 2".into()));
+                return Err(TrainError::Data(
+                    ampserve::data::DataError::Io {
+                        action: "read",
+                        path: "corpus.tsv".into(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "vanished at step 2",
+                        ),
+                    }
+                    .into(),
+                ));
             }
             std::thread::sleep(self.step_sleep);
             let overflow = step % 17 == 0;
