@@ -26,8 +26,17 @@ async fn a_job_out_of_time_succeeds_validated_checkpointed_and_exported() {
     let (_, c) = srv.get(&format!("/api/jobs/{id}/checkpoints")).await;
     let cks = c["checkpoints"].as_array().unwrap();
     assert_eq!(cks.last().unwrap()["step"], last, "{c}");
-    let (s, m) = srv.get("/api/models").await;
-    assert_eq!(s, StatusCode::OK);
+    // The row turns `succeeded` just before the automatic export runs (its SSE status event
+    // comes after the export), so a REST poller may look a moment too early.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let m = loop {
+        let (s, m) = srv.get("/api/models").await;
+        assert_eq!(s, StatusCode::OK);
+        if !m["models"].as_array().unwrap().is_empty() || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     let models = m["models"].as_array().unwrap();
     assert_eq!(models.len(), 1, "{m}");
     assert_eq!(models[0]["job_id"], id);
