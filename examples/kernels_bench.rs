@@ -142,8 +142,8 @@ fn run(p: &Preset) -> Result<()> {
             "masked_softmax",
             dt,
             &s,
-            |x| kernels::masked_softmax(x, &mask, scale, dt),
-            |x| reference::masked_softmax(x, &mask, scale, dt),
+            |x| kernels::masked_softmax(x, &mask, scale, dt, None),
+            |x| reference::masked_softmax(x, &mask, scale, dt, None),
         )?;
     }
     // label-smoothed cross-entropy over the vocabulary.

@@ -404,3 +404,398 @@ fn mixed_precision_training_steps_stay_on_the_gpu() -> Result<()> {
     }
     Ok(())
 }
+
+// ---- The fused CUDA kernels against their CPU twins (issue 11 item 3) ----
+//
+// Each compares the GPU run of a public kernel entry point (which, with the `cuda` feature,
+// launches the kernels of src/kernels/cuda) with the CPU run of the same entry point (the CPU
+// kernels, themselves tested against the reference compositions), forward and every gradient
+// of sum(out * w), on odd shapes and rows longer than one block (d = 4097 > 1024 threads).
+
+/// Row lengths every row kernel is tried on: one element, less than a warp, several elements
+/// per thread, and longer than one block of 1024 threads.
+const ROW_LENGTHS: [usize; 4] = [1, 7, 1000, 4097];
+
+/// The dtypes with their relative tolerance for GPU-vs-CPU agreement.
+const DTYPES: [(DType, f32); 3] = [(DType::F32, 1e-4), (DType::F16, 4e-3), (DType::BF16, 3e-2)];
+
+/// Forward and input gradients of `f` on the CPU and on `dev`, compared within `tol`
+/// (relative to the largest magnitude of the CPU value).
+fn gpu_matches_cpu(
+    what: &str,
+    dev: &Device,
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    tol: f32,
+) -> Result<()> {
+    use crate::kernels::test_util::grads;
+    let out_dims = f(inputs)?.dims().to_vec();
+    let w = randn(&out_dims, 1234, 1.0)?;
+    let (yc, gc) = grads(&f, inputs, &w)?;
+    let on_gpu: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_device(dev))
+        .collect::<Result<_>>()?;
+    let (yg, gg) = grads(&f, &on_gpu, &w.to_device(dev)?)?;
+    assert_on_cuda(what, &yg);
+    assert_eq!(yg.dtype(), yc.dtype(), "{what}: output dtype");
+    let e = rel_err(&yg.to_device(&Device::Cpu)?, &yc)?;
+    assert!(e <= tol, "{what}: forward GPU vs CPU relative error {e}");
+    for (i, (a, b)) in gg.iter().zip(&gc).enumerate() {
+        assert_on_cuda(what, a);
+        assert_eq!(a.dims(), b.dims(), "{what}: gradient {i} shape");
+        let e = rel_err(&a.to_device(&Device::Cpu)?, b)?;
+        assert!(
+            e <= tol,
+            "{what}: gradient {i} GPU vs CPU relative error {e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn layer_norm_kernels_match_the_cpu_in_every_dtype_and_row_length() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    for d in ROW_LENGTHS {
+        let x = (randn(&[3, 5, d], 40, 2.0)? + 0.5)?;
+        let alpha = (randn(&[d], 41, 0.3)? + 1.0)?;
+        let beta = randn(&[d], 42, 0.3)?;
+        for tutorial in [true, false] {
+            if tutorial && d == 1 {
+                continue; // the unbiased std of one element is NaN on both devices
+            }
+            for (dt, tol) in DTYPES {
+                let xs = x.to_dtype(dt)?;
+                gpu_matches_cpu(
+                    &format!("layer_norm d={d} tutorial={tutorial} {dt:?}"),
+                    &dev,
+                    |t| kernels::layer_norm(&t[0], &t[1], &t[2], 1e-6, tutorial, dt),
+                    &[xs.clone(), alpha.clone(), beta.clone()],
+                    tol,
+                )?;
+            }
+        }
+    }
+    // f32 input into a half output (the autocast pattern) and a strided input.
+    let x = randn(&[16, 3, 40], 43, 1.0)?.transpose(0, 2)?;
+    let (a, b) = (randn(&[16], 44, 1.0)?, randn(&[16], 45, 1.0)?);
+    gpu_matches_cpu(
+        "layer_norm f32 -> f16, strided",
+        &dev,
+        |t| kernels::layer_norm(&t[0], &t[1], &t[2], 1e-5, false, DType::F16),
+        &[x, a, b],
+        4e-3,
+    )
+}
+
+fn pad_mask(lens: &[usize], tk: usize) -> Result<Tensor> {
+    let mut v = Vec::new();
+    for &l in lens {
+        for j in 0..tk {
+            v.push(if j < l { 0f32 } else { crate::model::MASK_FILL });
+        }
+    }
+    Tensor::from_vec(v, (lens.len(), 1, 1, tk), &Device::Cpu)
+}
+
+#[test]
+fn masked_softmax_kernels_with_and_without_dropout_match_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    for d in ROW_LENGTHS {
+        let scores = randn(&[2, 3, 4, d], 50, 3.0)?;
+        // Batch 1 has a fully masked row set when d = 1 (length 0): uniform rows.
+        let mask = pad_mask(&[d, d / 2], d)?;
+        let drop = kernels::DropMask::new(77 + d as u64, scores.elem_count(), 0.2);
+        for (dt, tol) in DTYPES {
+            for m in [None, Some(&drop)] {
+                let mc = mask.clone();
+                gpu_matches_cpu(
+                    &format!("masked_softmax d={d} {dt:?} dropout={}", m.is_some()),
+                    &dev,
+                    move |t| {
+                        let mask = mc.to_device(t[0].device())?;
+                        kernels::masked_softmax(&t[0], &mask, 0.125, dt, m)
+                    },
+                    &[scores.to_dtype(dt)?],
+                    tol,
+                )?;
+            }
+        }
+    }
+    // A causal (Tq, Tk) mask broadcast over batch and heads, f32 scores into f16 probabilities.
+    let t = 37;
+    let causal: Vec<f32> = (0..t * t)
+        .map(|i| {
+            if i % t <= i / t {
+                0.0
+            } else {
+                crate::model::MASK_FILL
+            }
+        })
+        .collect();
+    let causal = Tensor::from_vec(causal, (t, t), &Device::Cpu)?;
+    let scores = randn(&[2, 4, t, t], 51, 2.0)?;
+    let drop = kernels::DropMask::new(5, scores.elem_count(), 0.1);
+    gpu_matches_cpu(
+        "masked_softmax causal f32 -> f16 with dropout",
+        &dev,
+        |x| {
+            let mask = causal.to_device(x[0].device())?;
+            kernels::masked_softmax(&x[0], &mask, 0.2, DType::F16, Some(&drop))
+        },
+        &[scores],
+        4e-3,
+    )
+}
+
+#[test]
+fn cross_entropy_kernels_match_the_cpu_in_every_dtype() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    for v in [7usize, 1000, 4097] {
+        let n = 19;
+        let t: Vec<u32> = (0..n as u32)
+            .map(|i| {
+                if i % 4 == 3 {
+                    PAD_ID
+                } else {
+                    (i * 7919 + 13) % v as u32
+                }
+            })
+            .collect();
+        let targets = Tensor::new(t.as_slice(), &Device::Cpu)?;
+        for (dt, tol) in DTYPES {
+            let logits = randn(&[n, v], 60, 3.0)?.to_dtype(dt)?;
+            let tc = targets.clone();
+            gpu_matches_cpu(
+                &format!("cross_entropy_ls V={v} {dt:?}"),
+                &dev,
+                // scaled, as the loss scaler does: a non-unit upstream gradient on the device
+                move |x| {
+                    let t = tc.to_device(x[0].device())?;
+                    kernels::cross_entropy_ls(&x[0], &t, PAD_ID, 0.1)? * 1024.0
+                },
+                &[logits],
+                tol,
+            )?;
+        }
+    }
+    // All rows pad: loss 0 and a zero gradient on the device too.
+    let logits = Var::from_tensor(&randn(&[4, 9], 61, 1.0)?.to_device(&dev)?)?;
+    let t = Tensor::new(&[PAD_ID; 4], &dev)?;
+    let loss = kernels::cross_entropy_ls(logits.as_tensor(), &t, PAD_ID, 0.1)?;
+    assert_eq!(loss.to_scalar::<f32>()?, 0.0);
+    let g = loss.backward()?;
+    assert_eq!(max_abs(g.get(&logits).expect("grad"))?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn epilogue_kernels_bias_relu_dropout_and_residual_match_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    for n in ROW_LENGTHS {
+        let rows = 13;
+        let drop = kernels::DropMask::new(90 + n as u64, rows * n, 0.3);
+        for (dt, tol) in DTYPES {
+            let y = randn(&[rows, n], 70, 1.0)?.to_dtype(dt)?;
+            let b = randn(&[n], 71, 0.5)?.to_dtype(dt)?;
+            // keep y + b away from ReLU's kink, where a rounding difference flips the slope
+            let at_kink = y.broadcast_add(&b)?.to_dtype(DType::F32)?.abs()?.lt(1e-2)?;
+            let y = (y.to_dtype(DType::F32)? + (at_kink.to_dtype(DType::F32)? * 0.25)?)?
+                .to_dtype(dt)?;
+            for relu in [false, true] {
+                for m in [None, Some(&drop)] {
+                    gpu_matches_cpu(
+                        &format!("bias_act n={n} {dt:?} relu={relu} dropout={}", m.is_some()),
+                        &dev,
+                        |t| kernels::bias_act(&t[0], &t[1], relu, m, &[rows, 1, n]),
+                        &[y.clone(), b.clone()],
+                        tol,
+                    )?;
+                }
+            }
+            let x = randn(&[rows, n], 72, 1.0)?;
+            let sub = randn(&[rows, n], 73, 1.0)?.to_dtype(dt)?;
+            for m in [None, Some(&drop)] {
+                gpu_matches_cpu(
+                    &format!("residual_dropout n={n} {dt:?} dropout={}", m.is_some()),
+                    &dev,
+                    |t| kernels::residual_dropout(&t[0], &t[1], m),
+                    &[x.clone(), sub.clone()],
+                    tol,
+                )?;
+            }
+            gpu_matches_cpu(
+                &format!("dropout n={n} {dt:?}"),
+                &dev,
+                |t| kernels::dropout(&t[0], &drop),
+                std::slice::from_ref(&sub),
+                tol,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn dropout_masks_are_the_same_bits_on_the_gpu_and_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let n = 300_001;
+    let m = kernels::DropMask::new(0xDEAD_BEEF, n, 0.25);
+    let ones = Tensor::ones(n, DType::F32, &dev)?;
+    let y: Vec<f32> = kernels::dropout(&ones, &m)?.to_vec1()?;
+    for (i, &v) in y.iter().enumerate() {
+        assert_eq!(v, m.factor(i), "element {i}");
+    }
+    Ok(())
+}
+
+/// Parameter tensors of odd sizes, one larger than a block's chunk (65,536 elements).
+const ADAM_SIZES: [usize; 6] = [1, 7, 1000, 4097, 65_537, 200_003];
+
+/// Named parameters and their gradients.
+type ParamsAndGrads = (Vec<(String, Var)>, Vec<Tensor>);
+
+fn adam_setup(dev: &Device) -> Result<ParamsAndGrads> {
+    let mut params = Vec::new();
+    let mut grads = Vec::new();
+    for (i, &n) in ADAM_SIZES.iter().enumerate() {
+        let p = randn(&[n], 80 + i as u64, 1.0)?.to_device(dev)?;
+        params.push((format!("p{i}"), Var::from_tensor(&p)?));
+        grads.push(randn(&[n], 90 + i as u64, 300.0)?.to_device(dev)?);
+    }
+    Ok((params, grads))
+}
+
+fn snapshot(params: &[(String, Var)], opt: &crate::optim::Adam) -> Result<Vec<Tensor>> {
+    let mut out: Vec<Tensor> = params
+        .iter()
+        .map(|(_, p)| p.as_tensor().to_device(&Device::Cpu))
+        .collect::<Result<_>>()?;
+    for (_, t) in opt.state_tensors() {
+        out.push(t.to_device(&Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+#[test]
+fn multi_tensor_adam_matches_the_cpu_adam_and_skips_on_overflow() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    for decoupled in [false, true] {
+        let cfg = crate::optim::AdamConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            decoupled,
+        };
+        let (pc, gc) = adam_setup(&Device::Cpu)?;
+        let (pg, gg) = adam_setup(&dev)?;
+        let mut cpu = crate::optim::Adam::new(pc.clone(), cfg.clone())?;
+        let mut gpu = crate::optim::Adam::new(pg.clone(), cfg.clone())?;
+        let loss_c = Tensor::new(2.5f32, &Device::Cpu)?;
+        let loss_g = loss_c.to_device(&dev)?;
+        let inv_scale = 1.0 / 1024.0;
+        for (step, max_norm) in [(1, 0.0), (2, 1.0), (3, 1e9)] {
+            // The CPU twin: the host path of the stepper.
+            let ss = crate::optim::sum_squares(&gc)?;
+            let norm = ss.sqrt() * inv_scale;
+            let coef = crate::optim::clip_coef(norm, max_norm);
+            cpu.step(&gc, 1e-3, inv_scale * coef)?;
+            let o = gpu
+                .fused_step(&gg, &loss_g, 1e-3, inv_scale, max_norm)?
+                .expect("a CUDA device takes the fused step");
+            assert!(!o.found_inf);
+            assert_eq!(o.loss, 2.5);
+            assert!(
+                (o.sum_squares - ss).abs() <= 1e-9 * ss,
+                "step {step}: sum of squares GPU {} vs CPU {ss}",
+                o.sum_squares
+            );
+            assert_eq!(gpu.t, cpu.t, "step {step}");
+            for (i, (a, b)) in snapshot(&pg, &gpu)?
+                .iter()
+                .zip(&snapshot(&pc, &cpu)?)
+                .enumerate()
+            {
+                let e = max_abs_diff(a, b)?;
+                assert!(
+                    e <= 1e-6 * max_abs(b)?.max(1.0),
+                    "step {step} (decoupled {decoupled}): tensor {i} GPU vs CPU max diff {e}"
+                );
+            }
+        }
+        // An inf in one gradient: found on the device, nothing changes, t does not advance.
+        let before = snapshot(&pg, &gpu)?;
+        let mut bad = gg.clone();
+        let mut v = vec![0f32; ADAM_SIZES[4]];
+        v[ADAM_SIZES[4] - 1] = f32::INFINITY;
+        bad[4] = (&bad[4] + Tensor::from_vec(v, ADAM_SIZES[4], &dev)?)?;
+        let t0 = gpu.t;
+        let o = gpu
+            .fused_step(&bad, &loss_g, 1e-3, inv_scale, 1.0)?
+            .expect("fused");
+        assert!(o.found_inf && !o.sum_squares.is_finite());
+        assert_eq!(gpu.t, t0, "a skipped step does not count");
+        for (i, (a, b)) in snapshot(&pg, &gpu)?.iter().zip(&before).enumerate() {
+            assert_eq!(
+                max_abs_diff(a, b)?,
+                0.0,
+                "tensor {i} changed on a skipped step"
+            );
+        }
+        // A NaN loss with finite gradients: skipped too.
+        let nan = Tensor::new(f32::NAN, &dev)?;
+        let o = gpu
+            .fused_step(&gg, &nan, 1e-3, inv_scale, 1.0)?
+            .expect("fused");
+        assert!(o.found_inf && o.loss.is_nan());
+        assert_eq!(gpu.t, t0);
+        // And the next clean step applies again (the device counter was reset).
+        let o = gpu
+            .fused_step(&gg, &loss_g, 1e-3, inv_scale, 1.0)?
+            .expect("fused");
+        assert!(!o.found_inf);
+        assert_eq!(gpu.t, t0 + 1);
+    }
+    Ok(())
+}
+
+#[test]
+fn the_gpu_step_skips_and_backs_off_on_an_injected_overflow_exactly_as_the_cpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let cfg = cfg();
+    let run = |d: &Device| -> Result<Vec<(bool, f64, u64)>> {
+        let model = Transformer::new(&cfg, 5, d)?;
+        let b = batch(d)?;
+        let mut spec = TrainSpec::default();
+        spec.train.precision = Precision::F16;
+        spec.train.lr = 1e-3;
+        spec.train.clip_grad_norm = 1.0;
+        spec.model.dropout = 0.0;
+        spec.amp.init_scale = 1024.0; // no natural f16 overflow: only the injected ones
+        spec.amp.test_inject_inf = Some(crate::config::InjectInf {
+            tensor: model.params[3].0.clone(),
+            from_step: 2,
+            count: 2,
+        });
+        let mut st = Stepper::new(&spec, &model).map_err(candle_core::Error::wrap)?;
+        let mut out = Vec::new();
+        for step in 1..=5 {
+            let o = st
+                .step(&model, &b, step)
+                .map_err(candle_core::Error::wrap)?;
+            out.push((o.skipped, o.scale_used, st.opt.t));
+        }
+        Ok(out)
+    };
+    let cpu = run(&Device::Cpu)?;
+    let gpu = run(&dev)?;
+    assert_eq!(
+        cpu.iter().map(|o| o.0).collect::<Vec<_>>(),
+        vec![false, true, true, false, false],
+        "the CPU run skips the injected steps: {cpu:?}"
+    );
+    assert_eq!(gpu, cpu, "(skipped, scale used, optimizer steps) per step");
+    Ok(())
+}

@@ -15,7 +15,7 @@ thread_local! {
     static FORCE_REFERENCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-fn use_reference() -> bool {
+pub(crate) fn use_reference() -> bool {
     static R: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     FORCE_REFERENCE.with(|f| f.get())
         || *R.get_or_init(|| std::env::var("AMPSERVE_REFERENCE_OPS").is_ok_and(|v| v == "1"))
@@ -57,9 +57,9 @@ pub fn layer_norm(
 /// Masked softmax (see `kernels::reference::masked_softmax`), fused.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) -> Result<Tensor> {
     if use_reference() {
-        return kernels::reference::masked_softmax(scores, mask, scale, out);
+        return kernels::reference::masked_softmax(scores, mask, scale, out, None);
     }
-    kernels::masked_softmax(scores, mask, scale, out)
+    kernels::masked_softmax(scores, mask, scale, out, None)
 }
 
 /// Label-smoothed cross-entropy (see `kernels::reference::cross_entropy_ls`), fused with its

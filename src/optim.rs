@@ -68,6 +68,19 @@ pub struct Adam {
     params: Vec<(String, Var)>,
     m: Vec<Var>,
     v: Vec<Var>,
+    /// The device buffers of the fused CUDA step (made on its first use).
+    #[cfg(feature = "cuda")]
+    fused: Option<crate::kernels::cuda::FusedAdam>,
+}
+
+/// What a step done entirely on the device reports (its one host read).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceStep {
+    pub loss: f64,
+    /// Sum of squares of the still-scaled gradients.
+    pub sum_squares: f64,
+    /// The update was skipped on the device (inf/NaN gradients or loss).
+    pub found_inf: bool,
 }
 
 impl Adam {
@@ -84,7 +97,73 @@ impl Adam {
             params,
             m,
             v,
+            #[cfg(feature = "cuda")]
+            fused: None,
         })
+    }
+
+    fn hp(&self, lr: f64) -> crate::kernels::AdamHp {
+        let c = &self.cfg;
+        crate::kernels::AdamHp {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            decoupled: c.decoupled,
+        }
+    }
+
+    /// The whole optimizer step on a CUDA device, in two launches and one host read: the global
+    /// sum of squares + found_inf (from the gradients and `loss`) + clip factor on the device,
+    /// then one multi-tensor Adam launch over all parameters that multiplies the gradients by
+    /// `inv_scale * clip_coef(norm, max_norm)` and skips the update on the device when the step
+    /// overflowed. `t` advances only when the update was applied. `Ok(None)` off CUDA, without
+    /// the `cuda` feature, or with `AMPSERVE_REFERENCE_OPS=1`: the caller then takes the host
+    /// path ([`sum_squares`], the host's overflow decision, [`Adam::step`]), which is also this
+    /// step's CPU twin (there the skip is decided on the host).
+    pub fn fused_step(
+        &mut self,
+        grads: &[Tensor],
+        loss: &Tensor,
+        lr: f64,
+        inv_scale: f64,
+        max_norm: f64,
+    ) -> Result<Option<DeviceStep>> {
+        #[cfg(feature = "cuda")]
+        {
+            let Some((_, p0)) = self.params.first() else {
+                return Ok(None);
+            };
+            if !p0.device().is_cuda() || crate::ops::use_reference() {
+                return Ok(None);
+            }
+            if self.fused.is_none() {
+                self.fused = crate::kernels::cuda::FusedAdam::new(p0.device())?;
+            }
+            let hp = self.hp(lr);
+            let t = self.t + 1;
+            let params: Vec<&Var> = self.params.iter().map(|(_, p)| p).collect();
+            let Some(fused) = self.fused.as_mut() else {
+                return Ok(None);
+            };
+            let o = fused.step(
+                &params, grads, &self.m, &self.v, loss, &hp, t, inv_scale, max_norm,
+            )?;
+            if !o.found_inf {
+                self.t = t;
+            }
+            Ok(Some(DeviceStep {
+                loss: o.loss,
+                sum_squares: o.sum_squares,
+                found_inf: o.found_inf,
+            }))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (grads, loss, lr, inv_scale, max_norm);
+            Ok(None)
+        }
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -95,15 +174,7 @@ impl Adam {
     /// multiplied by `grad_scale` first (unscale and clipping coefficient fused in).
     pub fn step(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
-        let c = &self.cfg;
-        let hp = crate::kernels::AdamHp {
-            lr,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            weight_decay: c.weight_decay,
-            decoupled: c.decoupled,
-        };
+        let hp = self.hp(lr);
         for (i, (_, p)) in self.params.iter().enumerate() {
             crate::kernels::adam_update(
                 p, &grads[i], &self.m[i], &self.v[i], &hp, self.t, grad_scale,

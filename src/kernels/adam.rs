@@ -38,7 +38,7 @@ impl Default for AdamHp {
 
 /// Scalars of one step, precomputed once.
 #[derive(Clone, Copy)]
-struct Coefs {
+pub(crate) struct Coefs {
     gs: f32,
     b1: f32,
     b2: f32,
@@ -73,6 +73,26 @@ impl Coefs {
             step_size: (hp.lr / bc1) as f32,
             inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
         }
+    }
+
+    /// The step's scalars for the multi-tensor CUDA kernel (`AdamCoefs` in optim.cu, in that
+    /// order): b1, b2, c1, c2, eps, l2, decay, step_size, inv_sqrt_bc2.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device(hp: &AdamHp, t: u64) -> [f32; 9] {
+        let c = Self::new(hp, t, 1.0);
+        let l2 = if c.decoupled { 0.0 } else { c.wd };
+        let decay = if c.decoupled { c.decay } else { 1.0 };
+        [
+            c.b1,
+            c.b2,
+            c.c1,
+            c.c2,
+            c.eps,
+            l2,
+            decay,
+            c.step_size,
+            c.inv_sqrt_bc2,
+        ]
     }
 
     #[inline(always)]
@@ -138,6 +158,7 @@ pub fn adam_update(
     if !all_cpu {
         return reference(p, g, m, v, hp, t, grad_scale);
     }
+    super::counters::device_ops(1);
     let g = if g.dtype() == DType::F32 && g.is_contiguous() {
         g.clone()
     } else {
@@ -324,6 +345,7 @@ pub fn sum_squares(ts: &[&Tensor]) -> Result<f64> {
             .into_iter()
             .partition(|t| t.device().same_device(&dev));
         total += Tensor::stack(&same, 0)?.sum_all()?.to_scalar::<f64>()?;
+        super::counters::host_sync();
         on_device = rest;
     }
     Ok(total)

@@ -63,15 +63,16 @@ pub fn bias_act(
     if b.dtype() != y.dtype() {
         return Err(dtype_err(OP, b.dtype(), "a bias in the output's dtype"));
     }
-    if !y.device().is_cpu() {
+    if !super::has_kernel(y.device()) {
         return reference(y, b, relu, drop, out_shape);
     }
+    super::count_cpu_op(y.device());
     let op = BiasAct {
         relu,
-        drop: drop.cloned(),
+        drop: drop.copied(),
         out_shape: Shape::from(out_shape.to_vec()),
     };
-    y.apply_op2(b, Op(op))
+    super::cuda_contiguous(y)?.apply_op2(&super::cuda_contiguous(b)?, Op(op))
 }
 
 struct BiasAct {
@@ -99,9 +100,8 @@ impl Fused2 for BiasAct {
                     }
                 }
                 if let Some(m) = drop {
-                    let keep = &m.keep()[r * n..(r + 1) * n];
-                    for (zi, &k) in z.iter_mut().zip(keep) {
-                        *zi *= if k != 0 { m.scale() } else { 0.0 };
+                    for (j, zi) in z.iter_mut().enumerate() {
+                        *zi *= m.factor(r * n + j);
                     }
                 }
             }))
@@ -109,10 +109,39 @@ impl Fused2 for BiasAct {
         Ok((storage, self.out_shape.clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: super::fused::CudaArg,
+        b: super::fused::CudaArg,
+    ) -> super::fused::CudaOut {
+        let out = super::cuda::epilogue::bias_act_fwd(a, b, self.relu, self.drop.as_ref())?;
+        Ok((out, self.out_shape.clone()))
+    }
+
     fn bwd(&self, [y, b]: [&Tensor; 2], res: &Tensor, grad_res: &Tensor) -> Grads<2> {
+        super::count_cpu_op(y.device());
         let n = y.dim(candle_core::D::Minus1)?;
         let rows = y.elem_count() / n.max(1);
         let g = grad_res.to_dtype(y.dtype())?;
+        #[cfg(feature = "cuda")]
+        if g.device().is_cuda() {
+            let g = super::cuda_contiguous(&g)?;
+            let res = super::cuda_contiguous(res)?;
+            let (dy, db) = super::cuda::with_storage(OP, &g, |gs, gl| {
+                super::cuda::with_storage(OP, &res, |rs, rl| {
+                    super::cuda::epilogue::bias_act_bwd(
+                        (gs, gl),
+                        (rs, rl),
+                        self.relu,
+                        self.drop.as_ref(),
+                    )
+                })
+            })?;
+            let dy = super::cuda::tensor(dy, y.shape());
+            let db = super::cuda::tensor(db, n).to_dtype(b.dtype())?;
+            return Ok([Some(dy), Some(db)]);
+        }
         let (g, res) = (CpuTensor::of(&g, OP)?, CpuTensor::of(res, OP)?);
         let (dy, db) = with_float!(g.storage(), OP, |gv: T| {
             let res_v: &[T] = match res.storage() {

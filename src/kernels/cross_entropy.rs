@@ -1,7 +1,7 @@
 //! Label-smoothed cross-entropy with an ignore index, fused forward and gradient.
 
-use super::fused::{Arg, Fused2, Grads, Op, Out};
-use super::plumbing::{dtype_err, ensure_float, par_row_blocks, par_rows, shape_err};
+use super::fused::{Arg, Fused2, Fused3, Grads, Op, Out};
+use super::plumbing::{dtype_err, ensure_float, f32_slice, par_row_blocks, par_rows, shape_err};
 use super::{fast_exp, max_f32, with_float, Elem, KernelError, Rows};
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::Mutex;
@@ -43,13 +43,15 @@ pub fn cross_entropy_ls(
     } else {
         targets.to_dtype(DType::U32)?
     };
-    if logits.device().is_cpu() && v > 0 {
+    if super::has_kernel(logits.device()) && v > 0 {
+        super::count_cpu_op(logits.device());
         let op = CrossEntropy {
             pad_id,
             eps: eps as f32,
             lse: Mutex::new(None),
         };
-        logits.apply_op2(&targets, Op(op))
+        let logits = super::cuda_contiguous(logits)?;
+        logits.apply_op2(&super::cuda_contiguous(&targets)?, Op(op))
     } else {
         reference(logits, &targets, pad_id, eps)
     }
@@ -76,7 +78,15 @@ struct CrossEntropy {
     pad_id: u32,
     eps: f32,
     /// Per-row log-sum-exp saved by the forward pass for the backward pass.
-    lse: Mutex<Option<Vec<f32>>>,
+    lse: Mutex<Option<Saved>>,
+}
+
+/// What the forward pass saves: the per-row log-sum-exp (on the CPU), or that and the count of
+/// non-pad rows as device buffers (on CUDA, so the backward pass needs no host read).
+enum Saved {
+    Cpu(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<super::cuda::cross_entropy::Saved>),
 }
 
 fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [u32]>> {
@@ -187,7 +197,7 @@ impl Fused2 for CrossEntropy {
             self.eps
         ));
         if let Ok(mut slot) = self.lse.lock() {
-            *slot = Some(lse);
+            *slot = Some(Saved::Cpu(lse));
         }
         let loss = if n_valid == 0 {
             0.0
@@ -197,24 +207,38 @@ impl Fused2 for CrossEntropy {
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: super::fused::CudaArg,
+        b: super::fused::CudaArg,
+    ) -> super::fused::CudaOut {
+        let (loss, saved) = super::cuda::cross_entropy::forward(a, b, self.pad_id, self.eps)?;
+        if let Ok(mut slot) = self.lse.lock() {
+            *slot = Some(Saved::Cuda(Box::new(saved)));
+        }
+        Ok((loss, Shape::from(())))
+    }
+
     fn bwd(&self, [logits, targets]: [&Tensor; 2], _res: &Tensor, grad_res: &Tensor) -> Grads<2> {
-        let g = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let lse = self.lse.lock().ok().and_then(|mut s| s.take());
+        super::count_cpu_op(logits.device());
+        // The upstream gradient stays a tensor (on a GPU: no host read).
+        let g = grad_res.to_dtype(DType::F32)?;
+        let saved = self.lse.lock().ok().and_then(|mut s| s.take());
         let op = CrossEntropyBwd {
             pad_id: self.pad_id,
             eps: self.eps,
-            grad: g,
-            lse,
+            saved,
         };
-        Ok([Some(logits.apply_op2_no_bwd(targets, &Op(op))?), None])
+        Ok([Some(logits.apply_op3_no_bwd(targets, &g, &Op(op))?), None])
     }
 }
 
+/// The gradient over (logits, targets, upstream gradient as an f32 scalar).
 struct CrossEntropyBwd {
     pad_id: u32,
     eps: f32,
-    grad: f32,
-    lse: Option<Vec<f32>>,
+    saved: Option<Saved>,
 }
 
 fn ce_bwd<T: Elem>(
@@ -222,6 +246,7 @@ fn ce_bwd<T: Elem>(
     xl: &Layout,
     targets: &[u32],
     op: &CrossEntropyBwd,
+    grad: f32,
     n_valid: usize,
 ) -> Vec<T> {
     let rows = Rows::new(xl);
@@ -230,7 +255,11 @@ fn ce_bwd<T: Elem>(
     if n_valid == 0 || v == 0 {
         return out;
     }
-    let coef = op.grad / n_valid as f32;
+    let coef = grad / n_valid as f32;
+    let lse_saved = match &op.saved {
+        Some(Saved::Cpu(l)) => Some(l),
+        _ => None,
+    };
     let off = op.eps / v as f32;
     let on = 1.0 - op.eps;
     par_rows(
@@ -243,7 +272,7 @@ fn ce_bwd<T: Elem>(
                 return; // already zero
             }
             rows.load(x, r, buf);
-            let lse = match &op.lse {
+            let lse = match lse_saved {
                 Some(l) => l[r],
                 None => {
                     let mx = max_f32(buf);
@@ -261,17 +290,30 @@ fn ce_bwd<T: Elem>(
     out
 }
 
-impl Fused2 for CrossEntropyBwd {
+impl Fused3 for CrossEntropyBwd {
     const NAME: &'static str = "cross_entropy_ls_bwd";
 
-    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg) -> Out {
+    fn fwd(&self, (s1, l1): Arg, (s2, l2): Arg, (s3, l3): Arg) -> Out {
         let targets = u32_slice(s2, l2)?;
         let v = l1.dims()[1];
         let n_valid = check_targets(&targets, v, self.pad_id)?;
+        let g = f32_slice(OP, s3, "an f32 upstream gradient")?[l3.start_offset()];
         let storage = with_float!(s1, OP, |x: T| T::wrap(ce_bwd::<T>(
-            x, l1, &targets, self, n_valid
+            x, l1, &targets, self, g, n_valid
         )));
         Ok((storage, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    #[rustfmt::skip]
+    fn cuda_fwd(&self, a: super::fused::CudaArg, b: super::fused::CudaArg, c: super::fused::CudaArg) -> super::fused::CudaOut {
+        let saved = match &self.saved {
+            Some(Saved::Cuda(s)) => Some(&**s),
+            _ => None,
+        };
+        let shape = a.1.shape().clone();
+        let dx = super::cuda::cross_entropy::backward(a, b, c, saved, self.pad_id, self.eps)?;
+        Ok((dx, shape))
     }
 }
 

@@ -1,7 +1,8 @@
 //! candle's `CustomOp1/2/3` written once for the fused kernels. An op implements [`Fused1`],
-//! [`Fused2`] or [`Fused3`]: its name, its CPU forward over `(storage, layout)` operands and (if
-//! it has one) its backward over the argument tensors; the adapter [`Op`] makes it a candle
-//! custom op. Each op file then states only what differs.
+//! [`Fused2`] or [`Fused3`]: its name, its CPU forward over `(storage, layout)` operands, with
+//! the `cuda` feature optionally its CUDA forward (`cuda_fwd`, the launchers in
+//! `kernels::cuda`), and (if it has one) its backward over the argument tensors; the adapter
+//! [`Op`] makes it a candle custom op. Each op file then states only what differs.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -12,14 +13,32 @@ pub(crate) type Out = Result<(CpuStorage, Shape)>;
 /// The gradients of a backward pass, one per argument (`None`: no gradient to that argument).
 pub(crate) type Grads<const N: usize> = Result<[Option<Tensor>; N]>;
 
+/// One operand of a CUDA forward pass.
+#[cfg(feature = "cuda")]
+pub(crate) type CudaArg<'a> = (&'a candle_core::CudaStorage, &'a Layout);
+/// What a CUDA forward pass returns.
+#[cfg(feature = "cuda")]
+pub(crate) type CudaOut = Result<(candle_core::CudaStorage, Shape)>;
+
 fn no_backward<const N: usize>(op: &'static str) -> Grads<N> {
     Err(candle_core::Error::BackwardNotSupported { op })
+}
+
+#[cfg(feature = "cuda")]
+fn no_cuda(op: &'static str) -> CudaOut {
+    Err(candle_core::Error::Msg(format!(
+        "{op}: no CUDA kernel (the caller should have used the reference composition)"
+    )))
 }
 
 /// A fused op of one tensor.
 pub(crate) trait Fused1: Send + Sync {
     const NAME: &'static str;
     fn fwd(&self, x: Arg) -> Out;
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _x: CudaArg) -> CudaOut {
+        no_cuda(Self::NAME)
+    }
     fn bwd(&self, _args: [&Tensor; 1], _res: &Tensor, _grad: &Tensor) -> Grads<1> {
         no_backward(Self::NAME)
     }
@@ -29,6 +48,10 @@ pub(crate) trait Fused1: Send + Sync {
 pub(crate) trait Fused2: Send + Sync {
     const NAME: &'static str;
     fn fwd(&self, a: Arg, b: Arg) -> Out;
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _a: CudaArg, _b: CudaArg) -> CudaOut {
+        no_cuda(Self::NAME)
+    }
     fn bwd(&self, _args: [&Tensor; 2], _res: &Tensor, _grad: &Tensor) -> Grads<2> {
         no_backward(Self::NAME)
     }
@@ -38,6 +61,10 @@ pub(crate) trait Fused2: Send + Sync {
 pub(crate) trait Fused3: Send + Sync {
     const NAME: &'static str;
     fn fwd(&self, a: Arg, b: Arg, c: Arg) -> Out;
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _a: CudaArg, _b: CudaArg, _c: CudaArg) -> CudaOut {
+        no_cuda(Self::NAME)
+    }
     fn bwd(&self, _args: [&Tensor; 3], _res: &Tensor, _grad: &Tensor) -> Grads<3> {
         no_backward(Self::NAME)
     }
@@ -53,6 +80,10 @@ impl<T: Fused1> CustomOp1 for Op<T> {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Out {
         self.0.fwd((s, l))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CudaOut {
+        self.0.cuda_fwd((s, l))
+    }
     fn bwd(&self, x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let [dx] = self.0.bwd([x], res, grad)?;
         Ok(dx)
@@ -65,6 +96,11 @@ impl<T: Fused2> CustomOp2 for Op<T> {
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Out {
         self.0.fwd((s1, l1), (s2, l2))
+    }
+    #[cfg(feature = "cuda")]
+    #[rustfmt::skip]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> CudaOut {
+        self.0.cuda_fwd((s1, l1), (s2, l2))
     }
     fn bwd(
         &self,
@@ -85,6 +121,11 @@ impl<T: Fused3> CustomOp3 for Op<T> {
     #[rustfmt::skip]
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Out {
         self.0.fwd((s1, l1), (s2, l2), (s3, l3))
+    }
+    #[cfg(feature = "cuda")]
+    #[rustfmt::skip]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> CudaOut {
+        self.0.cuda_fwd((s1, l1), (s2, l2), (s3, l3))
     }
     #[allow(clippy::type_complexity)]
     fn bwd(

@@ -34,13 +34,19 @@ pub fn layer_norm(
         ensure_float(OP, &[t.dtype()])?;
     }
     ensure_float(OP, &[out, x.dtype()])?;
-    if x.device().is_cpu() {
+    if super::has_kernel(x.device()) {
+        super::count_cpu_op(x.device());
         let op = LayerNorm {
             eps: eps as f32,
             tutorial,
             out,
         };
-        x.apply_op3(alpha, beta, Op(op))
+        if x.device().is_cpu() {
+            return x.apply_op3(alpha, beta, Op(op));
+        }
+        // The CUDA kernels take contiguous rows and f32 parameters.
+        let f32c = |t: &Tensor| super::cuda_contiguous(&t.to_dtype(DType::F32)?);
+        super::cuda_contiguous(x)?.apply_op3(&f32c(alpha)?, &f32c(beta)?, Op(op))
     } else {
         reference(x, alpha, beta, eps, tutorial, out)
     }
@@ -130,7 +136,15 @@ impl Fused3 for LayerNorm {
         Ok((storage, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    #[rustfmt::skip]
+    fn cuda_fwd(&self, a: super::fused::CudaArg, b: super::fused::CudaArg, c: super::fused::CudaArg) -> super::fused::CudaOut {
+        super::cuda::layer_norm::forward(a, b, c, self.eps, self.tutorial, self.out)
+    }
+
     fn bwd(&self, [x, alpha, beta]: [&Tensor; 3], _res: &Tensor, grad_res: &Tensor) -> Grads<3> {
+        super::count_cpu_op(x.device());
+        let grad_res = &super::cuda_contiguous(grad_res)?;
         let op = Op(LayerNormBwd {
             eps: self.eps,
             tutorial: self.tutorial,
@@ -138,7 +152,7 @@ impl Fused3 for LayerNorm {
             param_grads: Mutex::new(None),
         });
         let dx = x.apply_op3_no_bwd(alpha, grad_res, &op)?;
-        let (da, db) = op
+        let grads = op
             .0
             .param_grads
             .lock()
@@ -146,8 +160,19 @@ impl Fused3 for LayerNorm {
             .take()
             .ok_or_else(|| candle_core::Error::Msg("layer_norm_bwd: no parameter grads".into()))?;
         let dev = x.device();
-        let da = Tensor::from_vec(da, alpha.shape(), dev)?.to_dtype(alpha.dtype())?;
-        let db = Tensor::from_vec(db, beta.shape(), dev)?.to_dtype(beta.dtype())?;
+        let (da, db) = match grads {
+            ParamGrads::Cpu(da, db) => (
+                Tensor::from_vec(da, alpha.shape(), dev)?,
+                Tensor::from_vec(db, beta.shape(), dev)?,
+            ),
+            #[cfg(feature = "cuda")]
+            ParamGrads::Cuda(g) => (
+                super::cuda::tensor(g.0, alpha.shape()),
+                super::cuda::tensor(g.1, beta.shape()),
+            ),
+        };
+        let da = da.to_dtype(alpha.dtype())?;
+        let db = db.to_dtype(beta.dtype())?;
         Ok([Some(dx), Some(da), Some(db)])
     }
 }
@@ -157,10 +182,15 @@ struct LayerNormBwd {
     eps: f32,
     tutorial: bool,
     out: DType,
-    param_grads: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+    param_grads: Mutex<Option<ParamGrads>>,
 }
 
-type ParamGrads = (Vec<f32>, Vec<f32>);
+/// dalpha and dbeta (f32), the backward pass's side result.
+enum ParamGrads {
+    Cpu(Vec<f32>, Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<(candle_core::CudaStorage, candle_core::CudaStorage)>),
+}
 
 fn ln_bwd<T: Elem, G: Elem, O: Elem>(
     x: &[T],
@@ -170,7 +200,7 @@ fn ln_bwd<T: Elem, G: Elem, O: Elem>(
     gl: &Layout,
     eps: f32,
     tutorial: bool,
-) -> (Vec<O>, ParamGrads) {
+) -> (Vec<O>, (Vec<f32>, Vec<f32>)) {
     let (rx, rg) = (Rows::new(xl), Rows::new(gl));
     let d = rx.d;
     let nf = d as f32;
@@ -228,12 +258,28 @@ impl Fused3 for LayerNormBwd {
                 (O::wrap(dx), grads)
             })
         }));
+        self.keep(ParamGrads::Cpu(grads.0, grads.1))?;
+        Ok((storage, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    #[rustfmt::skip]
+    fn cuda_fwd(&self, a: super::fused::CudaArg, b: super::fused::CudaArg, c: super::fused::CudaArg) -> super::fused::CudaOut {
+        let shape = a.1.shape().clone();
+        let (dx, da, db) = super::cuda::layer_norm::backward(a, b, c, self.eps, self.tutorial)?;
+        self.keep(ParamGrads::Cuda(Box::new((da, db))))?;
+        Ok((dx, shape))
+    }
+}
+
+impl LayerNormBwd {
+    fn keep(&self, g: ParamGrads) -> Result<()> {
         *self
             .param_grads
             .lock()
             .map_err(|_| candle_core::Error::Msg("layer_norm_bwd: poisoned lock".into()))? =
-            Some(grads);
-        Ok((storage, l1.shape().clone()))
+            Some(g);
+        Ok(())
     }
 }
 

@@ -1,8 +1,9 @@
 //! Fused CPU kernels with their own backward pass for mixed-precision training.
 //!
 //! Every op here is a candle `CustomOp` on CPU (rayon over rows, f32 math whatever the storage
-//! dtype) and falls back to an equivalent differentiable composition of candle ops on other
-//! devices. The fused ops exist because candle's own fused `softmax_last_dim` / `layer_norm` have
+//! dtype) and, with the `cuda` feature, on CUDA devices too ([`cuda`]: PTX kernels compiled by
+//! `build.rs`, the same math and the same counter-based dropout bits); on other devices it falls
+//! back to an equivalent differentiable composition of candle ops. The fused ops exist because candle's own fused `softmax_last_dim` / `layer_norm` have
 //! no backward, and because a small Transformer on a CPU is bound by elementwise work: one pass
 //! over a row instead of five or six materialised intermediates.
 //!
@@ -25,6 +26,8 @@
 mod adam;
 mod bias_act;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dropout;
 mod elem;
 mod fused;
@@ -40,7 +43,7 @@ mod softmax;
 pub use adam::{adam_update, sum_squares, AdamHp};
 pub use bias_act::bias_act;
 pub use cross_entropy::cross_entropy_ls;
-pub use dropout::{dropout, DropMask};
+pub use dropout::{dropout, keep_bits, DropMask};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use matmul::{bf16_dot_available, matmul, matmul_portable};
@@ -64,7 +67,41 @@ pub(crate) use elem::{is_float, with_float, with_out_dtype, Elem};
 pub(crate) use math::{dot_f32, fast_exp, max_f32, sum_f32};
 pub(crate) use rows::Rows;
 
-use candle_core::DType;
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Stand-in for `crate::counters` (the lead's module on main): on merge, delete this module and
+/// replace it by `pub(crate) use crate::counters;`.
+pub(crate) mod counters {
+    /// `n` device kernel launches (or, on the CPU, fused ops).
+    pub fn device_ops(_n: u64) {}
+    /// `n` bytes copied from the host to a device.
+    pub fn h2d_bytes(_n: u64) {}
+    /// One device-to-host read (a host sync).
+    pub fn host_sync() {}
+}
+
+/// Whether the fused kernels run on `dev`: the CPU always, a CUDA device with the `cuda`
+/// feature; elsewhere the ops use their reference compositions.
+pub(crate) fn has_kernel(dev: &Device) -> bool {
+    dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda())
+}
+
+/// Counts one fused op on the CPU (a CUDA launcher counts its own launches).
+pub(crate) fn count_cpu_op(dev: &Device) {
+    if dev.is_cpu() {
+        counters::device_ops(1);
+    }
+}
+
+/// `t` itself, or (on a CUDA device, whose kernels take contiguous operands) a contiguous copy
+/// of a strided `t`. The CPU kernels read any strides.
+pub(crate) fn cuda_contiguous(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cpu() || t.is_contiguous() {
+        return Ok(t.clone());
+    }
+    counters::device_ops(1);
+    t.contiguous()
+}
 
 /// Errors raised by the kernels (wrapped into `candle_core::Error` at the API boundary, since
 /// every kernel is called from inside candle's graph machinery).

@@ -39,13 +39,14 @@ pub fn residual_dropout(x: &Tensor, sub: &Tensor, drop: Option<&DropMask>) -> Re
     if !is_float(sub.dtype()) {
         return Err(dtype_err(OP, sub.dtype(), EXPECTED));
     }
-    if !x.device().is_cpu() {
+    if !super::has_kernel(x.device()) {
         return reference(x, sub, drop);
     }
+    super::count_cpu_op(x.device());
     let op = ResidualDropout {
-        drop: drop.cloned(),
+        drop: drop.copied(),
     };
-    x.apply_op2(sub, Op(op))
+    super::cuda_contiguous(x)?.apply_op2(&super::cuda_contiguous(sub)?, Op(op))
 }
 
 struct ResidualDropout {
@@ -62,9 +63,8 @@ impl Fused2 for ResidualDropout {
         let out = with_float!(s2, OP, |s: T| {
             map_rows2::<f32, T, f32>(x, l1, s, l2, |r, o, v| match drop {
                 Some(m) => {
-                    let keep = &m.keep()[r * d..(r + 1) * d];
-                    for ((o, v), &k) in o.iter_mut().zip(v.iter()).zip(keep) {
-                        *o += if k != 0 { *v * m.scale() } else { 0.0 };
+                    for (j, (o, v)) in o.iter_mut().zip(v.iter()).enumerate() {
+                        *o += *v * m.factor(r * d + j);
                     }
                 }
                 None => {
@@ -77,9 +77,20 @@ impl Fused2 for ResidualDropout {
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: super::fused::CudaArg,
+        b: super::fused::CudaArg,
+    ) -> super::fused::CudaOut {
+        let out = super::cuda::epilogue::residual_fwd(a, b, self.drop.as_ref())?;
+        Ok((out, a.1.shape().clone()))
+    }
+
     fn bwd(&self, [_x, sub]: [&Tensor; 2], _res: &Tensor, grad_res: &Tensor) -> Grads<2> {
+        // The mask and the cast to the sublayer's dtype in one pass (one launch on a GPU).
         let dsub = match &self.drop {
-            Some(m) => apply_mask(&grad_res.to_dtype(sub.dtype())?, m)?,
+            Some(m) => apply_mask(grad_res, m, sub.dtype())?,
             None => grad_res.to_dtype(sub.dtype())?,
         };
         Ok([Some(grad_res.clone()), Some(dsub)])

@@ -111,6 +111,12 @@ impl<'a> Learner<'a> {
             prep.tgt_tok.vocab_size(),
             spec.data.max_len,
         );
+        // Cheap launches on a GPU (event tracking off, the memory pool kept): before the model
+        // is built, since the switch applies to tensors created after it.
+        #[cfg(feature = "cuda")]
+        if let Some(msg) = crate::kernels::cuda::device::tune_for_training(&opts.device)? {
+            tracing::info!("{msg}");
+        }
         let model = Transformer::new(&mcfg, spec.train.seed, &opts.device)?;
         let cur = spec.clone();
         let stepper = Stepper::new(&cur, &model)?;

@@ -102,7 +102,6 @@ impl Stepper {
         }
         let loss = model.loss(&ctx, &db.src, &db.tgt_in, &db.tgt_out, self.label_smoothing)?;
         let grads = self.scaler.scale_loss(&loss)?.backward()?;
-        let loss_v = loss.to_scalar::<f32>()? as f64;
         let mut glist: Vec<Tensor> = model
             .params
             .iter()
@@ -117,11 +116,21 @@ impl Stepper {
                 inj.apply(step, &mut glist)?;
             }
         }
-        let ss = optim::sum_squares(&glist)?;
-        let found_inf = GradScaler::found_inf(ss) || !loss_v.is_finite();
         let scale = self.scaler.scale();
-        let grad_norm = ss.sqrt() * self.scaler.inv_scale();
         let lr = self.sched.lr(self.schedule_step(step));
+        // On a CUDA device the sum of squares, the overflow check, the clip factor and the
+        // update (skipped there on overflow) all happen on the device, and this is the step's
+        // one host read. Elsewhere: the host reads the loss and the sum, decides, then updates.
+        let on_device =
+            self.opt
+                .fused_step(&glist, &loss, lr, self.scaler.inv_scale(), self.clip)?;
+        let (loss_v, ss) = match on_device {
+            Some(d) => (d.loss, d.sum_squares),
+            None => (loss.to_scalar::<f32>()? as f64, optim::sum_squares(&glist)?),
+        };
+        let found_inf = GradScaler::found_inf(ss) || !loss_v.is_finite();
+        debug_assert!(on_device.is_none_or(|d| d.found_inf == found_inf));
+        let grad_norm = ss.sqrt() * self.scaler.inv_scale();
         let overflow = if found_inf {
             let names: Vec<&str> = model.params.iter().map(|(n, _)| n.as_str()).collect();
             let act = ctx.first_overflow();
@@ -146,7 +155,7 @@ impl Stepper {
         } else {
             None
         };
-        if !found_inf {
+        if !found_inf && on_device.is_none() {
             let coef = optim::clip_coef(grad_norm, self.clip);
             self.opt.step(&glist, lr, self.scaler.inv_scale() * coef)?;
         }
