@@ -75,6 +75,7 @@ pub(crate) mod counters {
     /// `n` device kernel launches (or, on the CPU, fused ops).
     pub fn device_ops(_n: u64) {}
     /// `n` bytes copied from the host to a device.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub fn h2d_bytes(_n: u64) {}
     /// One device-to-host read (a host sync).
     pub fn host_sync() {}
