@@ -799,3 +799,53 @@ fn the_gpu_step_skips_and_backs_off_on_an_injected_overflow_exactly_as_the_cpu()
     assert_eq!(gpu, cpu, "(skipped, scale used, optimizer steps) per step");
     Ok(())
 }
+
+/// Losses of `steps` trainer steps on the same batch from the same initial weights.
+fn step_losses(dev: &Device, p: Precision, steps: u64) -> Result<Vec<f64>> {
+    let model = Transformer::new(&cfg(), 21, dev)?;
+    let b = batch(dev)?;
+    let mut spec = TrainSpec::default();
+    spec.train.precision = p;
+    spec.train.lr = 1e-3;
+    spec.train.clip_grad_norm = 1.0;
+    spec.model.dropout = 0.0;
+    let mut st = Stepper::new(&spec, &model).map_err(candle_core::Error::wrap)?;
+    (1..=steps)
+        .map(|step| {
+            st.step(&model, &b, step)
+                .map(|o| o.loss)
+                .map_err(candle_core::Error::wrap)
+        })
+        .collect()
+}
+
+#[test]
+fn the_fused_device_step_trains_like_the_reference_ops_on_the_gpu() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let fused = step_losses(&dev, Precision::Fp32, 4)?;
+    let reference = ops::with_reference_ops(|| step_losses(&dev, Precision::Fp32, 4))?;
+    for (i, (a, b)) in fused.iter().zip(&reference).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-3 * b.abs(),
+            "step {}: fused {a} vs reference ops {b} ({fused:?} vs {reference:?})",
+            i + 1
+        );
+    }
+    assert!(fused[3] < fused[0], "the loss falls: {fused:?}");
+    Ok(())
+}
+
+#[test]
+fn training_device_settings_turn_event_tracking_off_and_steps_still_train() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let msg = kernels::cuda::device::tune_for_training(&dev)?.expect("a CUDA device");
+    let Device::Cuda(c) = &dev else {
+        unreachable!("cuda() opens a CUDA device")
+    };
+    assert!(!c.is_event_tracking(), "{msg}");
+    // Every tensor of these steps is created after the switch.
+    let losses = step_losses(&dev, Precision::F16, 4)?;
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    assert!(losses[3] < losses[0], "the loss falls: {losses:?}");
+    Ok(())
+}
