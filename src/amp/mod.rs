@@ -78,6 +78,7 @@ impl Autocast {
             return Ok(t.clone());
         }
         let t = w.to_dtype(self.dtype)?;
+        crate::counters::candle_node(w, &t, crate::counters::NodeCost::CAST);
         *self.casts.borrow_mut() += 1;
         self.cache.borrow_mut().insert(w.id(), t.clone());
         Ok(t)
@@ -88,7 +89,9 @@ impl Autocast {
         if x.dtype() == self.dtype {
             Ok(x.clone())
         } else {
-            x.to_dtype(self.dtype)
+            let t = x.to_dtype(self.dtype)?;
+            crate::counters::candle_node(x, &t, crate::counters::NodeCost::CAST);
+            Ok(t)
         }
     }
 
@@ -119,7 +122,13 @@ impl Autocast {
                 crate::ops::bias_act(&y, &self.weight(b)?, relu, drop, &shape)
             }
             None => {
-                let y = if relu { y.relu()? } else { y };
+                let y = if relu {
+                    let r = y.relu()?;
+                    crate::counters::candle_node(&y, &r, crate::counters::NodeCost::RELU);
+                    r
+                } else {
+                    y
+                };
                 match drop {
                     Some(m) => crate::ops::dropout_with(&y, m),
                     None => Ok(y),

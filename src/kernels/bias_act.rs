@@ -68,7 +68,7 @@ pub fn bias_act(
     }
     let op = BiasAct {
         relu,
-        drop: drop.cloned(),
+        drop: drop.copied(),
         out_shape: Shape::from(out_shape.to_vec()),
     };
     y.apply_op2(b, Op(op))
@@ -99,9 +99,8 @@ impl Fused2 for BiasAct {
                     }
                 }
                 if let Some(m) = drop {
-                    let keep = &m.keep()[r * n..(r + 1) * n];
-                    for (zi, &k) in z.iter_mut().zip(keep) {
-                        *zi *= if k != 0 { m.scale() } else { 0.0 };
+                    for (i, zi) in z.iter_mut().enumerate() {
+                        *zi *= m.factor(r * n + i);
                     }
                 }
             }))
@@ -112,7 +111,9 @@ impl Fused2 for BiasAct {
     fn bwd(&self, [y, b]: [&Tensor; 2], res: &Tensor, grad_res: &Tensor) -> Grads<2> {
         let n = y.dim(candle_core::D::Minus1)?;
         let rows = y.elem_count() / n.max(1);
-        let g = grad_res.to_dtype(y.dtype())?;
+        let g = crate::counters::cast(grad_res, y.dtype())?;
+        // dy and db in one pass
+        crate::counters::device_ops(1);
         let (g, res) = (CpuTensor::of(&g, OP)?, CpuTensor::of(res, OP)?);
         let (dy, db) = with_float!(g.storage(), OP, |gv: T| {
             let res_v: &[T] = match res.storage() {

@@ -198,7 +198,9 @@ impl Fused2 for CrossEntropy {
     }
 
     fn bwd(&self, [logits, targets]: [&Tensor; 2], _res: &Tensor, grad_res: &Tensor) -> Grads<2> {
-        let g = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        // the loss's incoming gradient (the loss scale) read back: a host sync
+        crate::counters::host_sync();
+        let g = crate::counters::cast(grad_res, DType::F32)?.to_scalar::<f32>()?;
         let lse = self.lse.lock().ok().and_then(|mut s| s.take());
         let op = CrossEntropyBwd {
             pad_id: self.pad_id,

@@ -1,53 +1,73 @@
-//! Inverted dropout with a byte mask: `x * mask * scale` as one op, whose backward is the same
-//! op on the gradient. [`DropMask`] is shared with the fused epilogues (`bias_act`,
-//! `residual_dropout`) that apply a mask in their own pass.
+//! Inverted dropout with a counter-based mask: `x * mask * scale` as one op, whose backward is
+//! the same op on the gradient. [`DropMask`] is shared with the fused epilogues (`bias_act`,
+//! `residual_dropout`, `masked_softmax`) that apply a mask in their own pass.
+//!
+//! The mask is not stored anywhere: element `i` is kept when [`keep_bits`]`(seed, i)` is below a
+//! threshold, a pure function of a 64-bit seed and the element's flat index. The CPU kernels and
+//! the CUDA kernels compute the same bits, so a mask costs nothing to draw or upload on either
+//! device, the backward recomputes it from the seed, and a run resumed at step `t` replays the
+//! masks of the uninterrupted run (the seeds are a function of the run seed, the step and the
+//! dropout site, see `model::Ctx`).
 
 use super::fused::{Arg, Fused1, Grads, Op, Out};
 use super::plumbing::{ensure_float, map_rows, shape_err};
 use super::{with_float, Elem};
 use candle_core::{Result, Shape, Tensor};
-use rand::Rng;
-use std::sync::Arc;
 
 const OP: &str = "dropout";
 
-/// An inverted-dropout mask: one byte per element (1 keep, 0 drop) and the `1 / (1 - p)` scale
-/// kept elements are multiplied by.
-#[derive(Clone, Debug)]
+/// 24 pseudo-random bits for element `i` of the mask with seed `seed`: the splitmix64 finaliser
+/// of `seed + i * golden`. The CUDA kernels compute exactly this (`kernels/cuda`).
+#[inline(always)]
+pub fn keep_bits(seed: u64, i: u64) -> u32 {
+    let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as u32
+}
+
+/// An inverted-dropout mask over `len` elements: element `i` is kept (and multiplied by
+/// `scale = 1 / (1 - p)`) when `keep_bits(seed, i) < threshold`, `threshold = round((1 - p) * 2^24)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DropMask {
-    keep: Arc<Vec<u8>>,
+    seed: u64,
+    threshold: u32,
     scale: f32,
+    len: usize,
 }
 
 impl DropMask {
-    /// Draws a mask for `n` elements with drop probability `p` in (0, 1): element `i` is kept when
-    /// the `i`-th `rng.gen::<f64>()` is below `1 - p` (the same draws, in the same order, as the
-    /// f32-mask dropout this replaces, so seeded runs replay the same masks).
-    pub fn sample(n: usize, p: f64, rng: &mut rand::rngs::StdRng) -> Self {
-        let keep_p = 1.0 - p;
-        let keep = (0..n)
-            .map(|_| u8::from(rng.gen::<f64>() < keep_p))
-            .collect();
+    /// The mask with seed `seed` for `len` elements and drop probability `p` in (0, 1).
+    pub fn new(seed: u64, len: usize, p: f64) -> Self {
+        let keep_p = (1.0 - p).clamp(0.0, 1.0);
         Self {
-            keep: Arc::new(keep),
-            scale: (1.0 / keep_p) as f32,
+            seed,
+            threshold: (keep_p * (1u32 << 24) as f64).round() as u32,
+            scale: if keep_p > 0.0 {
+                (1.0 / keep_p) as f32
+            } else {
+                0.0
+            },
+            len,
         }
     }
 
-    /// A mask from explicit keep flags (for tests).
-    pub fn from_keep(keep: Vec<bool>, p: f64) -> Self {
-        Self {
-            keep: Arc::new(keep.into_iter().map(u8::from).collect()),
-            scale: (1.0 / (1.0 - p)) as f32,
-        }
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Elements whose [`keep_bits`] are below this are kept.
+    pub fn threshold(&self) -> u32 {
+        self.threshold
     }
 
     pub fn len(&self) -> usize {
-        self.keep.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keep.is_empty()
+        self.len == 0
     }
 
     /// The factor kept elements are multiplied by.
@@ -55,29 +75,28 @@ impl DropMask {
         self.scale
     }
 
-    /// The keep flags, one byte per element in row-major order.
-    pub fn keep(&self) -> &[u8] {
-        &self.keep
-    }
-
-    /// The mask as an f32 tensor of `scale` (kept) and 0 (dropped), for the reference
-    /// compositions.
-    pub fn to_tensor(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
-        let v: Vec<f32> = self
-            .keep
-            .iter()
-            .map(|&k| if k != 0 { self.scale } else { 0.0 })
-            .collect();
-        Tensor::from_vec(v, shape, device)
-    }
-
+    /// Whether element `i` (flat row-major index) is kept.
     #[inline(always)]
-    pub(crate) fn factor(&self, i: usize) -> f32 {
-        if self.keep[i] != 0 {
+    pub fn keeps(&self, i: usize) -> bool {
+        keep_bits(self.seed, i as u64) < self.threshold
+    }
+
+    /// `scale` where element `i` is kept, 0 where it is dropped.
+    #[inline(always)]
+    pub fn factor(&self, i: usize) -> f32 {
+        if self.keeps(i) {
             self.scale
         } else {
             0.0
         }
+    }
+
+    /// The mask as an f32 tensor of `scale` (kept) and 0 (dropped), for the reference
+    /// compositions (which upload it: they are the oracle, not the training path).
+    pub fn to_tensor(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
+        let v: Vec<f32> = (0..self.len).map(|i| self.factor(i)).collect();
+        crate::counters::h2d_bytes((v.len() * 4) as u64);
+        Tensor::from_vec(v, shape, device)
     }
 
     /// Fails unless the mask covers exactly `n` elements.
@@ -105,12 +124,12 @@ pub fn dropout(x: &Tensor, m: &DropMask) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return reference(x, m);
     }
-    x.apply_op1(Op(Dropout { m: m.clone() }))
+    x.apply_op1(Op(Dropout { m: *m }))
 }
 
 /// The mask applied to a tensor outside the graph (a gradient in a backward pass).
 pub(crate) fn apply_mask(g: &Tensor, m: &DropMask) -> Result<Tensor> {
-    g.apply_op1_no_bwd(&Op(Dropout { m: m.clone() }))
+    g.apply_op1_no_bwd(&Op(Dropout { m: *m }))
 }
 
 struct Dropout {
@@ -134,7 +153,7 @@ impl Fused1 for Dropout {
     }
 
     fn bwd(&self, [arg]: [&Tensor; 1], _res: &Tensor, grad_res: &Tensor) -> Grads<1> {
-        let g = grad_res.to_dtype(arg.dtype())?;
+        let g = crate::counters::cast(grad_res, arg.dtype())?;
         Ok([Some(apply_mask(&g, &self.m)?)])
     }
 }
@@ -144,12 +163,11 @@ mod tests {
     use super::*;
     use crate::kernels::test_util::{compare, mask, randn};
     use candle_core::DType;
-    use rand::SeedableRng;
 
     #[test]
     fn dropout_matches_composition_and_keeps_the_expected_share() -> Result<()> {
         let m = mask(4 * 9 * 33, 0.1, 8);
-        let kept = m.keep().iter().filter(|&&k| k != 0).count() as f64 / m.len() as f64;
+        let kept = (0..m.len()).filter(|&i| m.keeps(i)).count() as f64 / m.len() as f64;
         assert!((kept - 0.9).abs() < 0.03, "kept share {kept}");
         for (dt, tol) in [
             (DType::F32, 1e-6f32),
@@ -163,15 +181,34 @@ mod tests {
     }
 
     #[test]
-    fn mask_sampling_replays_the_f32_mask_draws() {
-        // The byte mask keeps exactly where the old f32 mask had `scale`.
-        let mut a = rand::rngs::StdRng::seed_from_u64(42);
-        let mut b = rand::rngs::StdRng::seed_from_u64(42);
-        let m = DropMask::sample(1000, 0.25, &mut a);
-        for &k in m.keep() {
-            let old = b.gen::<f64>() < 0.75;
-            assert_eq!(k != 0, old);
+    fn masks_keep_the_share_asked_for_and_differ_between_seeds() {
+        for p in [0.1, 0.3, 0.5] {
+            let n = 200_000;
+            let a = DropMask::new(1, n, p);
+            let kept = (0..n).filter(|&i| a.keeps(i)).count() as f64 / n as f64;
+            // binomial sd at n = 2e5 is ~0.001
+            assert!((kept - (1.0 - p)).abs() < 0.005, "p {p}: kept share {kept}");
+            // neighbouring seeds (what consecutive dropout sites get) are uncorrelated
+            let b = DropMask::new(2, n, p);
+            let both = (0..n).filter(|&i| a.keeps(i) && b.keeps(i)).count() as f64 / n as f64;
+            let want = (1.0 - p) * (1.0 - p);
+            assert!(
+                (both - want).abs() < 0.005,
+                "p {p}: joint keep {both}, independent {want}"
+            );
+            // and neighbouring elements too
+            let pairs = (0..n - 1).filter(|&i| a.keeps(i) && a.keeps(i + 1)).count() as f64;
+            assert!((pairs / (n - 1) as f64 - want).abs() < 0.005);
         }
-        assert!((m.scale() - 1.0 / 0.75).abs() < 1e-7);
+        assert_eq!(DropMask::new(5, 10, 0.1).threshold(), 15_099_494);
+        assert!((DropMask::new(5, 10, 0.25).scale() - 1.0 / 0.75).abs() < 1e-7);
+    }
+
+    #[test]
+    fn keep_bits_is_the_splitmix64_finaliser() {
+        // splitmix64's published first output for state 0 after one increment
+        // (0x9E3779B97F4A7C15) is 0xE220A8397B1DCDAF: keep_bits(0, 1) is its top 24 bits.
+        assert_eq!(keep_bits(0, 1), 0xE220A8);
+        assert_eq!(keep_bits(0x9E37_79B9_7F4A_7C15, 0), 0xE220A8);
     }
 }

@@ -40,7 +40,7 @@ mod softmax;
 pub use adam::{adam_update, sum_squares, AdamHp};
 pub use bias_act::bias_act;
 pub use cross_entropy::cross_entropy_ls;
-pub use dropout::{dropout, DropMask};
+pub use dropout::{dropout, keep_bits, DropMask};
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use matmul::{bf16_dot_available, matmul, matmul_portable};
@@ -101,11 +101,10 @@ impl From<KernelError> for candle_core::Error {
 #[cfg(test)]
 pub(crate) mod test_util {
     use candle_core::{DType, Device, Result, Tensor, Var};
-    use rand::SeedableRng;
 
     /// A seeded dropout mask of `n` elements with drop probability `p`.
     pub fn mask(n: usize, p: f64, seed: u64) -> crate::kernels::DropMask {
-        crate::kernels::DropMask::sample(n, p, &mut rand::rngs::StdRng::seed_from_u64(seed))
+        crate::kernels::DropMask::new(seed, n, p)
     }
 
     /// Forward values and the gradients of `sum(out * w)` w.r.t. every input, fused vs reference.

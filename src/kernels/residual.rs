@@ -43,7 +43,7 @@ pub fn residual_dropout(x: &Tensor, sub: &Tensor, drop: Option<&DropMask>) -> Re
         return reference(x, sub, drop);
     }
     let op = ResidualDropout {
-        drop: drop.cloned(),
+        drop: drop.copied(),
     };
     x.apply_op2(sub, Op(op))
 }
@@ -62,9 +62,8 @@ impl Fused2 for ResidualDropout {
         let out = with_float!(s2, OP, |s: T| {
             map_rows2::<f32, T, f32>(x, l1, s, l2, |r, o, v| match drop {
                 Some(m) => {
-                    let keep = &m.keep()[r * d..(r + 1) * d];
-                    for ((o, v), &k) in o.iter_mut().zip(v.iter()).zip(keep) {
-                        *o += if k != 0 { *v * m.scale() } else { 0.0 };
+                    for (i, (o, v)) in o.iter_mut().zip(v.iter()).enumerate() {
+                        *o += *v * m.factor(r * d + i);
                     }
                 }
                 None => {
@@ -79,8 +78,8 @@ impl Fused2 for ResidualDropout {
 
     fn bwd(&self, [_x, sub]: [&Tensor; 2], _res: &Tensor, grad_res: &Tensor) -> Grads<2> {
         let dsub = match &self.drop {
-            Some(m) => apply_mask(&grad_res.to_dtype(sub.dtype())?, m)?,
-            None => grad_res.to_dtype(sub.dtype())?,
+            Some(m) => apply_mask(&crate::counters::cast(grad_res, sub.dtype())?, m)?,
+            None => crate::counters::cast(grad_res, sub.dtype())?,
         };
         Ok([Some(grad_res.clone()), Some(dsub)])
     }
