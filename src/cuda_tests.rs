@@ -361,20 +361,26 @@ fn mixed_precision_training_steps_stay_on_the_gpu() -> Result<()> {
         let l = loss.to_scalar::<f32>()?;
         assert!(l.is_finite() && l > 0.0, "{p:?} loss {l}");
         let grads = (loss * 1024.0)?.backward()?;
-        for (name, var) in &model.params {
-            let g = grads
-                .get(var)
-                .unwrap_or_else(|| panic!("{p:?}: no gradient for {name}"));
+        let glist: Vec<Tensor> = model
+            .params
+            .iter()
+            .map(|(name, v)| {
+                ac.grad_of(v, &grads)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{p:?}: no gradient for {name}"))
+            })
+            .collect();
+        for ((name, var), g) in model.params.iter().zip(&glist) {
             assert_on_cuda(name, g);
-            assert_eq!(g.dtype(), DType::F32, "{p:?}: gradient of {name}");
+            assert!(
+                g.dtype() == DType::F32 || g.dtype() == dt,
+                "{p:?}: gradient of {name} is {:?}",
+                g.dtype()
+            );
             assert_on_cuda(name, var.as_tensor());
             assert_eq!(var.dtype(), DType::F32, "master weight {name}");
         }
-        let glist: Vec<&Tensor> = model
-            .params
-            .iter()
-            .map(|(_, v)| grads.get(v).unwrap())
-            .collect();
+        let glist: Vec<&Tensor> = glist.iter().collect();
         let ss = kernels::sum_squares(&glist)?;
         assert!(ss.is_finite() && ss > 0.0, "{p:?} grad sum of squares {ss}");
 

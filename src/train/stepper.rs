@@ -114,8 +114,8 @@ impl Stepper {
         let mut glist: Vec<Tensor> = model
             .params
             .iter()
-            .map(|(_, v)| match grads.get(v) {
-                Some(g) => Ok(g.clone()),
+            .map(|(_, v)| match self.ac.grad_of(v, &grads)? {
+                Some(g) => Ok(g),
                 None => {
                     crate::counters::device_ops(1);
                     v.zeros_like()
