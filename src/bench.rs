@@ -83,18 +83,25 @@ pub fn preset(name: &str) -> anyhow::Result<Preset> {
         .ok_or_else(|| anyhow::anyhow!("unknown size `{name}`: expected tiny, small or tutorial"))
 }
 
-/// The reference's synthetic batch: random tokens laid out like the tutorial's dataset, non-pad
-/// lengths uniform in [seq/4, seq], padded to seq_len. Returns the batch and its non-pad labels.
+/// [`synthetic_host_batch`] on `dev`.
 pub fn synthetic_batch(
     p: &Preset,
     rng: &mut rand::rngs::StdRng,
     dev: &candle_core::Device,
 ) -> candle_core::Result<(DeviceBatch, usize)> {
+    let b = synthetic_host_batch(p, rng);
+    Ok((b.to_device(dev)?, b.n_tgt_tokens))
+}
+
+/// The reference's synthetic batch: random tokens laid out like the tutorial's dataset, non-pad
+/// lengths uniform in [seq/4, seq], padded to seq_len, in host memory (the trainer uploads each
+/// batch in its step; so does the benchmark).
+pub fn synthetic_host_batch(p: &Preset, rng: &mut rand::rngs::StdRng) -> data::Batch {
     let (b, s) = (p.batch, p.seq_len);
     let lo = (s / 4).max(3);
     let pad = data::PAD_ID;
     let (mut enc, mut dec, mut lab) = (vec![pad; b * s], vec![pad; b * s], vec![pad; b * s]);
-    let mut toks = 0;
+    let (mut toks, mut src_toks) = (0, 0);
     for i in 0..b {
         let ns = rng.gen_range(lo..=s);
         let nt = rng.gen_range(lo..=s);
@@ -112,16 +119,18 @@ pub fn synthetic_batch(
         }
         lab[row + nt - 1] = data::EOS_ID;
         toks += nt;
+        src_toks += ns;
     }
-    let t = |v: Vec<u32>| candle_core::Tensor::from_vec(v, (b, s), dev);
-    Ok((
-        DeviceBatch {
-            src: t(enc)?,
-            tgt_in: t(dec)?,
-            tgt_out: t(lab)?,
-        },
-        toks,
-    ))
+    data::Batch {
+        size: b,
+        src_len: s,
+        tgt_len: s,
+        src: enc,
+        tgt_in: dec,
+        tgt_out: lab,
+        n_tgt_tokens: toks,
+        n_src_tokens: src_toks,
+    }
 }
 
 fn peak_rss_mb() -> f64 {
@@ -158,6 +167,18 @@ pub struct TrainBenchRecord {
     pub loss_last: f64,
     pub skipped_steps: u64,
     pub synthetic: bool,
+    /// Kernel launches of one step (docs/counting.md): forward, backward, optimizer.
+    pub device_ops_per_step: u64,
+    /// Bytes one step copies from the host to the device, and of those the token batch's.
+    pub h2d_bytes_per_step: u64,
+    pub batch_bytes: u64,
+    /// Reads of one step that wait for the device.
+    pub host_syncs_per_step: u64,
+    /// Nodes of the step's backward graph, and whether our code declared every one of them (so
+    /// `device_ops_per_step` covers the whole graph).
+    pub graph_nodes: u64,
+    pub graph_declared: u64,
+    pub graph_counted: bool,
 }
 
 /// `cpu` or `cuda:N`, as `--device` spells it.
@@ -194,29 +215,41 @@ pub fn bench_train(
     spec.train.lr = 1e-4;
     let mut stepper = Stepper::new(&spec, &model)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let pool: Vec<(DeviceBatch, usize)> = (0..4)
-        .map(|_| synthetic_batch(p, &mut rng, dev))
-        .collect::<candle_core::Result<_>>()?;
+    let pool: Vec<data::Batch> = (0..4).map(|_| synthetic_host_batch(p, &mut rng)).collect();
     let (mut times, mut tps) = (Vec::new(), Vec::new());
     let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let mut counted = None;
     for i in 0..warmup + steps {
-        let (b, toks) = &pool[i % pool.len()];
+        let hb = &pool[i % pool.len()];
+        let toks = hb.n_tgt_tokens;
         let t0 = Instant::now();
-        let o = stepper.step(&model, b, i as u64 + 1)?;
+        // the step as the trainer runs it: upload the batch, step
+        let (o, counts) = crate::counters::measure(|| -> anyhow::Result<_> {
+            let b = hb.to_device(dev)?;
+            Ok(stepper.step(&model, &b, i as u64 + 1)?)
+        });
+        let o = o?;
         // A GPU runs the step's last kernels (the Adam updates) after `step` returns: wait for
         // them so each timed step is complete, as the reference's torch.cuda.synchronize().
         dev.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();
+        // every step launches the same ops; the last one is reported
+        counted = Some((
+            counts,
+            o.graph,
+            (hb.src.len() + hb.tgt_in.len() + hb.tgt_out.len()) * 4,
+        ));
         if i == 0 {
             first = o.loss;
         }
         last = o.loss;
         if i >= warmup {
             times.push(dt * 1e3);
-            tps.push(*toks as f64 / dt);
+            tps.push(toks as f64 / dt);
         }
     }
     let med = median(&mut times.clone());
+    let (counts, graph, batch_bytes) = counted.unwrap_or_default();
     Ok(TrainBenchRecord {
         kind: "train",
         size: p.name.into(),
@@ -236,6 +269,13 @@ pub fn bench_train(
         loss_last: last,
         skipped_steps: stepper.scaler.skipped_total(),
         synthetic: true,
+        device_ops_per_step: counts.device_ops,
+        h2d_bytes_per_step: counts.h2d_bytes,
+        batch_bytes: batch_bytes as u64,
+        host_syncs_per_step: counts.host_syncs,
+        graph_nodes: graph.nodes,
+        graph_declared: graph.candle_nodes + graph.fused_nodes,
+        graph_counted: graph.complete(),
     })
 }
 
@@ -425,4 +465,60 @@ pub fn run_translate_bench(a: &BenchTranslateArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(layers: usize) -> Preset {
+        Preset {
+            name: "count-test",
+            d_model: 32,
+            layers,
+            heads: 2,
+            d_ff: 64,
+            seq_len: 12,
+            batch: 4,
+            vocab: 60,
+        }
+    }
+
+    #[test]
+    fn a_counted_step_declares_every_graph_node_and_uploads_only_its_batch() {
+        let dev = candle_core::Device::Cpu;
+        for prec in [Precision::Fp32, Precision::Bf16, Precision::F16] {
+            let r = bench_train(&tiny(2), prec, 1, 2, &dev).unwrap();
+            assert!(
+                r.graph_counted,
+                "{prec:?}: {} graph nodes, {} declared",
+                r.graph_nodes, r.graph_declared
+            );
+            assert!(r.graph_nodes > 50, "{prec:?}: {} nodes", r.graph_nodes);
+            // the causal mask was uploaded in the first step and cached: a step after it
+            // uploads its token batch and nothing else
+            assert_eq!(r.h2d_bytes_per_step, r.batch_bytes, "{prec:?}");
+            assert_eq!(r.batch_bytes, 3 * 4 * 12 * 4);
+            // the loss and the gradient norm (the cross-entropy backward takes the loss scale as
+            // a tensor: no read; on CUDA the fused optimizer step makes it one read in all)
+            assert_eq!(r.host_syncs_per_step, 2, "{prec:?}");
+        }
+    }
+
+    #[test]
+    fn launches_grow_by_the_same_count_with_every_layer() {
+        let dev = candle_core::Device::Cpu;
+        let ops = |layers| {
+            bench_train(&tiny(layers), Precision::F16, 0, 1, &dev)
+                .unwrap()
+                .device_ops_per_step
+        };
+        let (one, two, three) = (ops(1), ops(2), ops(3));
+        assert!(two > one && one > 0);
+        assert_eq!(
+            three - two,
+            two - one,
+            "per-layer launches: {one}, {two}, {three}"
+        );
+    }
 }

@@ -264,11 +264,15 @@ fn fused_op_fallbacks_match_the_cpu_kernels() -> Result<()> {
 fn dropout_masks_are_drawn_on_the_gpu_and_seeded() -> Result<()> {
     let Some(dev) = cuda() else { return Ok(()) };
     let x = Tensor::ones(200_000, DType::F16, &dev)?;
-    let draw = |seed: u64| -> Result<Tensor> {
-        let mut rng = ops::step_rng(seed, 1);
-        ops::seed_device(&dev, &mut rng)?;
-        ops::dropout(&x, 0.1, &mut rng)
-    };
+    let mask =
+        |seed: u64| ops::DropMask::new(ops::site_seed(ops::step_seed(seed, 1), 0), 200_000, 0.1);
+    let draw = |seed: u64| -> Result<Tensor> { ops::dropout_with(&x, &mask(seed)) };
+    // the GPU mask is the CPU mask: both are the same hash of (seed, index)
+    let on_cpu = ops::dropout_with(&x.to_device(&Device::Cpu)?, &mask(5))?;
+    assert_eq!(
+        max_abs_diff(&draw(5)?.to_device(&Device::Cpu)?, &on_cpu)?,
+        0.0
+    );
     let y = draw(5)?;
     assert_on_cuda("dropout", &y);
     assert_eq!(y.dtype(), DType::F16);
@@ -341,7 +345,7 @@ fn mixed_precision_training_steps_stay_on_the_gpu() -> Result<()> {
         // One forward/backward by hand: half-precision logits on the GPU, an f32 finite loss,
         // and an f32 gradient on the GPU for every master weight.
         let ac = Autocast::new(p);
-        let ctx = Ctx::new(&ac, true, 0.1, ops::step_rng(1, 1));
+        let ctx = Ctx::new(&ac, true, 0.1, ops::step_seed(1, 1));
         let logits = model.forward_t(&ctx, &b.src, &b.tgt_in)?;
         assert_on_cuda("logits", &logits);
         assert_eq!(logits.dtype(), dt, "{p:?} logits");
@@ -357,20 +361,26 @@ fn mixed_precision_training_steps_stay_on_the_gpu() -> Result<()> {
         let l = loss.to_scalar::<f32>()?;
         assert!(l.is_finite() && l > 0.0, "{p:?} loss {l}");
         let grads = (loss * 1024.0)?.backward()?;
-        for (name, var) in &model.params {
-            let g = grads
-                .get(var)
-                .unwrap_or_else(|| panic!("{p:?}: no gradient for {name}"));
+        let glist: Vec<Tensor> = model
+            .params
+            .iter()
+            .map(|(name, v)| {
+                ac.grad_of(v, &grads)
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{p:?}: no gradient for {name}"))
+            })
+            .collect();
+        for ((name, var), g) in model.params.iter().zip(&glist) {
             assert_on_cuda(name, g);
-            assert_eq!(g.dtype(), DType::F32, "{p:?}: gradient of {name}");
+            assert!(
+                g.dtype() == DType::F32 || g.dtype() == dt,
+                "{p:?}: gradient of {name} is {:?}",
+                g.dtype()
+            );
             assert_on_cuda(name, var.as_tensor());
             assert_eq!(var.dtype(), DType::F32, "master weight {name}");
         }
-        let glist: Vec<&Tensor> = model
-            .params
-            .iter()
-            .map(|(_, v)| grads.get(v).unwrap())
-            .collect();
+        let glist: Vec<&Tensor> = glist.iter().collect();
         let ss = kernels::sum_squares(&glist)?;
         assert!(ss.is_finite() && ss > 0.0, "{p:?} grad sum of squares {ss}");
 

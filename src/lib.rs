@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod counters;
 pub mod data;
 pub mod data_dir_lock;
 pub mod experiment;

@@ -9,7 +9,6 @@
 
 use crate::kernels;
 use candle_core::{DType, Result, Tensor};
-use rand::SeedableRng;
 
 thread_local! {
     static FORCE_REFERENCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -19,6 +18,17 @@ pub(crate) fn use_reference() -> bool {
     static R: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     FORCE_REFERENCE.with(|f| f.get())
         || *R.get_or_init(|| std::env::var("AMPSERVE_REFERENCE_OPS").is_ok_and(|v| v == "1"))
+}
+
+/// Declares `out` of a fused kernel (one launch, counted by the kernel) as a graph node whose
+/// backward hands gradients to `edges` inputs (`crate::counters`). On devices without fused
+/// kernels (neither the CPU nor, with the `cuda` feature, a CUDA device) the kernels run their
+/// reference compositions, whose candle nodes are not declared.
+fn fused(out: Tensor, edges: u64) -> Result<Tensor> {
+    if kernels::has_kernel(out.device()) {
+        crate::counters::fused_node(&out, edges);
+    }
+    Ok(out)
 }
 
 /// Run `f` on this thread with the reference compositions instead of the fused kernels.
@@ -51,7 +61,7 @@ pub fn layer_norm(
     if use_reference() {
         return kernels::reference::layer_norm(x, alpha, beta, eps, tutorial, out);
     }
-    kernels::layer_norm(x, alpha, beta, eps, tutorial, out)
+    fused(kernels::layer_norm(x, alpha, beta, eps, tutorial, out)?, 3)
 }
 
 /// Masked softmax (see `kernels::reference::masked_softmax`), fused.
@@ -59,7 +69,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) ->
     if use_reference() {
         return kernels::reference::masked_softmax(scores, mask, scale, out, None);
     }
-    kernels::masked_softmax(scores, mask, scale, out, None)
+    fused(kernels::masked_softmax(scores, mask, scale, out, None)?, 1)
 }
 
 /// Label-smoothed cross-entropy (see `kernels::reference::cross_entropy_ls`), fused with its
@@ -73,7 +83,7 @@ pub fn cross_entropy_ls(
     if use_reference() {
         return kernels::reference::cross_entropy_ls(logits, targets, pad_id, eps);
     }
-    kernels::cross_entropy_ls(logits, targets, pad_id, eps)
+    fused(kernels::cross_entropy_ls(logits, targets, pad_id, eps)?, 1)
 }
 
 pub use crate::kernels::DropMask;
@@ -100,15 +110,15 @@ pub fn bias_act(
     if use_reference() {
         return kernels::reference::bias_act(y, b, relu, drop, out_shape);
     }
-    kernels::bias_act(y, b, relu, drop, out_shape)
+    fused(kernels::bias_act(y, b, relu, drop, out_shape)?, 2)
 }
 
-/// Inverted dropout with a byte mask (see `kernels::dropout`).
+/// Inverted dropout with a counter-based mask (see `kernels::dropout`).
 pub fn dropout_with(x: &Tensor, m: &DropMask) -> Result<Tensor> {
     if use_reference() {
         return kernels::reference::dropout(x, m);
     }
-    kernels::dropout(x, m)
+    fused(kernels::dropout(x, m)?, 1)
 }
 
 /// `x + dropout(sub)` into the f32 residual stream (see `kernels::residual_dropout`).
@@ -116,7 +126,7 @@ pub fn residual_dropout(x: &Tensor, sub: &Tensor, drop: Option<&DropMask>) -> Re
     if use_reference() {
         return kernels::reference::residual_dropout(x, sub, drop);
     }
-    kernels::residual_dropout(x, sub, drop)
+    fused(kernels::residual_dropout(x, sub, drop)?, 2)
 }
 
 /// The plain candle compositions of the ops that have no fused kernel of their own here
@@ -143,35 +153,21 @@ pub mod reference {
     }
 }
 
-/// Inverted dropout with a caller-owned, seeded RNG (candle's CPU RNG cannot be seeded, and
-/// resumed runs must replay the same masks). On a GPU the mask is drawn on the device by its own
-/// generator (cuRAND) instead: a host-made mask would cost a host RNG pass and an upload per
-/// call, which dominates a GPU step. Seed that generator once per forward pass with
-/// [`seed_device`] to make GPU masks a function of the run seed and step too.
-pub fn dropout(x: &Tensor, p: f64, rng: &mut rand::rngs::StdRng) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    if !x.device().is_cpu() {
-        // u in [0, 1): P(u >= p) = 1 - p.
-        let keep = 1.0 - p;
-        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
-        let mask = u.ge(p)?.to_dtype(x.dtype())?;
-        return x.mul(&mask)?.affine(1.0 / keep, 0.0);
-    }
-    dropout_with(x, &DropMask::sample(x.elem_count(), p, rng))
+/// The full 64-bit splitmix64 finaliser: a bijective mix, so distinct inputs give distinct seeds.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
-/// Seed a GPU's random generator from `rng` (a no-op on the CPU, whose dropout masks come from
-/// `rng` directly).
-pub fn seed_device(dev: &candle_core::Device, rng: &mut rand::rngs::StdRng) -> Result<()> {
-    if dev.is_cpu() {
-        return Ok(());
-    }
-    dev.set_seed(rand::Rng::gen::<u64>(rng))
+/// The dropout seed of one training step: a function of the run seed and the step alone, so a
+/// run resumed at `step` draws the masks the uninterrupted run drew.
+pub fn step_seed(run_seed: u64, step: u64) -> u64 {
+    mix64(run_seed ^ mix64(step.wrapping_add(0x5EED)))
 }
 
-/// A small deterministic RNG for one forward pass: a function of the run seed and the step.
-pub fn step_rng(seed: u64, step: u64) -> rand::rngs::StdRng {
-    rand::rngs::StdRng::seed_from_u64(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+/// The seed of the `site`-th dropout mask of a forward pass (see `model::Ctx`). Hashed, so the
+/// masks of different sites are unrelated streams of [`kernels::keep_bits`].
+pub fn site_seed(step_seed: u64, site: u64) -> u64 {
+    mix64(step_seed ^ mix64(site.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1)))
 }

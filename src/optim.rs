@@ -176,6 +176,8 @@ impl Adam {
         self.t += 1;
         let hp = self.hp(lr);
         for (i, (_, p)) in self.params.iter().enumerate() {
+            // one update kernel per tensor (after a cast of a non-f32 gradient)
+            crate::counters::device_ops(1 + u64::from(grads[i].dtype() != DType::F32));
             crate::kernels::adam_update(
                 p, &grads[i], &self.m[i], &self.v[i], &hp, self.t, grad_scale,
             )?;
@@ -218,6 +220,8 @@ impl Adam {
 /// Sum of squares of all gradients (f32 in, f64 out): one reduction per tensor, one host sync.
 pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
     let refs: Vec<&Tensor> = grads.iter().collect();
+    crate::counters::device_ops(grads.len() as u64);
+    crate::counters::host_sync();
     crate::kernels::sum_squares(&refs)
 }
 

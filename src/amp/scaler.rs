@@ -131,7 +131,9 @@ impl GradScaler {
         loss: &candle_core::Tensor,
     ) -> candle_core::Result<candle_core::Tensor> {
         if self.cfg.enabled {
-            loss.affine(self.st.scale, 0.0)
+            let t = loss.affine(self.st.scale, 0.0)?;
+            crate::counters::candle_node(loss, &t, crate::counters::NodeCost::AFFINE);
+            Ok(t)
         } else {
             Ok(loss.clone())
         }

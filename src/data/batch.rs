@@ -224,6 +224,8 @@ pub fn make_batch(examples: &[Example], idx: &[usize]) -> Batch {
 impl Batch {
     /// Copy to `dev` as `u32` tensors of shape `(size, len)`.
     pub fn to_device(&self, dev: &Device) -> candle_core::Result<DeviceBatch> {
+        let ids = self.src.len() + self.tgt_in.len() + self.tgt_out.len();
+        crate::counters::h2d_bytes((ids * std::mem::size_of::<u32>()) as u64);
         Ok(DeviceBatch {
             src: Tensor::from_slice(&self.src, (self.size, self.src_len), dev)?,
             tgt_in: Tensor::from_slice(&self.tgt_in, (self.size, self.tgt_len), dev)?,

@@ -66,7 +66,6 @@ pub fn bias_act(
     if !super::has_kernel(y.device()) {
         return reference(y, b, relu, drop, out_shape);
     }
-    super::count_cpu_op(y.device());
     let op = BiasAct {
         relu,
         drop: drop.copied(),
@@ -100,8 +99,8 @@ impl Fused2 for BiasAct {
                     }
                 }
                 if let Some(m) = drop {
-                    for (j, zi) in z.iter_mut().enumerate() {
-                        *zi *= m.factor(r * n + j);
+                    for (i, zi) in z.iter_mut().enumerate() {
+                        *zi *= m.factor(r * n + i);
                     }
                 }
             }))
@@ -120,10 +119,9 @@ impl Fused2 for BiasAct {
     }
 
     fn bwd(&self, [y, b]: [&Tensor; 2], res: &Tensor, grad_res: &Tensor) -> Grads<2> {
-        super::count_cpu_op(y.device());
         let n = y.dim(candle_core::D::Minus1)?;
         let rows = y.elem_count() / n.max(1);
-        let g = grad_res.to_dtype(y.dtype())?;
+        let g = crate::counters::cast(grad_res, y.dtype())?;
         #[cfg(feature = "cuda")]
         if g.device().is_cuda() {
             let g = super::cuda_contiguous(&g)?;
@@ -142,6 +140,8 @@ impl Fused2 for BiasAct {
             let db = super::cuda::tensor(db, n).to_dtype(b.dtype())?;
             return Ok([Some(dy), Some(db)]);
         }
+        // dy and db in one pass
+        crate::counters::device_ops(1);
         let (g, res) = (CpuTensor::of(&g, OP)?, CpuTensor::of(res, OP)?);
         let (dy, db) = with_float!(g.storage(), OP, |gv: T| {
             let res_v: &[T] = match res.storage() {

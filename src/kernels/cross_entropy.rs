@@ -44,7 +44,6 @@ pub fn cross_entropy_ls(
         targets.to_dtype(DType::U32)?
     };
     if super::has_kernel(logits.device()) && v > 0 {
-        super::count_cpu_op(logits.device());
         let op = CrossEntropy {
             pad_id,
             eps: eps as f32,
@@ -221,9 +220,8 @@ impl Fused2 for CrossEntropy {
     }
 
     fn bwd(&self, [logits, targets]: [&Tensor; 2], _res: &Tensor, grad_res: &Tensor) -> Grads<2> {
-        super::count_cpu_op(logits.device());
         // The upstream gradient stays a tensor (on a GPU: no host read).
-        let g = grad_res.to_dtype(DType::F32)?;
+        let g = crate::counters::cast(grad_res, DType::F32)?;
         let saved = self.lse.lock().ok().and_then(|mut s| s.take());
         let op = CrossEntropyBwd {
             pad_id: self.pad_id,

@@ -2,21 +2,22 @@
 //! the same op on the gradient. [`DropMask`] is shared with the fused epilogues (`bias_act`,
 //! `residual_dropout`, `masked_softmax`) that apply a mask in their own pass.
 //!
-//! The mask is no memory at all: element `i` (the flat row-major index into the op's logical
-//! output) is kept when [`keep_bits`]`(seed, i) < threshold`, a pure function of a 64-bit seed.
-//! The CUDA kernels compute the same bits (`kernels/cuda/common.cuh`), so a mask is identical on
-//! the CPU and the GPU, nothing is uploaded, and a backward pass recomputes it from the seed.
+//! The mask is not stored anywhere: element `i` is kept when [`keep_bits`]`(seed, i)` is below a
+//! threshold, a pure function of a 64-bit seed and the element's flat index. The CPU kernels and
+//! the CUDA kernels compute the same bits, so a mask costs nothing to draw or upload on either
+//! device, the backward recomputes it from the seed, and a run resumed at step `t` replays the
+//! masks of the uninterrupted run (the seeds are a function of the run seed, the step and the
+//! dropout site, see `model::Ctx`).
 
 use super::fused::{Arg, Fused1, Grads, Op, Out};
 use super::plumbing::{ensure_float, map_rows, shape_err};
 use super::{with_float, with_out_dtype, Elem};
 use candle_core::{DType, Result, Shape, Tensor};
-use rand::Rng;
 
 const OP: &str = "dropout";
 
-/// The 24 random bits of element `i` under `seed`: the splitmix64 finaliser of
-/// `seed + i * golden` (the same integer math as `keep_bits` in `kernels/cuda/common.cuh`).
+/// 24 pseudo-random bits for element `i` of the mask with seed `seed`: the splitmix64 finaliser
+/// of `seed + i * golden`. The CUDA kernels compute exactly this (`kernels/cuda`).
 #[inline(always)]
 pub fn keep_bits(seed: u64, i: u64) -> u32 {
     let mut z = seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -26,9 +27,8 @@ pub fn keep_bits(seed: u64, i: u64) -> u32 {
     (z >> 40) as u32
 }
 
-/// An inverted-dropout mask over `len` elements: element `i` is kept (multiplied by `scale` =
-/// `1 / (1 - p)`) when `keep_bits(seed, i) < threshold`, `threshold = round((1 - p) * 2^24)`,
-/// and zeroed otherwise.
+/// An inverted-dropout mask over `len` elements: element `i` is kept (and multiplied by
+/// `scale = 1 / (1 - p)`) when `keep_bits(seed, i) < threshold`, `threshold = round((1 - p) * 2^24)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DropMask {
     seed: u64,
@@ -38,34 +38,28 @@ pub struct DropMask {
 }
 
 impl DropMask {
-    /// A mask for `len` elements with drop probability `p` in [0, 1).
+    /// The mask with seed `seed` for `len` elements and drop probability `p` in (0, 1).
     pub fn new(seed: u64, len: usize, p: f64) -> Self {
         let keep_p = (1.0 - p).clamp(0.0, 1.0);
         Self {
             seed,
-            threshold: (keep_p * (1u64 << 24) as f64).round() as u32,
-            scale: (1.0 / keep_p) as f32,
+            threshold: (keep_p * (1u32 << 24) as f64).round() as u32,
+            scale: if keep_p > 0.0 {
+                (1.0 / keep_p) as f32
+            } else {
+                0.0
+            },
             len,
         }
-    }
-
-    /// A mask whose seed is the next draw of `rng` (so seeded runs replay the same masks).
-    pub fn sample(len: usize, p: f64, rng: &mut rand::rngs::StdRng) -> Self {
-        Self::new(rng.gen::<u64>(), len, p)
     }
 
     pub fn seed(&self) -> u64 {
         self.seed
     }
 
-    /// Element `i` is kept when its 24 random bits are below this.
+    /// Elements whose [`keep_bits`] are below this are kept.
     pub fn threshold(&self) -> u32 {
         self.threshold
-    }
-
-    /// The factor kept elements are multiplied by.
-    pub fn scale(&self) -> f32 {
-        self.scale
     }
 
     pub fn len(&self) -> usize {
@@ -76,13 +70,18 @@ impl DropMask {
         self.len == 0
     }
 
-    /// Whether element `i` is kept.
+    /// The factor kept elements are multiplied by.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+
+    /// Whether element `i` (flat row-major index) is kept.
     #[inline(always)]
     pub fn keeps(&self, i: usize) -> bool {
         keep_bits(self.seed, i as u64) < self.threshold
     }
 
-    /// `scale` for a kept element, 0 for a dropped one.
+    /// `scale` where element `i` is kept, 0 where it is dropped.
     #[inline(always)]
     pub fn factor(&self, i: usize) -> f32 {
         if self.keeps(i) {
@@ -93,9 +92,10 @@ impl DropMask {
     }
 
     /// The mask as an f32 tensor of `scale` (kept) and 0 (dropped), for the reference
-    /// compositions.
+    /// compositions (which upload it: they are the oracle, not the training path).
     pub fn to_tensor(&self, shape: &Shape, device: &candle_core::Device) -> Result<Tensor> {
         let v: Vec<f32> = (0..self.len).map(|i| self.factor(i)).collect();
+        crate::counters::h2d_bytes((v.len() * 4) as u64);
         Tensor::from_vec(v, shape, device)
     }
 
@@ -124,7 +124,6 @@ pub fn dropout(x: &Tensor, m: &DropMask) -> Result<Tensor> {
     if !super::has_kernel(x.device()) {
         return reference(x, m);
     }
-    super::count_cpu_op(x.device());
     super::cuda_contiguous(x)?.apply_op1(Op(Dropout {
         m: *m,
         out: x.dtype(),
@@ -132,9 +131,8 @@ pub fn dropout(x: &Tensor, m: &DropMask) -> Result<Tensor> {
 }
 
 /// The mask applied to a tensor outside the graph (a gradient in a backward pass), the result
-/// in dtype `out`: one pass, the cast fused in.
+/// in dtype `out`: one pass (one launch), the cast fused in.
 pub(crate) fn apply_mask(g: &Tensor, m: &DropMask, out: DType) -> Result<Tensor> {
-    super::count_cpu_op(g.device());
     super::cuda_contiguous(g)?.apply_op1_no_bwd(&Op(Dropout { m: *m, out }))
 }
 
@@ -176,7 +174,6 @@ mod tests {
     use super::*;
     use crate::kernels::test_util::{compare, mask, randn};
     use candle_core::DType;
-    use rand::SeedableRng;
 
     #[test]
     fn dropout_matches_composition_and_keeps_the_expected_share() -> Result<()> {
@@ -195,18 +192,34 @@ mod tests {
     }
 
     #[test]
-    fn the_mask_is_a_pure_function_of_seed_and_index() {
-        // splitmix64 of seed 0 at index 1 (seed + golden): the published first output
-        // 0xE220A8397B1DCDAF, whose top 24 bits are 0xE220A8.
-        assert_eq!(keep_bits(0, 1), 0xE2_20A8);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-        let m = DropMask::sample(1000, 0.25, &mut rng);
-        let again = DropMask::new(m.seed(), 1000, 0.25);
-        assert!((0..1000).all(|i| m.keeps(i) == again.keeps(i)));
-        let other = DropMask::new(m.seed() ^ 1, 1000, 0.25);
-        assert!((0..1000).any(|i| m.keeps(i) != other.keeps(i)));
-        assert_eq!(m.threshold(), 12_582_912);
-        assert!((m.scale() - 1.0 / 0.75).abs() < 1e-7);
-        assert_eq!(m.factor(0), if m.keeps(0) { m.scale() } else { 0.0 });
+    fn masks_keep_the_share_asked_for_and_differ_between_seeds() {
+        for p in [0.1, 0.3, 0.5] {
+            let n = 200_000;
+            let a = DropMask::new(1, n, p);
+            let kept = (0..n).filter(|&i| a.keeps(i)).count() as f64 / n as f64;
+            // binomial sd at n = 2e5 is ~0.001
+            assert!((kept - (1.0 - p)).abs() < 0.005, "p {p}: kept share {kept}");
+            // neighbouring seeds (what consecutive dropout sites get) are uncorrelated
+            let b = DropMask::new(2, n, p);
+            let both = (0..n).filter(|&i| a.keeps(i) && b.keeps(i)).count() as f64 / n as f64;
+            let want = (1.0 - p) * (1.0 - p);
+            assert!(
+                (both - want).abs() < 0.005,
+                "p {p}: joint keep {both}, independent {want}"
+            );
+            // and neighbouring elements too
+            let pairs = (0..n - 1).filter(|&i| a.keeps(i) && a.keeps(i + 1)).count() as f64;
+            assert!((pairs / (n - 1) as f64 - want).abs() < 0.005);
+        }
+        assert_eq!(DropMask::new(5, 10, 0.1).threshold(), 15_099_494);
+        assert!((DropMask::new(5, 10, 0.25).scale() - 1.0 / 0.75).abs() < 1e-7);
+    }
+
+    #[test]
+    fn keep_bits_is_the_splitmix64_finaliser() {
+        // splitmix64's published first output for state 0 after one increment
+        // (0x9E3779B97F4A7C15) is 0xE220A8397B1DCDAF: keep_bits(0, 1) is its top 24 bits.
+        assert_eq!(keep_bits(0, 1), 0xE220A8);
+        assert_eq!(keep_bits(0x9E37_79B9_7F4A_7C15, 0), 0xE220A8);
     }
 }

@@ -1,8 +1,10 @@
 //! candle's `CustomOp1/2/3` written once for the fused kernels. An op implements [`Fused1`],
-//! [`Fused2`] or [`Fused3`]: its name, its CPU forward over `(storage, layout)` operands, with
-//! the `cuda` feature optionally its CUDA forward (`cuda_fwd`, the launchers in
-//! `kernels::cuda`), and (if it has one) its backward over the argument tensors; the adapter
-//! [`Op`] makes it a candle custom op. Each op file then states only what differs.
+//! [`Fused2`] or [`Fused3`]: its name, its CPU forward over `(storage, layout)` operands and (if
+//! it has one) its backward over the argument tensors; the adapter [`Op`] makes it a candle
+//! custom op. Each op file then states only what differs. Every CPU forward (also the ones a
+//! backward pass runs through `apply_op*_no_bwd`) counts as one launch (`crate::counters`); with
+//! the `cuda` feature an op may also have a CUDA forward (`cuda_fwd`, the launchers in
+//! `kernels::cuda`, which count each kernel they launch).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -78,6 +80,7 @@ impl<T: Fused1> CustomOp1 for Op<T> {
         T::NAME
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Out {
+        crate::counters::device_ops(1);
         self.0.fwd((s, l))
     }
     #[cfg(feature = "cuda")]
@@ -95,6 +98,7 @@ impl<T: Fused2> CustomOp2 for Op<T> {
         T::NAME
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Out {
+        crate::counters::device_ops(1);
         self.0.fwd((s1, l1), (s2, l2))
     }
     #[cfg(feature = "cuda")]
@@ -120,6 +124,7 @@ impl<T: Fused3> CustomOp3 for Op<T> {
     }
     #[rustfmt::skip]
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Out {
+        crate::counters::device_ops(1);
         self.0.fwd((s1, l1), (s2, l2), (s3, l3))
     }
     #[cfg(feature = "cuda")]

@@ -35,7 +35,6 @@ pub fn layer_norm(
     }
     ensure_float(OP, &[out, x.dtype()])?;
     if super::has_kernel(x.device()) {
-        super::count_cpu_op(x.device());
         let op = LayerNorm {
             eps: eps as f32,
             tutorial,
@@ -143,7 +142,6 @@ impl Fused3 for LayerNorm {
     }
 
     fn bwd(&self, [x, alpha, beta]: [&Tensor; 3], _res: &Tensor, grad_res: &Tensor) -> Grads<3> {
-        super::count_cpu_op(x.device());
         let grad_res = &super::cuda_contiguous(grad_res)?;
         let op = Op(LayerNormBwd {
             eps: self.eps,

@@ -35,7 +35,11 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         return reference(x, w, super::matmul);
     }
     let _ = out;
-    x.contiguous()?.apply_op2(w, Op(Linear))
+    let xc = x.contiguous()?;
+    crate::counters::candle_node(x, &xc, crate::counters::NodeCost::COPY);
+    let y = xc.apply_op2(w, Op(Linear))?;
+    crate::counters::fused_node(&y, 2);
+    Ok(y)
 }
 
 /// The composition: reshape to 2-D, matmul with `w.t()` through `mm`, reshape back.
@@ -47,12 +51,20 @@ pub fn reference(
     let dims = x.dims().to_vec();
     let inp = *dims.last().unwrap_or(&1);
     let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    let y = mm(&x.reshape((rows, inp))?, &w.t()?)?;
+    use crate::counters::{candle_node, NodeCost};
+    let x2 = x.reshape((rows, inp))?;
+    candle_node(x, &x2, NodeCost::VIEW);
+    let wt = w.t()?;
+    candle_node(w, &wt, NodeCost::VIEW);
+    // `mm` declares its own node (kernels::matmul does)
+    let y = mm(&x2, &wt)?;
     let mut out = dims;
     if let Some(l) = out.last_mut() {
         *l = w.dim(0)?;
     }
-    y.reshape(out)
+    let o = y.reshape(out)?;
+    candle_node(&y, &o, NodeCost::VIEW);
+    Ok(o)
 }
 
 struct Linear;
@@ -85,8 +97,10 @@ impl Fused2 for Linear {
     fn bwd(&self, [x, w]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
         let (out, inp) = w.dims2()?;
         let rows = x.elem_count() / inp.max(1);
-        let g = grad.to_dtype(x.dtype())?.reshape((rows, out))?;
+        let g = crate::counters::cast(grad, x.dtype())?.reshape((rows, out))?;
         let x2 = x.detach().reshape((rows, inp))?;
+        // dx and dw: two GEMMs
+        crate::counters::device_ops(2);
         let dx = g.matmul(&w.detach())?.reshape(x.shape())?;
         let dw = g.t()?.matmul(&x2)?;
         Ok([Some(dx), Some(dw)])

@@ -69,29 +69,12 @@ pub(crate) use rows::Rows;
 
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Stand-in for `crate::counters` (the lead's module on main): on merge, delete this module and
-/// replace it by `pub(crate) use crate::counters;`.
-pub(crate) mod counters {
-    /// `n` device kernel launches (or, on the CPU, fused ops).
-    pub fn device_ops(_n: u64) {}
-    /// `n` bytes copied from the host to a device.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub fn h2d_bytes(_n: u64) {}
-    /// One device-to-host read (a host sync).
-    pub fn host_sync() {}
-}
+pub(crate) use crate::counters;
 
 /// Whether the fused kernels run on `dev`: the CPU always, a CUDA device with the `cuda`
 /// feature; elsewhere the ops use their reference compositions.
 pub(crate) fn has_kernel(dev: &Device) -> bool {
     dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda())
-}
-
-/// Counts one fused op on the CPU (a CUDA launcher counts its own launches).
-pub(crate) fn count_cpu_op(dev: &Device) {
-    if dev.is_cpu() {
-        counters::device_ops(1);
-    }
 }
 
 /// `t` itself, or (on a CUDA device, whose kernels take contiguous operands) a contiguous copy
@@ -139,11 +122,10 @@ impl From<KernelError> for candle_core::Error {
 #[cfg(test)]
 pub(crate) mod test_util {
     use candle_core::{DType, Device, Result, Tensor, Var};
-    use rand::SeedableRng;
 
     /// A seeded dropout mask of `n` elements with drop probability `p`.
     pub fn mask(n: usize, p: f64, seed: u64) -> crate::kernels::DropMask {
-        crate::kernels::DropMask::sample(n, p, &mut rand::rngs::StdRng::seed_from_u64(seed))
+        crate::kernels::DropMask::new(seed, n, p)
     }
 
     /// Forward values and the gradients of `sum(out * w)` w.r.t. every input, fused vs reference.

@@ -42,7 +42,6 @@ pub fn residual_dropout(x: &Tensor, sub: &Tensor, drop: Option<&DropMask>) -> Re
     if !super::has_kernel(x.device()) {
         return reference(x, sub, drop);
     }
-    super::count_cpu_op(x.device());
     let op = ResidualDropout {
         drop: drop.copied(),
     };
@@ -63,8 +62,8 @@ impl Fused2 for ResidualDropout {
         let out = with_float!(s2, OP, |s: T| {
             map_rows2::<f32, T, f32>(x, l1, s, l2, |r, o, v| match drop {
                 Some(m) => {
-                    for (j, (o, v)) in o.iter_mut().zip(v.iter()).enumerate() {
-                        *o += *v * m.factor(r * d + j);
+                    for (i, (o, v)) in o.iter_mut().zip(v.iter()).enumerate() {
+                        *o += *v * m.factor(r * d + i);
                     }
                 }
                 None => {
@@ -91,7 +90,7 @@ impl Fused2 for ResidualDropout {
         // The mask and the cast to the sublayer's dtype in one pass (one launch on a GPU).
         let dsub = match &self.drop {
             Some(m) => apply_mask(grad_res, m, sub.dtype())?,
-            None => grad_res.to_dtype(sub.dtype())?,
+            None => crate::counters::cast(grad_res, sub.dtype())?,
         };
         Ok([Some(grad_res.clone()), Some(dsub)])
     }

@@ -48,7 +48,6 @@ pub fn masked_softmax(
         )
     })?;
     if super::has_kernel(scores.device()) && scores.rank() >= 1 {
-        super::count_cpu_op(scores.device());
         let op = MaskedSoftmax {
             scale: scale as f32,
             out,
@@ -159,7 +158,6 @@ impl Fused2 for MaskedSoftmax {
     }
 
     fn bwd(&self, [scores, mask]: [&Tensor; 2], res: &Tensor, grad_res: &Tensor) -> Grads<2> {
-        super::count_cpu_op(scores.device());
         let g = match self.drop {
             None => {
                 let op = SoftmaxBwd {

@@ -1,34 +1,40 @@
-//! Per-forward state: autocast, train/eval, the dropout RNG (and its GPU seeding), and the
-//! optional f16 overflow trace of the activations.
+//! Per-forward state: autocast, train/eval, the dropout seeds, and the optional f16 overflow
+//! trace of the activations.
 
 use crate::amp::Autocast;
 use crate::ops;
 use candle_core::{Result, Tensor};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
-/// Per-forward state: autocast, train/eval, and the dropout RNG.
+/// Per-forward state: autocast, train/eval, and the dropout seeds.
+///
+/// Dropout masks are counter-based ([`ops::DropMask`]): the `k`-th dropout site of a forward
+/// pass (in forward order) gets the seed `ops::site_seed(step_seed, k)`, and the mask of each
+/// element is a hash of that seed and its index. Nothing is drawn on the host or uploaded, the
+/// CPU and CUDA kernels compute the same masks, and a resumed run replays the masks of the
+/// uninterrupted one (the step seed is a function of the run seed and the step alone).
 pub struct Ctx<'a> {
     pub ac: &'a Autocast,
     pub train: bool,
     pub dropout: f64,
-    pub(super) rng: RefCell<StdRng>,
-    /// Whether a GPU's generator was seeded from `rng` in this forward pass (once per pass).
-    pub(super) device_seeded: std::cell::Cell<bool>,
+    /// `ops::step_seed(run_seed, step)`.
+    pub(super) seed: u64,
+    /// The next dropout site's number in this forward pass.
+    pub(super) site: Cell<u64>,
     /// `amp.trace_overflow`: Some once tracing is on; holds the first activation (name, largest
     /// magnitude) that left the f16 range in this forward pass.
     pub(super) trace: Option<RefCell<Option<(String, f64)>>>,
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(ac: &'a Autocast, train: bool, dropout: f64, rng: StdRng) -> Self {
+    /// `seed`: the step's seed, `ops::step_seed(run_seed, step)`.
+    pub fn new(ac: &'a Autocast, train: bool, dropout: f64, seed: u64) -> Self {
         Self {
             ac,
             train,
             dropout,
-            rng: RefCell::new(rng),
-            device_seeded: std::cell::Cell::new(false),
+            seed,
+            site: Cell::new(0),
             trace: None,
         }
     }
@@ -66,28 +72,25 @@ impl<'a> Ctx<'a> {
     }
 
     pub fn eval(ac: &'a Autocast) -> Self {
-        Self::new(ac, false, 0.0, StdRng::seed_from_u64(0))
+        Self::new(ac, false, 0.0, 0)
     }
 
-    /// A dropout mask for `n` elements, or `None` outside training or with p = 0.
+    /// The next dropout site's mask for `n` elements, or `None` outside training or with p = 0.
     pub(super) fn mask(&self, n: usize) -> Option<ops::DropMask> {
-        (self.train && self.dropout > 0.0)
-            .then(|| ops::DropMask::sample(n, self.dropout, &mut self.rng.borrow_mut()))
+        if !(self.train && self.dropout > 0.0) {
+            return None;
+        }
+        let k = self.site.get();
+        self.site.set(k + 1);
+        Some(ops::DropMask::new(
+            ops::site_seed(self.seed, k),
+            n,
+            self.dropout,
+        ))
     }
 
+    /// Inverted dropout with the next site's mask (identity outside training).
     pub(super) fn drop(&self, x: &Tensor) -> Result<Tensor> {
-        if !x.device().is_cpu() {
-            // on a GPU the mask is drawn on the device (seeded once per forward pass)
-            if !(self.train && self.dropout > 0.0) {
-                return Ok(x.clone());
-            }
-            let mut rng = self.rng.borrow_mut();
-            if !self.device_seeded.get() {
-                ops::seed_device(x.device(), &mut rng)?;
-                self.device_seeded.set(true);
-            }
-            return ops::dropout(x, self.dropout, &mut rng);
-        }
         match self.mask(x.elem_count()) {
             Some(m) => ops::dropout_with(x, &m),
             None => Ok(x.clone()),

@@ -25,16 +25,16 @@ impl LayerNorm {
         })
     }
 
-    /// f32 in, f32 out (the next linear casts once).
+    /// f32 in (the residual stream), f32 out (the final norms).
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::layer_norm(
-            x,
-            &self.alpha,
-            &self.beta,
-            self.eps,
-            self.tutorial,
-            DType::F32,
-        )
+        self.forward_as(x, DType::F32)
+    }
+
+    /// f32 in, `out` out: a sublayer's input is normalised straight into the compute dtype, so
+    /// its Q/K/V (or FFN) projections need no cast of their own (the same values as an f32 norm
+    /// cast afterwards, without three cast nodes per attention).
+    pub(super) fn forward_as(&self, x: &Tensor, out: DType) -> Result<Tensor> {
+        ops::layer_norm(x, &self.alpha, &self.beta, self.eps, self.tutorial, out)
     }
 }
 
@@ -69,10 +69,15 @@ impl Attention {
 
     /// (b, t, d) -> (b, h, t, d_k)
     pub(super) fn split(&self, x: &Tensor) -> Result<Tensor> {
+        use crate::counters::{candle_node, NodeCost};
         let (b, t, _) = x.dims3()?;
-        x.reshape((b, t, self.heads, self.d_k))?
-            .transpose(1, 2)?
-            .contiguous()
+        let r = x.reshape((b, t, self.heads, self.d_k))?;
+        candle_node(x, &r, NodeCost::VIEW);
+        let tr = r.transpose(1, 2)?;
+        candle_node(&r, &tr, NodeCost::VIEW);
+        let c = tr.contiguous()?;
+        candle_node(&tr, &c, NodeCost::COPY);
+        Ok(c)
     }
 
     pub(super) fn project_kv(&self, ctx: &Ctx, kv: &Tensor) -> Result<KvCache> {
@@ -94,7 +99,9 @@ impl Attention {
         let (b, tq, _) = q_in.dims3()?;
         let q = self.split(&ctx.ac.linear(q_in, &self.wq, None)?)?;
         // (b, h, tq, tk) in the compute dtype
-        let scores = ctx.ac.matmul(&q, &kv.k.t()?)?;
+        let kt = kv.k.t()?;
+        crate::counters::candle_node(&kv.k, &kt, crate::counters::NodeCost::VIEW);
+        let scores = ctx.ac.matmul(&q, &kt)?;
         let probs = ops::masked_softmax(
             &scores,
             mask,
@@ -104,10 +111,12 @@ impl Attention {
         let probs = ctx.drop(&probs)?;
         // (b, h, tq, d_k)
         let out = ctx.ac.matmul(&probs, &kv.v)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, tq, self.heads * self.d_k))?;
-        ctx.ac.linear(&out, &self.wo, None)
+        let tr = out.transpose(1, 2)?;
+        crate::counters::candle_node(&out, &tr, crate::counters::NodeCost::VIEW);
+        // (b, tq, d): a reshape of the strided transpose is a copy
+        let merged = tr.reshape((b, tq, self.heads * self.d_k))?;
+        crate::counters::candle_node(&tr, &merged, crate::counters::NodeCost::COPY);
+        ctx.ac.linear(&merged, &self.wo, None)
     }
 
     pub(super) fn forward(

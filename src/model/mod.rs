@@ -175,11 +175,15 @@ impl Transformer {
                 self.cfg.max_positions
             );
         }
-        let x = emb
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.d_model))?;
-        let x = (x * (self.cfg.d_model as f64).sqrt())?;
-        let x = x.broadcast_add(&self.pe.narrow(0, offset, t)?)?;
+        use crate::counters::{candle_node, NodeCost};
+        let rows = emb.index_select(&ids.flatten_all()?, 0)?;
+        candle_node(emb, &rows, NodeCost::INDEX_SELECT);
+        let x = rows.reshape((b, t, self.cfg.d_model))?;
+        candle_node(&rows, &x, NodeCost::VIEW);
+        let scaled = (&x * (self.cfg.d_model as f64).sqrt())?;
+        candle_node(&x, &scaled, NodeCost::AFFINE);
+        let x = scaled.broadcast_add(&self.pe.narrow(0, offset, t)?)?;
+        candle_node(&scaled, &x, NodeCost::ADD);
         ctx.drop(&x)
     }
 
@@ -188,11 +192,11 @@ impl Transformer {
         let mut x = self.embed(ctx, &self.src_emb, src, 0)?;
         ctx.watch(|| "encoder.embed".into(), &x)?;
         for (i, l) in self.enc.iter().enumerate() {
-            let h = l.norm1.forward(&x)?;
+            let h = l.norm1.forward_as(&x, ctx.ac.compute_dtype())?;
             let a = l.attn.forward(ctx, &h, &h, src_mask)?;
             ctx.watch(|| format!("encoder.layers.{i}.self_attn"), &a)?;
             x = residual(ctx, &x, &a)?;
-            let h = l.norm2.forward(&x)?;
+            let h = l.norm2.forward_as(&x, ctx.ac.compute_dtype())?;
             let f = l.ffn.forward(ctx, &h)?;
             ctx.watch(|| format!("encoder.layers.{i}.ffn"), &f)?;
             x = residual(ctx, &x, &f)?;
@@ -210,18 +214,20 @@ impl Transformer {
         tgt: &Tensor,
         tgt_mask: &Tensor,
     ) -> Result<Tensor> {
+        // the memory feeds only the cross-attention projections: cast it once, not per layer
+        let memory = &ctx.ac.act(memory)?;
         let mut x = self.embed(ctx, &self.tgt_emb, tgt, 0)?;
         ctx.watch(|| "decoder.embed".into(), &x)?;
         for (i, l) in self.dec.iter().enumerate() {
-            let h = l.norm1.forward(&x)?;
+            let h = l.norm1.forward_as(&x, ctx.ac.compute_dtype())?;
             let a = l.self_attn.forward(ctx, &h, &h, tgt_mask)?;
             ctx.watch(|| format!("decoder.layers.{i}.self_attn"), &a)?;
             x = residual(ctx, &x, &a)?;
-            let h = l.norm2.forward(&x)?;
+            let h = l.norm2.forward_as(&x, ctx.ac.compute_dtype())?;
             let c = l.cross_attn.forward(ctx, &h, memory, src_mask)?;
             ctx.watch(|| format!("decoder.layers.{i}.cross_attn"), &c)?;
             x = residual(ctx, &x, &c)?;
-            let h = l.norm3.forward(&x)?;
+            let h = l.norm3.forward_as(&x, ctx.ac.compute_dtype())?;
             let f = l.ffn.forward(ctx, &h)?;
             ctx.watch(|| format!("decoder.layers.{i}.ffn"), &f)?;
             x = residual(ctx, &x, &f)?;
@@ -255,9 +261,10 @@ impl Transformer {
         tgt_out: &Tensor,
         label_smoothing: f64,
     ) -> Result<Tensor> {
-        let logits = self.forward_t(ctx, src, tgt_in)?;
-        let v = logits.dim(D::Minus1)?;
-        let logits = logits.reshape(((), v))?;
+        let out = self.forward_t(ctx, src, tgt_in)?;
+        let v = out.dim(D::Minus1)?;
+        let logits = out.reshape(((), v))?;
+        crate::counters::candle_node(&out, &logits, crate::counters::NodeCost::VIEW);
         ops::cross_entropy_ls(&logits, &tgt_out.flatten_all()?, PAD_ID, label_smoothing)
     }
 
@@ -288,7 +295,7 @@ impl Transformer {
         let mut x = self.embed(ctx, &self.tgt_emb, tokens, cache.len)?;
         let self_mask = Tensor::zeros((b, 1, 1, cache.len + 1), DType::F32, x.device())?;
         for (i, l) in self.dec.iter().enumerate() {
-            let h = l.norm1.forward(&x)?;
+            let h = l.norm1.forward_as(&x, ctx.ac.compute_dtype())?;
             let new = l.self_attn.project_kv(ctx, &h)?;
             let kv = match &cache.self_kv[i] {
                 Some(old) => KvCache {
@@ -300,14 +307,14 @@ impl Transformer {
             let a = l.self_attn.forward_kv(ctx, &h, &kv, &self_mask)?;
             cache.self_kv[i] = Some(kv);
             x = residual(ctx, &x, &a)?;
-            let h = l.norm2.forward(&x)?;
+            let h = l.norm2.forward_as(&x, ctx.ac.compute_dtype())?;
             x = residual(
                 ctx,
                 &x,
                 &l.cross_attn
                     .forward_kv(ctx, &h, &cache.cross_kv[i], src_mask)?,
             )?;
-            let h = l.norm3.forward(&x)?;
+            let h = l.norm3.forward_as(&x, ctx.ac.compute_dtype())?;
             x = residual(ctx, &x, &l.ffn.forward(ctx, &h)?)?;
         }
         cache.len += 1;
@@ -378,17 +385,28 @@ mod tests {
         for p in [Precision::Fp32, Precision::F16, Precision::Bf16] {
             let m = Transformer::new(&tiny(), 1, &dev)?;
             let ac = Autocast::new(p);
-            let ctx = Ctx::new(&ac, true, 0.1, ops::step_rng(1, 1));
+            let ctx = Ctx::new(&ac, true, 0.1, ops::step_seed(1, 1));
             let (src, tin, tout) = batch(&dev);
             let loss = m.loss(&ctx, &src, &tin, &tout, 0.1)?;
             assert_eq!(loss.dtype(), DType::F32);
             let grads = loss.backward()?;
             for (n, v) in &m.params {
-                let g = grads
-                    .get(v)
+                let g = ac
+                    .grad_of(v, &grads)?
                     .unwrap_or_else(|| panic!("{p}: no gradient for {n}"));
-                assert_eq!(g.dtype(), DType::F32, "{p}: master grad of {n} must be f32");
-                let s = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
+                let g = &g;
+                // f32 for what runs in f32 (embeddings, norms); a matmul weight's gradient in the
+                // compute dtype, from its working copy
+                assert!(
+                    g.dtype() == DType::F32 || g.dtype() == ac.compute_dtype(),
+                    "{p}: grad of {n} is {:?}",
+                    g.dtype()
+                );
+                let s = g
+                    .to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
                 assert!(s.is_finite(), "{p}: {n} grad not finite");
                 if !n.contains("embed") {
                     assert!(s > 0.0, "{p}: {n} grad is zero");
@@ -419,14 +437,20 @@ mod tests {
             let m = Transformer::new(&tiny(), 5, &dev)?;
             let run = || -> Result<(f32, Vec<Tensor>)> {
                 let ac = Autocast::new(p);
-                let ctx = Ctx::new(&ac, true, 0.1, ops::step_rng(3, 9));
+                let ctx = Ctx::new(&ac, true, 0.1, ops::step_seed(3, 9));
                 let (src, tin, tout) = batch(&dev);
                 let loss = m.loss(&ctx, &src, &tin, &tout, 0.1)?;
                 let g = loss.backward()?;
                 let grads = m
                     .params
                     .iter()
-                    .map(|(_, v)| g.get(v).unwrap().clone())
+                    .map(|(_, v)| {
+                        ac.grad_of(v, &g)
+                            .unwrap()
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                    })
                     .collect();
                 Ok((loss.to_scalar::<f32>()?, grads))
             };

@@ -23,6 +23,8 @@ pub struct StepOut {
     pub overflow: Option<OverflowRecord>,
     /// On a sampled step (`amp.underflow_every`, scaler on): the gradients' f16 underflow.
     pub underflow: Option<UnderflowRecord>,
+    /// The backward graph as counted (`crate::counters::backward`).
+    pub graph: crate::counters::GraphCounts,
 }
 
 /// One mixed-precision training step, shared by the trainer and the benchmark: forward under
@@ -96,18 +98,26 @@ impl Stepper {
         step: u64,
     ) -> Result<(StepOut, Option<ScalerError>), TrainError> {
         self.ac.new_step();
-        let mut ctx = Ctx::new(&self.ac, true, self.dropout, ops::step_rng(self.seed, step));
+        let mut ctx = Ctx::new(
+            &self.ac,
+            true,
+            self.dropout,
+            ops::step_seed(self.seed, step),
+        );
         if self.trace_overflow {
             ctx = ctx.with_overflow_trace();
         }
         let loss = model.loss(&ctx, &db.src, &db.tgt_in, &db.tgt_out, self.label_smoothing)?;
-        let grads = self.scaler.scale_loss(&loss)?.backward()?;
+        let (grads, graph) = crate::counters::backward(&self.scaler.scale_loss(&loss)?)?;
         let mut glist: Vec<Tensor> = model
             .params
             .iter()
-            .map(|(_, v)| match grads.get(v) {
-                Some(g) => Ok(g.clone()),
-                None => v.zeros_like(),
+            .map(|(_, v)| match self.ac.grad_of(v, &grads)? {
+                Some(g) => Ok(g),
+                None => {
+                    crate::counters::device_ops(1);
+                    v.zeros_like()
+                }
             })
             .collect::<candle_core::Result<_>>()?;
         drop(grads);
@@ -126,7 +136,11 @@ impl Stepper {
                 .fused_step(&glist, &loss, lr, self.scaler.inv_scale(), self.clip)?;
         let (loss_v, ss) = match on_device {
             Some(d) => (d.loss, d.sum_squares),
-            None => (loss.to_scalar::<f32>()? as f64, optim::sum_squares(&glist)?),
+            None => {
+                crate::counters::host_sync();
+                let loss_v = loss.to_scalar::<f32>()? as f64;
+                (loss_v, optim::sum_squares(&glist)?)
+            }
         };
         let found_inf = GradScaler::found_inf(ss) || !loss_v.is_finite();
         debug_assert!(on_device.is_none_or(|d| d.found_inf == found_inf));
@@ -173,6 +187,7 @@ impl Stepper {
                 grad_norm,
                 overflow,
                 underflow,
+                graph,
             },
             gave_up,
         ))

@@ -7,7 +7,8 @@
 // Both take a table of u64 (uploaded once per step, since the gradients are new tensors every
 // step), K tensors and C chunks of CHUNK elements:
 //   table[0*K + k] param ptr, [1*K + k] grad ptr, [2*K + k] m ptr, [3*K + k] v ptr,
-//   [4*K + k] element count, then [5*K + c] = (k << 32) | (chunk index within tensor k).
+//   [4*K + k] element count, [5*K + k] the gradient's dtype (0 f32, 1 f16, 2 bf16: gradients
+//   are read as they are, no cast launch), then [6*K + c] = (k << 32) | (chunk index in tensor k).
 // One block per chunk.
 #include "common.cuh"
 
@@ -22,11 +23,17 @@
 
 __device__ __forceinline__ void chunk_of(const u64 *table, int K, int c, int *k, size_t *start,
                                          size_t *end) {
-  const u64 e = table[5 * (size_t)K + c];
+  const u64 e = table[6 * (size_t)K + c];
   *k = (int)(e >> 32);
   const size_t len = (size_t)table[4 * (size_t)K + *k];
   *start = (size_t)(e & 0xffffffffULL) * CHUNK;
   *end = min(*start + (size_t)CHUNK, len);
+}
+
+__device__ __forceinline__ float load_grad(const void *g, u64 dtype, size_t i) {
+  if (dtype == 1) return __half2float(((const __half *)g)[i]);
+  if (dtype == 2) return __bfloat162float(((const __nv_bfloat16 *)g)[i]);
+  return ((const float *)g)[i];
 }
 
 // partials: C doubles; counter: one u32, 0 on entry, reset to 0 by the last block.
@@ -38,10 +45,11 @@ extern "C" __global__ void grad_stats(const u64 *table, int K, int C, const floa
   int k;
   size_t start, end;
   chunk_of(table, K, blockIdx.x, &k, &start, &end);
-  const float *g = (const float *)table[(size_t)K + k];
+  const void *g = (const void *)table[(size_t)K + k];
+  const u64 gdt = table[5 * (size_t)K + k];
   double s = 0.0;
   for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
-    const double x = (double)g[i];
+    const double x = (double)load_grad(g, gdt, i);
     s += x * x;
   }
   s = block_sum_d(s);
@@ -88,12 +96,13 @@ extern "C" __global__ void adam_multi(const u64 *table, int K, const double *sta
   size_t start, end;
   chunk_of(table, K, blockIdx.x, &k, &start, &end);
   float *p = (float *)table[k];
-  const float *g = (const float *)table[(size_t)K + k];
+  const void *g = (const void *)table[(size_t)K + k];
+  const u64 gdt = table[5 * (size_t)K + k];
   float *m = (float *)table[2 * (size_t)K + k];
   float *v = (float *)table[3 * (size_t)K + k];
   for (size_t i = start + threadIdx.x; i < end; i += blockDim.x) {
     const float pi = p[i];
-    const float gi = __fadd_rn(__fmul_rn(g[i], gs), __fmul_rn(a.l2, pi));
+    const float gi = __fadd_rn(__fmul_rn(load_grad(g, gdt, i), gs), __fmul_rn(a.l2, pi));
     const float mi = __fadd_rn(__fmul_rn(a.b1, m[i]), __fmul_rn(a.c1, gi));
     const float vi = __fadd_rn(__fmul_rn(a.b2, v[i]), __fmul_rn(__fmul_rn(a.c2, gi), gi));
     m[i] = mi;

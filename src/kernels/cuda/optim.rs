@@ -9,7 +9,7 @@ use crate::kernels::adam::Coefs;
 use crate::kernels::plumbing::{dtype_err, shape_err};
 use crate::kernels::{counters, AdamHp, KernelError};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor, Var};
@@ -23,6 +23,11 @@ const ST_SUMSQ: usize = 0;
 const ST_LOSS: usize = 1;
 const ST_FOUND_INF: usize = 2;
 const ST_LEN: usize = 4;
+
+/// A device pointer with its guard, element size and dtype code (for the pointer table).
+fn with((p, s): (u64, SyncOnDrop<'_>), size: u64, code: u64) -> (u64, SyncOnDrop<'_>, u64, u64) {
+    (p, s, size, code)
+}
 
 /// `AdamCoefs` in optim.cu.
 #[repr(C)]
@@ -68,7 +73,7 @@ impl FusedAdam {
     }
 
     /// One Adam/AdamW step over all `params` (f32 master weights with f32 moments `m`, `v`)
-    /// from `grads` (cast to f32 when they are not), with `t` the 1-based step it would be and
+    /// from `grads` (f32, f16 or bf16, read as they are), with `t` the 1-based step it would be and
     /// `inv_scale` the loss scaler's 1 / scale. The gradients are multiplied by
     /// `inv_scale * clip_coef(norm, max_norm)` inside the kernel; nothing changes when the
     /// gradients or `loss` are not finite. Two launches, one upload of the pointer table, one
@@ -101,20 +106,22 @@ impl FusedAdam {
         if loss.dtype() != DType::F32 || loss.elem_count() != 1 {
             return Err(dtype_err(OP, loss.dtype(), "an f32 scalar loss"));
         }
+        // f32, f16 and bf16 gradients are read as they are; only a strided one is copied.
         let grads: Vec<Tensor> = grads
             .iter()
             .map(|g| {
-                if g.dtype() == DType::F32 && g.is_contiguous() {
+                if g.is_contiguous() {
                     Ok(g.clone())
                 } else {
                     counters::device_ops(1);
-                    g.to_dtype(DType::F32)?.contiguous()
+                    g.contiguous()
                 }
             })
             .collect::<Result<_>>()?;
         let st = stream(&self.dev);
-        // Pointer table: p, g, m, v pointers and lengths of every tensor, then the chunks.
-        let mut table = vec![0u64; 5 * k];
+        // Pointer table: p, g, m, v pointers, lengths and gradient dtypes of every tensor, then
+        // the chunks (see optim.cu).
+        let mut table = vec![0u64; 6 * k];
         let mut chunks = Vec::new();
         // Read guards over every storage (held until both launches are enqueued).
         let tensors: Vec<[&Tensor; 4]> = (0..k)
@@ -154,12 +161,24 @@ impl FusedAdam {
                 if cs.device.id() != self.dev.id() {
                     return Err(shape_err(OP, format!("{what} {i} is on another GPU")));
                 }
-                let CudaStorageSlice::F32(slice) = &cs.slice else {
-                    return Err(dtype_err(OP, tensors[i][j].dtype(), "f32"));
+                let (ptr, sync, size, code) = match &cs.slice {
+                    CudaStorageSlice::F32(x) => with(x.device_ptr(&st), 4, 0),
+                    CudaStorageSlice::F16(x) if j == 1 => with(x.device_ptr(&st), 2, 1),
+                    CudaStorageSlice::BF16(x) if j == 1 => with(x.device_ptr(&st), 2, 2),
+                    _ => {
+                        let want = if j == 1 {
+                            "an f32, f16 or bf16 gradient"
+                        } else {
+                            "f32"
+                        };
+                        return Err(dtype_err(OP, tensors[i][j].dtype(), want));
+                    }
                 };
-                let (ptr, sync) = slice.device_ptr(&st);
                 syncs.push(sync);
-                table[j * k + i] = ptr + 4 * l.start_offset() as u64;
+                table[j * k + i] = ptr + size * l.start_offset() as u64;
+                if j == 1 {
+                    table[5 * k + i] = code;
+                }
             }
             table[4 * k + i] = len as u64;
             for c in 0..len.div_ceil(CHUNK) {
@@ -214,7 +233,7 @@ impl FusedAdam {
             .arg(&mut self.state)
             .arg(&inv_scale)
             .arg(&max_norm);
-        // SAFETY: matches `grad_stats`; the table holds 5k + n_chunks entries whose pointers
+        // SAFETY: matches `grad_stats`; the table holds 6k + n_chunks entries whose pointers
         // are the live f32 buffers guarded above; partials holds >= n_chunks doubles, the
         // counter is 0 (zeroed at allocation, reset by the last block of every launch).
         unsafe { launch(lb, cfg)? };

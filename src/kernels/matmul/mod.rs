@@ -92,14 +92,28 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         && b.dtype() == DType::BF16
         && a.device().is_cpu()
         && b.device().is_cpu();
-    if bf16_cpu && bf16_dot_available() {
-        matmul_with(a, b, Kernel::Avx512Bf16)
-    } else if bf16_cpu && avx2_fma_available() {
-        matmul_with(a, b, Kernel::Avx2Fma)
+    use crate::counters::{candle_node, fused_node, NodeCost};
+    if bf16_cpu && (bf16_dot_available() || avx2_fma_available()) {
+        let kernel = if bf16_dot_available() {
+            Kernel::Avx512Bf16
+        } else {
+            Kernel::Avx2Fma
+        };
+        let out = matmul_with(a, b, kernel)?;
+        fused_node(&out, 2);
+        Ok(out)
     } else if a.rank() == b.rank() {
-        a.matmul(b)
+        let out = a.matmul(b)?;
+        candle_node(a, &out, NodeCost::MATMUL);
+        Ok(out)
     } else {
-        a.broadcast_matmul(b)
+        // rank-2 rhs: broadcast over the batch dims (a view node when b is tracked), then GEMM
+        let out = a.broadcast_matmul(b)?;
+        if b.track_op() {
+            crate::counters::candle_node(b, &out, NodeCost::BROADCAST);
+        }
+        candle_node(a, &out, NodeCost::MATMUL);
+        Ok(out)
     }
 }
 
@@ -183,7 +197,7 @@ impl Fused2 for Bf16Matmul {
     }
 
     fn bwd(&self, [a, b]: [&Tensor; 2], _res: &Tensor, grad: &Tensor) -> Grads<2> {
-        let g = grad.to_dtype(DType::BF16)?;
+        let g = crate::counters::cast(grad, DType::BF16)?;
         let op = Op(Bf16Matmul {
             kernel: self.kernel,
         });
