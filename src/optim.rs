@@ -175,12 +175,30 @@ impl Adam {
     pub fn step(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
         let hp = self.hp(lr);
-        for (i, (_, p)) in self.params.iter().enumerate() {
-            // one update kernel per tensor (after a cast of a non-f32 gradient)
-            crate::counters::device_ops(1 + u64::from(grads[i].dtype() != DType::F32));
+        let t = self.t;
+        let update = |i: usize| {
             crate::kernels::adam_update(
-                p, &grads[i], &self.m[i], &self.v[i], &hp, self.t, grad_scale,
-            )?;
+                &self.params[i].1,
+                &grads[i],
+                &self.m[i],
+                &self.v[i],
+                &hp,
+                t,
+                grad_scale,
+            )
+        };
+        if self.params.iter().all(|(_, p)| p.device().is_cpu()) {
+            // The CPU twin of the multi-tensor CUDA kernel: one parallel pass over all tensors
+            // (each converts its gradient to f32 as it goes), counted as one launch.
+            use rayon::prelude::*;
+            crate::counters::device_ops(1);
+            return (0..self.params.len()).into_par_iter().try_for_each(update);
+        }
+        for (i, g) in grads.iter().enumerate().take(self.params.len()) {
+            // off the CPU (the reference ops): one update per tensor, after a cast of a
+            // non-f32 gradient
+            crate::counters::device_ops(1 + u64::from(g.dtype() != DType::F32));
+            update(i)?;
         }
         Ok(())
     }
@@ -217,10 +235,13 @@ impl Adam {
     }
 }
 
-/// Sum of squares of all gradients (f32 in, f64 out): one reduction per tensor, one host sync.
+/// Sum of squares of all gradients (any float dtype in, f64 out), one host sync: on the CPU one
+/// parallel pass over all tensors (counted as one launch, the twin of the fused CUDA reduction),
+/// elsewhere one reduction per tensor.
 pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
     let refs: Vec<&Tensor> = grads.iter().collect();
-    crate::counters::device_ops(grads.len() as u64);
+    let on_cpu = grads.iter().all(|g| g.device().is_cpu());
+    crate::counters::device_ops(if on_cpu { 1 } else { grads.len() as u64 });
     crate::counters::host_sync();
     crate::kernels::sum_squares(&refs)
 }

@@ -299,44 +299,55 @@ impl InplaceOp2 for Apply<'_> {
     }
 }
 
+fn cpu_sum_squares(t: &Tensor) -> Result<f64> {
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or(KernelError::NotContiguous {
+            op: "sum_squares",
+            what: "tensor",
+        })?;
+    let Storage::Cpu(cpu) = &*storage else {
+        unreachable!("the caller checked is_cpu")
+    };
+    Ok(match cpu {
+        CpuStorage::F32(v) => sumsq(&v[a..b], |x| x),
+        CpuStorage::BF16(v) => sumsq(&v[a..b], |x| x.to_f32()),
+        CpuStorage::F16(v) => sumsq(&v[a..b], |x| x.to_f32()),
+        CpuStorage::F64(v) => v[a..b].par_iter().map(|x| x * x).sum::<f64>(),
+        other => return Err(dtype_err("sum_squares", other.dtype(), "a float dtype")),
+    })
+}
+
 /// Sum of squares of all elements of all tensors, accumulated in f64 (for the global grad norm
 /// and the inf/NaN check: the result is inf or NaN when any element is). One pass per tensor.
 /// Off the CPU every tensor is reduced on its device (squares in f64, so a large scaled
 /// gradient cannot overflow them) and the partial sums come back in one host sync.
 pub fn sum_squares(ts: &[&Tensor]) -> Result<f64> {
-    let mut total = 0f64;
     let mut on_device: Vec<Tensor> = Vec::new();
+    let mut on_cpu: Vec<&Tensor> = Vec::new();
     for t in ts {
-        if !t.device().is_cpu() {
-            if !super::is_float(t.dtype()) && t.dtype() != DType::F64 {
-                return Err(dtype_err("sum_squares", t.dtype(), "a float dtype"));
-            }
-            on_device.push(t.to_dtype(DType::F64)?.sqr()?.sum_all()?);
+        if t.device().is_cpu() {
+            on_cpu.push(t);
             continue;
         }
-        let t = if t.is_contiguous() {
-            (*t).clone()
-        } else {
-            t.contiguous()?
-        };
-        let (storage, layout) = t.storage_and_layout();
-        let (a, b) = layout
-            .contiguous_offsets()
-            .ok_or(KernelError::NotContiguous {
-                op: "sum_squares",
-                what: "tensor",
-            })?;
-        let Storage::Cpu(cpu) = &*storage else {
-            unreachable!("checked is_cpu above")
-        };
-        total += match cpu {
-            CpuStorage::F32(v) => sumsq(&v[a..b], |x| x),
-            CpuStorage::BF16(v) => sumsq(&v[a..b], |x| x.to_f32()),
-            CpuStorage::F16(v) => sumsq(&v[a..b], |x| x.to_f32()),
-            CpuStorage::F64(v) => v[a..b].par_iter().map(|x| x * x).sum::<f64>(),
-            other => return Err(dtype_err("sum_squares", other.dtype(), "a float dtype")),
-        };
+        if !super::is_float(t.dtype()) && t.dtype() != DType::F64 {
+            return Err(dtype_err("sum_squares", t.dtype(), "a float dtype"));
+        }
+        on_device.push(t.to_dtype(DType::F64)?.sqr()?.sum_all()?);
     }
+    // The CPU tensors in one parallel pass over all of them (the CPU twin of the one fused
+    // reduction on a GPU); the per-tensor sums are added in order, so the total is deterministic.
+    let sums: Vec<f64> = on_cpu
+        .par_iter()
+        .map(|t| cpu_sum_squares(t))
+        .collect::<Result<_>>()?;
+    let mut total: f64 = sums.iter().sum();
     // One stack per device (the GPU's partial sums), one copy back.
     while let Some(first) = on_device.first() {
         let dev = first.device().clone();
