@@ -859,3 +859,52 @@ fn training_device_settings_turn_event_tracking_off_and_steps_still_train() -> R
     assert!(losses[3] < losses[0], "the loss falls: {losses:?}");
     Ok(())
 }
+
+#[test]
+fn multi_tensor_adam_reads_f16_and_bf16_gradients_as_they_are() -> Result<()> {
+    let Some(dev) = cuda() else { return Ok(()) };
+    let cfg = crate::optim::AdamConfig {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        decoupled: true,
+    };
+    let (pc, gc) = adam_setup(&Device::Cpu)?;
+    let (pg, _) = adam_setup(&dev)?;
+    // Mixed gradient dtypes, as the working copies give them (scaled, in f16/bf16).
+    let dts = [DType::F16, DType::BF16, DType::F32];
+    let gc: Vec<Tensor> = gc
+        .iter()
+        .enumerate()
+        .map(|(i, g)| g.to_dtype(dts[i % 3]))
+        .collect::<Result<_>>()?;
+    let gg: Vec<Tensor> = gc
+        .iter()
+        .map(|g| g.to_device(&dev))
+        .collect::<Result<_>>()?;
+    let mut cpu = crate::optim::Adam::new(pc.clone(), cfg.clone())?;
+    let mut gpu = crate::optim::Adam::new(pg.clone(), cfg)?;
+    let inv_scale = 1.0 / 256.0;
+    let ss = crate::optim::sum_squares(&gc)?;
+    cpu.step(&gc, 1e-3, inv_scale)?;
+    let loss = Tensor::new(1.0f32, &dev)?;
+    let o = gpu
+        .fused_step(&gg, &loss, 1e-3, inv_scale, 0.0)?
+        .expect("fused");
+    assert!(
+        (o.sum_squares - ss).abs() <= 1e-9 * ss,
+        "{} vs {ss}",
+        o.sum_squares
+    );
+    for (i, (a, b)) in snapshot(&pg, &gpu)?
+        .iter()
+        .zip(&snapshot(&pc, &cpu)?)
+        .enumerate()
+    {
+        let e = max_abs_diff(a, b)?;
+        assert!(e <= 1e-6 * max_abs(b)?.max(1.0), "tensor {i}: max diff {e}");
+    }
+    Ok(())
+}
