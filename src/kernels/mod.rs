@@ -14,6 +14,7 @@
 //! * [`bias_act`] / [`dropout`] / [`residual_dropout`]: linear epilogues (bias, ReLU, dropout with a
 //!   byte mask) and the residual add, with the bias gradient as a column sum in the same pass.
 //! * [`linear`]: `x @ w.T` for a linear layer as one graph node (no reshape/transpose nodes).
+//! * [`split_heads`] / [`merge_heads`]: the attention heads' permuting copies, one node each.
 //! * [`adam_update`] / [`sum_squares`]: one-pass optimizer update and global squared norm.
 //!
 //! The plumbing is written once and each op file holds only its math: `elem` (the storage
@@ -28,6 +29,7 @@ mod cross_entropy;
 mod dropout;
 mod elem;
 mod fused;
+mod heads;
 mod layer_norm;
 mod linear;
 mod math;
@@ -41,6 +43,13 @@ pub use adam::{adam_update, sum_squares, AdamHp};
 pub use bias_act::bias_act;
 pub use cross_entropy::cross_entropy_ls;
 pub use dropout::{dropout, keep_bits, DropMask};
+pub use heads::{merge_heads, split_heads};
+
+/// The head split/merge compositions (see [`reference`] for the other ops').
+pub mod heads_reference {
+    pub use super::heads::reference_merge as merge;
+    pub use super::heads::reference_split as split;
+}
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use matmul::{bf16_dot_available, matmul, matmul_portable};
