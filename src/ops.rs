@@ -112,6 +112,14 @@ pub fn bias_act(
     fused(kernels::bias_act(y, b, relu, drop, out_shape)?, 2)
 }
 
+/// `table[ids] * scale + positions` (see `kernels::embed`), one node.
+pub fn embed(table: &Tensor, ids: &Tensor, positions: &Tensor, scale: f64) -> Result<Tensor> {
+    if use_reference() {
+        return kernels::reference::embed(table, ids, positions, scale);
+    }
+    kernels::embed(table, ids, positions, scale)
+}
+
 /// (b, t, heads * d_k) -> (b, heads, t, d_k) (see `kernels::split_heads`), one node.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     if use_reference() {
