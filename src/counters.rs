@@ -124,13 +124,6 @@ impl NodeCost {
         bwd: 1,
         edges: 1,
     };
-    /// `a + b` (same shape, or `b` broadcast and untracked): one launch; both sides receive the
-    /// gradient as it is (candle hands one to an untracked side too).
-    pub const ADD: NodeCost = NodeCost {
-        fwd: 1,
-        bwd: 0,
-        edges: 2,
-    };
     /// `relu`: one launch; backward `ge` against a zero tensor, a cast and a `mul`.
     pub const RELU: NodeCost = NodeCost {
         fwd: 1,
@@ -147,13 +140,6 @@ impl NodeCost {
     /// broadcast dims.
     pub const BROADCAST: NodeCost = NodeCost {
         fwd: 0,
-        bwd: 1,
-        edges: 1,
-    };
-    /// `index_select` of embedding rows: one gather; backward one `index_add` into the zeroed
-    /// gradient (the ids are contiguous already).
-    pub const INDEX_SELECT: NodeCost = NodeCost {
-        fwd: 1,
         bwd: 1,
         edges: 1,
     };

@@ -113,6 +113,30 @@ pub fn bias_act(
     fused(kernels::bias_act(y, b, relu, drop, out_shape)?, 2)
 }
 
+/// `table[ids] * scale + positions` (see `kernels::embed`), one node.
+pub fn embed(table: &Tensor, ids: &Tensor, positions: &Tensor, scale: f64) -> Result<Tensor> {
+    if use_reference() {
+        return kernels::reference::embed(table, ids, positions, scale);
+    }
+    kernels::embed(table, ids, positions, scale)
+}
+
+/// (b, t, heads * d_k) -> (b, heads, t, d_k) (see `kernels::split_heads`), one node.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    if use_reference() {
+        return kernels::heads_reference::split(x, heads);
+    }
+    kernels::split_heads(x, heads)
+}
+
+/// (b, heads, t, d_k) -> (b, t, heads * d_k) (see `kernels::merge_heads`), one node.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    if use_reference() {
+        return kernels::heads_reference::merge(x);
+    }
+    kernels::merge_heads(x)
+}
+
 /// Inverted dropout with a counter-based mask (see `kernels::dropout`).
 pub fn dropout_with(x: &Tensor, m: &DropMask) -> Result<Tensor> {
     if use_reference() {

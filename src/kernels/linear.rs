@@ -12,9 +12,9 @@ use candle_core::{DType, Layout, Result, Shape, Tensor, D};
 
 const OP: &str = "linear";
 
-/// `x @ w.T`: x (..., in), w (out, in), same float dtype; returns (..., out). bf16 on the CPU
-/// goes through the packed bf16 GEMM (`kernels::matmul`) as a composition; f32 and f16 through
-/// candle's GEMM as one node.
+/// `x @ w.T`: x (..., in), w (out, in), same float dtype; returns (..., out), one node: f32 and
+/// f16 through candle's CPU GEMM, bf16 through the packed bf16 GEMM (`kernels::matmul`) where
+/// the CPU has one, otherwise (and off the CPU) as a composition.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     if x.dim(D::Minus1)? != inp || x.dtype() != w.dtype() {
@@ -30,14 +30,19 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         }
         .into());
     }
-    let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F16);
+    let bf16 = match x.dtype() {
+        DType::BF16 => super::matmul::cpu_bf16_kernel(),
+        _ => None,
+    };
+    let fused =
+        x.device().is_cpu() && (matches!(x.dtype(), DType::F32 | DType::F16) || bf16.is_some());
     if !fused {
         return reference(x, w, super::matmul);
     }
     let _ = out;
     let xc = x.contiguous()?;
     crate::counters::candle_node(x, &xc, crate::counters::NodeCost::COPY);
-    let y = xc.apply_op2(w, Op(Linear))?;
+    let y = xc.apply_op2(w, Op(Linear { bf16 }))?;
     crate::counters::fused_node(&y, 2);
     Ok(y)
 }
@@ -67,7 +72,10 @@ pub fn reference(
     Ok(o)
 }
 
-struct Linear;
+/// `bf16`: the packed GEMM kernel for bf16 operands (`None`: candle's GEMM, f32/f16).
+struct Linear {
+    bf16: Option<super::matmul::Kernel>,
+}
 
 impl Fused2 for Linear {
     const NAME: &'static str = OP;
@@ -86,7 +94,10 @@ impl Fused2 for Linear {
         }
         let lhs = Layout::contiguous_with_offset((rows, inp), l1.start_offset());
         let rhs = l2.transpose(0, 1)?; // (in, out) view of w
-        let y = s1.matmul(s2, (1, rows, out, inp), &lhs, &rhs)?;
+        let y = match self.bf16 {
+            Some(k) => super::matmul::gemm_bf16_storage((s1, &lhs), (s2, &rhs), k)?.0,
+            None => s1.matmul(s2, (1, rows, out, inp), &lhs, &rhs)?,
+        };
         let mut shape = dims.to_vec();
         if let Some(l) = shape.last_mut() {
             *l = out;
@@ -99,6 +110,12 @@ impl Fused2 for Linear {
         let rows = x.elem_count() / inp.max(1);
         let g = crate::counters::cast(grad, x.dtype())?.reshape((rows, out))?;
         let x2 = x.detach().reshape((rows, inp))?;
+        if let Some(k) = self.bf16 {
+            // two packed GEMMs (each counts itself); dw = (gᵀ x) through the transposed view
+            let dx = super::matmul::gemm_bf16_no_bwd(&g, &w.detach(), k)?.reshape(x.shape())?;
+            let dw = super::matmul::gemm_bf16_no_bwd(&g.t()?, &x2, k)?;
+            return Ok([Some(dx), Some(dw)]);
+        }
         // dx and dw: two GEMMs
         crate::counters::device_ops(2);
         let dx = g.matmul(&w.detach())?.reshape(x.shape())?;

@@ -15,6 +15,8 @@
 //! * [`bias_act`] / [`dropout`] / [`residual_dropout`]: linear epilogues (bias, ReLU, dropout with a
 //!   byte mask) and the residual add, with the bias gradient as a column sum in the same pass.
 //! * [`linear`]: `x @ w.T` for a linear layer as one graph node (no reshape/transpose nodes).
+//! * [`embed`]: `table[ids] * scale + positions` as one node (a scatter-add backward).
+//! * [`split_heads`] / [`merge_heads`]: the attention heads' permuting copies, one node each.
 //! * [`adam_update`] / [`sum_squares`]: one-pass optimizer update and global squared norm.
 //!
 //! The plumbing is written once and each op file holds only its math: `elem` (the storage
@@ -30,7 +32,9 @@ mod cross_entropy;
 pub mod cuda;
 mod dropout;
 mod elem;
+mod embed;
 mod fused;
+mod heads;
 mod layer_norm;
 mod linear;
 mod math;
@@ -44,6 +48,14 @@ pub use adam::{adam_update, sum_squares, AdamHp};
 pub use bias_act::bias_act;
 pub use cross_entropy::cross_entropy_ls;
 pub use dropout::{dropout, keep_bits, DropMask};
+pub use embed::embed;
+pub use heads::{merge_heads, split_heads};
+
+/// The head split/merge compositions (see [`reference`] for the other ops').
+pub mod heads_reference {
+    pub use super::heads::reference_merge as merge;
+    pub use super::heads::reference_split as split;
+}
 pub use layer_norm::layer_norm;
 pub use linear::linear;
 pub use matmul::{bf16_dot_available, matmul, matmul_portable};
@@ -57,6 +69,7 @@ pub mod reference {
     pub use super::bias_act::reference as bias_act;
     pub use super::cross_entropy::reference as cross_entropy_ls;
     pub use super::dropout::reference as dropout;
+    pub use super::embed::reference as embed;
     pub use super::layer_norm::reference as layer_norm;
     pub use super::linear::reference as linear;
     pub use super::residual::reference as residual_dropout;

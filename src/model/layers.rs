@@ -69,15 +69,7 @@ impl Attention {
 
     /// (b, t, d) -> (b, h, t, d_k)
     pub(super) fn split(&self, x: &Tensor) -> Result<Tensor> {
-        use crate::counters::{candle_node, NodeCost};
-        let (b, t, _) = x.dims3()?;
-        let r = x.reshape((b, t, self.heads, self.d_k))?;
-        candle_node(x, &r, NodeCost::VIEW);
-        let tr = r.transpose(1, 2)?;
-        candle_node(&r, &tr, NodeCost::VIEW);
-        let c = tr.contiguous()?;
-        candle_node(&tr, &c, NodeCost::COPY);
-        Ok(c)
+        ops::split_heads(x, self.heads)
     }
 
     pub(super) fn project_kv(&self, ctx: &Ctx, kv: &Tensor) -> Result<KvCache> {
@@ -96,7 +88,6 @@ impl Attention {
         kv: &KvCache,
         mask: &Tensor,
     ) -> Result<Tensor> {
-        let (b, tq, _) = q_in.dims3()?;
         let q = self.split(&ctx.ac.linear(q_in, &self.wq, None)?)?;
         // (b, h, tq, tk) in the compute dtype
         let kt = kv.k.t()?;
@@ -111,11 +102,8 @@ impl Attention {
         let probs = ctx.drop(&probs)?;
         // (b, h, tq, d_k)
         let out = ctx.ac.matmul(&probs, &kv.v)?;
-        let tr = out.transpose(1, 2)?;
-        crate::counters::candle_node(&out, &tr, crate::counters::NodeCost::VIEW);
-        // (b, tq, d): a reshape of the strided transpose is a copy
-        let merged = tr.reshape((b, tq, self.heads * self.d_k))?;
-        crate::counters::candle_node(&tr, &merged, crate::counters::NodeCost::COPY);
+        // (b, tq, d)
+        let merged = ops::merge_heads(&out)?;
         ctx.ac.linear(&merged, &self.wo, None)
     }
 

@@ -167,7 +167,7 @@ impl Transformer {
 
     /// Token embeddings (f32) * sqrt(d_model) + positions from `offset`, then dropout.
     fn embed(&self, ctx: &Ctx, emb: &Tensor, ids: &Tensor, offset: usize) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
+        let (_, t) = ids.dims2()?;
         if offset + t > self.cfg.max_positions {
             candle_core::bail!(
                 "sequence of {} tokens exceeds the model's {} positions",
@@ -175,15 +175,12 @@ impl Transformer {
                 self.cfg.max_positions
             );
         }
-        use crate::counters::{candle_node, NodeCost};
-        let rows = emb.index_select(&ids.flatten_all()?, 0)?;
-        candle_node(emb, &rows, NodeCost::INDEX_SELECT);
-        let x = rows.reshape((b, t, self.cfg.d_model))?;
-        candle_node(&rows, &x, NodeCost::VIEW);
-        let scaled = (&x * (self.cfg.d_model as f64).sqrt())?;
-        candle_node(&x, &scaled, NodeCost::AFFINE);
-        let x = scaled.broadcast_add(&self.pe.narrow(0, offset, t)?)?;
-        candle_node(&scaled, &x, NodeCost::ADD);
+        let x = ops::embed(
+            emb,
+            ids,
+            &self.pe.narrow(0, offset, t)?,
+            (self.cfg.d_model as f64).sqrt(),
+        )?;
         ctx.drop(&x)
     }
 

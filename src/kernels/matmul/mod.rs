@@ -25,7 +25,7 @@ mod tests;
 use super::plumbing::dtype_err;
 use super::KernelError;
 use crate::kernels::fused::{Arg, Fused2, Grads, Op, Out};
-use candle_core::{CpuStorage, DType, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::OnceLock;
 
 const OP: &str = "bf16_matmul";
@@ -115,6 +115,32 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         candle_node(a, &out, NodeCost::MATMUL);
         Ok(out)
     }
+}
+
+/// The packed bf16 GEMM this CPU runs (`vdpbf16ps`, else AVX2+FMA), or `None` when it has neither.
+pub(crate) fn cpu_bf16_kernel() -> Option<Kernel> {
+    if bf16_dot_available() {
+        Some(Kernel::Avx512Bf16)
+    } else if avx2_fma_available() {
+        Some(Kernel::Avx2Fma)
+    } else {
+        None
+    }
+}
+
+/// The packed bf16 GEMM on two bf16 storages with the layouts given (A (m, k), B (k, n), any
+/// strides the GEMM takes), for ops that lay out their own operands (`kernels::linear`).
+pub(crate) fn gemm_bf16_storage(
+    a: (&CpuStorage, &Layout),
+    b: (&CpuStorage, &Layout),
+    kernel: Kernel,
+) -> Result<(CpuStorage, Shape)> {
+    Bf16Matmul { kernel }.fwd(a, b)
+}
+
+/// `a @ b` through the packed bf16 GEMM outside the graph (a backward pass's GEMM).
+pub(crate) fn gemm_bf16_no_bwd(a: &Tensor, b: &Tensor, kernel: Kernel) -> Result<Tensor> {
+    a.apply_op2_no_bwd(b, &Op(Bf16Matmul { kernel }))
 }
 
 /// The same packed GEMM and backward without `vdpbf16ps`: an AVX2+FMA micro-kernel where the
