@@ -108,6 +108,16 @@ async fn three_nodes_share_one_queue_survive_a_sigkill_and_serve_every_model() {
     }
     let long = ids[0];
 
+    // Every node streams the last job's events, whichever node runs it (LISTEN/NOTIFY).
+    let followed = ids[5];
+    let streams: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            let url = format!("{}/api/jobs/{followed}/events", n.as_ref().unwrap().base);
+            tokio::spawn(sse_names(url))
+        })
+        .collect();
+
     // The long job has a checkpoint in the store and is still well short of its end: kill the
     // node running it.
     let any = nodes[0].as_ref().unwrap();
@@ -218,9 +228,58 @@ async fn three_nodes_share_one_queue_survive_a_sigkill_and_serve_every_model() {
             assert!(v["translations"][0]["text"].is_string(), "{v}");
         }
     }
+    // The surviving nodes' streams saw the followed job's steps and its end, relayed from
+    // the node that ran it (the killed node's stream broke with it).
+    let runner = job(&c, nodes[w].as_ref().unwrap(), followed).await["node"].clone();
+    for (i, st) in streams.into_iter().enumerate() {
+        let names = st.await.unwrap();
+        if i == victim {
+            continue;
+        }
+        assert!(
+            names.iter().any(|n| n == "step"),
+            "node-{i} (runner {runner}): {names:?}"
+        );
+        assert_eq!(
+            names.last().map(String::as_str),
+            Some("status:succeeded"),
+            "node-{i} (runner {runner}): {names:?}"
+        );
+    }
     let listed = nodes[0].as_ref().unwrap().get(&c, "/api/nodes").await;
     assert_eq!(listed["nodes"].as_array().unwrap().len(), 3, "{listed}");
     for n in nodes.into_iter().flatten() {
         n.kill();
     }
+}
+
+/// The event names of an SSE stream until it ends or breaks (`status:<status>` for status
+/// events).
+async fn sse_names(url: String) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(mut r) = reqwest::get(&url).await else {
+        return out;
+    };
+    let mut buf = String::new();
+    while let Ok(Some(chunk)) = r.chunk().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let name = block
+                .lines()
+                .find_map(|l| l.strip_prefix("event:").map(str::trim));
+            let data = block
+                .lines()
+                .find_map(|l| l.strip_prefix("data:").map(str::trim));
+            match (name, data) {
+                (Some("status"), Some(d)) => {
+                    let v: Value = serde_json::from_str(d).unwrap_or(Value::Null);
+                    out.push(format!("status:{}", v["status"].as_str().unwrap_or("?")));
+                }
+                (Some(n), _) => out.push(n.to_string()),
+                _ => {}
+            }
+        }
+    }
+    out
 }
