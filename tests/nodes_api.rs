@@ -77,3 +77,48 @@ async fn a_job_that_needs_cuda_waits_on_a_cpu_node_and_an_unknown_kind_is_refuse
     assert_eq!(waiting["requires_device"], "cuda");
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_on_one_sqlite_file_see_each_others_jobs_live() {
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db.path().join("shared.db").display());
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let fakes = [FakeTrainer::held_after(5), FakeTrainer::held_after(5)];
+    let mut servers = Vec::new();
+    for (d, f) in dirs.iter().zip(&fakes) {
+        let mut args = args_for(d.path());
+        args.database_url = Some(url.clone());
+        servers.push(TestServer::start(args, f.clone()).await);
+    }
+    let id = servers[0].submit(&fake_job("shared")).await;
+    let running = servers[0]
+        .wait_job(id, "step 5", |j| j["progress"]["step"] == 5)
+        .await;
+    let runner_id = running["node"].as_str().unwrap().to_string();
+    let ids: Vec<String> = dirs
+        .iter()
+        .map(|d| std::fs::read_to_string(d.path().join("node-id")).unwrap())
+        .collect();
+    let other = ids.iter().position(|i| i.trim() != runner_id).unwrap();
+    // the other node follows the job (its poller reads the shared file)
+    let stream = servers[other].events(id).await;
+    for f in &fakes {
+        f.release();
+    }
+    let events = common::read_sse(stream).await;
+    let steps: Vec<i64> = events
+        .iter()
+        .filter(|(n, _)| n == "step")
+        .map(|(_, v)| v["step"].as_i64().unwrap())
+        .collect();
+    assert!(!steps.is_empty(), "{events:?}");
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.0.as_str(), &last.1["status"]),
+        ("status", &json!("succeeded"))
+    );
+    for s in servers {
+        s.stop().await;
+    }
+}

@@ -109,6 +109,8 @@ pub(super) struct Inner {
     pub(super) running: Mutex<HashSet<i64>>,
     /// The queue of events for other nodes (PostgreSQL only; see `relay.rs`).
     pub(super) relay: Mutex<Option<tokio::sync::mpsc::Sender<String>>>,
+    /// SQLite's poller: (status, step) last published per followed job (see `relay.rs`).
+    pub(super) followed: Mutex<HashMap<i64, (String, i64)>>,
 }
 
 /// One export per (job, checkpoint choice) at a time; holds the last result (checkpoint
@@ -178,6 +180,7 @@ impl PoolHandle {
             background: Mutex::new(Vec::new()),
             running: Mutex::new(HashSet::new()),
             relay: Mutex::new(None),
+            followed: Mutex::new(HashMap::new()),
         });
         let handle = PoolHandle { inner };
         handle.register_node().await?;

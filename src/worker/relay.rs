@@ -117,7 +117,6 @@ pub(super) fn forward(pool: &PoolHandle, job_id: i64, kind: &JobEventKind) {
 /// `owner` is another node, or none yet), read once a second; what changed since the last look
 /// is published.
 async fn poll(pool: PoolHandle) {
-    let mut seen: HashMap<i64, (String, i64)> = HashMap::new();
     let mut tick = tokio::time::interval(POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -131,11 +130,32 @@ async fn poll(pool: PoolHandle) {
             .filter(|(_, tx)| tx.receiver_count() > 0)
             .map(|(id, _)| *id)
             .collect();
+        let mut seen = std::mem::take(&mut *pool.inner.followed.lock().unwrap());
         seen.retain(|id, _| ids.contains(id));
         for id in ids {
             if let Err(e) = poll_job(&pool, id, &mut seen).await {
                 tracing::debug!(job = id, "event poll: {e}");
             }
+        }
+        // cursors noted by routes meanwhile (new subscribers) win over this pass's
+        let mut followed = pool.inner.followed.lock().unwrap();
+        for (id, cursor) in seen {
+            followed.entry(id).or_insert(cursor);
+        }
+    }
+}
+
+impl PoolHandle {
+    /// A subscriber to job `id` was just sent its status at `step`: on SQLite, the poller
+    /// publishes what another node's run does from there on.
+    pub fn follow(&self, id: i64, status: &str, step: i64) {
+        if matches!(self.store().db(), Db::Sqlite(_)) {
+            self.inner
+                .followed
+                .lock()
+                .unwrap()
+                .entry(id)
+                .or_insert_with(|| (status.to_string(), step));
         }
     }
 }
@@ -158,7 +178,7 @@ async fn poll_job(
         return Ok(());
     }
     let Some((status, step)) = seen.get_mut(&id) else {
-        // first look: the subscriber got the current status from the route
+        // first look without a cursor from the route: from now on
         seen.insert(id, (j.status.clone(), j.current_step));
         return Ok(());
     };
