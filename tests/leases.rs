@@ -61,8 +61,9 @@ async fn a_job_whose_owner_stopped_renewing_is_taken_over_once_its_lease_has_exp
         assert_eq!((a.id, a.owner.as_deref()), (id, Some("node-a")));
         // the lease holds: nothing for node b
         assert!(s.claim_next_job(&claim("node-b")).await.unwrap().is_none());
-        // node a went quiet long enough
+        // node a went quiet long enough (it does not take its own job over again)
         assert_eq!(s.set_lease_expiry(id, unix_ms() - 1).await.unwrap(), 1);
+        assert!(s.claim_next_job(&claim("node-a")).await.unwrap().is_none());
         let b = s.claim_next_job(&claim("node-b")).await.unwrap().unwrap();
         assert_eq!(b.id, id, "{}", s.engine());
         assert_eq!(b.owner.as_deref(), Some("node-b"));

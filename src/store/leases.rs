@@ -63,7 +63,10 @@ pub struct Renewal {
 }
 
 /// A queued job, or a running one whose lease has expired, that a device of kind `$6` may run.
-const CLAIMABLE: &str = "(status = 'queued' OR (status = 'running' AND lease_expires_at < $5))
+/// Never this node's own running job (`$1`): a late heartbeat must not make a second worker of
+/// the same node start it again (its own interrupted jobs are re-queued at start instead).
+const CLAIMABLE: &str = "(status = 'queued'
+      OR (status = 'running' AND lease_expires_at < $5 AND owner <> $1))
      AND (requires_device IS NULL OR requires_device = $6)";
 
 impl Store {
