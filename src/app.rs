@@ -93,6 +93,31 @@ pub struct ServeArgs {
     /// included) is failed instead of re-queued at start.
     #[arg(long, env = "AMPSERVE_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
+    /// The job store: `sqlite://PATH` or `postgres://USER@HOST:PORT/DB`. Several nodes on one
+    /// PostgreSQL database share one queue. Default: the SQLite file `<data-dir>/ampserve.db`.
+    #[arg(long, env = "AMPSERVE_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// This node's id in the shared store (the owner of the jobs it runs). Default: an id made
+    /// once and kept in `<data-dir>/node-id` (`<host>-<random>`), so a restarted node is the
+    /// same node.
+    #[arg(long, env = "AMPSERVE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Seconds without a heartbeat after which another node may take over this node's jobs
+    /// (they resume from their latest checkpoint). The heartbeat runs every third of it.
+    #[arg(
+        long = "lease-timeout",
+        env = "AMPSERVE_LEASE_TIMEOUT",
+        default_value_t = 30.0
+    )]
+    pub lease_timeout_s: f64,
+    /// Where checkpoints and exported models are shared between nodes: a directory, or
+    /// `s3://bucket/prefix` (credentials and endpoint from the AWS_* variables). Default: the
+    /// data directory itself (nothing is copied).
+    #[arg(long, env = "AMPSERVE_ARTIFACT_STORE")]
+    pub artifact_store: Option<String>,
+    /// The URL of this node's API as others reach it, listed by `GET /api/nodes`.
+    #[arg(long, env = "AMPSERVE_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
 }
 
 impl Default for ServeArgs {
@@ -117,6 +142,11 @@ impl Default for ServeArgs {
             header_timeout_s: 10,
             max_connections: 512,
             max_attempts: 3,
+            database_url: None,
+            node_id: None,
+            lease_timeout_s: 30.0,
+            artifact_store: None,
+            advertise_url: None,
         }
     }
 }
@@ -213,10 +243,34 @@ pub async fn build_app_with(
     }
     roots.dedup();
 
-    let db_path = data_dir.join("ampserve.db");
-    let store = Store::open(&db_path)
-        .await
-        .with_context(|| format!("cannot open the database {}", db_path.display()))?;
+    let store = match &args.database_url {
+        Some(url) => Store::connect(url)
+            .await
+            .with_context(|| format!("cannot open the database {}", redact_url(url)))?,
+        None => {
+            let db_path = data_dir.join("ampserve.db");
+            Store::open(&db_path)
+                .await
+                .with_context(|| format!("cannot open the database {}", db_path.display()))?
+        }
+    };
+    if !(args.lease_timeout_s.is_finite() && args.lease_timeout_s >= 0.3) {
+        anyhow::bail!("--lease-timeout must be at least 0.3 seconds");
+    }
+    pool_config.lease_timeout = Duration::from_secs_f64(args.lease_timeout_s);
+    pool_config.node_id = match &args.node_id {
+        Some(id) if !id.trim().is_empty() => id.trim().to_string(),
+        Some(_) => anyhow::bail!("--node-id is empty; give an id or leave it unset"),
+        None => stable_node_id(&data_dir)?,
+    };
+    pool_config.advertise_url = args.advertise_url.clone();
+    pool_config.artifacts = match &args.artifact_store {
+        Some(url) if !same_dir(url, &data_dir) => Some(
+            crate::artifacts::ArtifactStore::open(url)
+                .with_context(|| format!("--artifact-store {url}"))?,
+        ),
+        _ => None,
+    };
     let pool = PoolHandle::start(store.clone(), trainer, devices, runs_dir, pool_config).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let settings = Settings {
@@ -252,6 +306,44 @@ pub async fn build_app_with(
         shutdown_tx,
         _lock: lock,
     })
+}
+
+/// The node id kept in `<data-dir>/node-id`, made on first start.
+fn stable_node_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_string());
+        }
+    }
+    let id = format!(
+        "{}-{:08x}",
+        crate::worker::host_name(),
+        rand::random::<u32>()
+    );
+    crate::checkpoint::write_atomic(&path, id.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
+}
+
+/// Is the artifact store URL the data directory itself (then nothing needs copying)?
+fn same_dir(url: &str, data_dir: &Path) -> bool {
+    !url.contains("://") && std::fs::canonicalize(url).is_ok_and(|p| p == data_dir)
+}
+
+/// A database URL without its password, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// `--allowed-hosts`, else the loopback names when bound to a loopback address (the case DNS

@@ -2,11 +2,12 @@
 //! precision (autocast, f32 master weights, dynamic loss scaling) and serve translations.
 //!
 //! Library modules `config`, `amp`, `ops`, `kernels`, `model`, `optim`, `data`, `generation`,
-//! `checkpoint`, `scores`, `train`, `infer` never import tokio, sqlx or axum; the server (`store`, `worker`, `http`) is built on
+//! `checkpoint`, `scores`, `train`, `infer` never import tokio, sqlx or axum; the server (`store`, `artifacts`, `worker`, `http`) is built on
 //! top of them.
 
 pub mod amp;
 pub mod app;
+pub mod artifacts;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;

@@ -69,9 +69,11 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the size of `Serve`'s many flags is not worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the training server (REST API, device workers, SQLite store, status page)
+    /// Run the training server (REST API, device workers, SQLite or PostgreSQL store, status page)
     Serve(ampserve::app::ServeArgs),
     /// Train (or resume) a model from a TOML spec, e.g. `ampserve train --config configs/tiny.toml`
     Train(ampserve::cli::TrainArgs),

@@ -10,6 +10,7 @@ import * as live from "./live.js";
 import * as router from "./router.js";
 import { badge, precisionOf, progressBar, progressText } from "./job-status.js";
 import { actionButtons } from "./actions.js";
+import * as nodes from "./view-nodes.js";
 
 let lastFetch = 0;
 
@@ -29,6 +30,7 @@ export async function refresh() {
       store.merge(j);
     }
     store.setListing(ids, data.total);
+    await nodes.refresh();
     renderAll();
     live.syncStreams();
   } catch (e) {
@@ -92,7 +94,9 @@ function renderRow(job, create) {
     c[9].replaceChildren(h("div", { class: "row-actions" }, actionButtons(job, { small: true })));
   }
   c[3].replaceChildren(h("span", { class: "tag", text: precisionOf(job) }));
-  c[4].textContent = job.device || "–";
+  // the node, once several share the database
+  const onNode = job.node && nodes.list().length > 1 ? ` · ${job.node}` : "";
+  c[4].textContent = job.device ? job.device + onNode : "–";
   const bar = progressBar(job);
   c[5].replaceChildren(bar, h("div", { class: "progress-text", text: progressText(job) }));
   c[6].textContent = fmt.num(job.metrics.loss);

@@ -974,9 +974,10 @@ async fn after_a_crash_a_job_resumes_from_its_latest_valid_checkpoint_without_du
     // Make it look like a crash at step 45 where the step-45 checkpoint never reached disk and
     // the step-40 file is corrupt: recovery must resume from step 20.
     let store = Store::open(&dir.path().join("ampserve.db")).await.unwrap();
-    sqlx::query("UPDATE jobs SET status = 'running' WHERE id = ?")
-        .bind(id)
-        .execute(store.pool())
+    store
+        .execute(&format!(
+            "UPDATE jobs SET status = 'running' WHERE id = {id}"
+        ))
         .await
         .unwrap();
     let ck_dir = dir

@@ -151,7 +151,11 @@ async fn evaluate(
         }
     };
     let cache = state.models.clone();
-    let dir = PathBuf::from(&m.path);
+    let dir = state
+        .pool
+        .local_model_dir(&m)
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     let tsv2 = tsv.clone();
     let beam = req.beam_size;
     let report = tokio::task::spawn_blocking(move || cache.evaluate(&dir, &tsv2, beam))

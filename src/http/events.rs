@@ -45,6 +45,10 @@ async fn events(
     // Subscribe before reading the status so nothing between the two is lost.
     let rx = state.pool.subscribe(id);
     let job = load_job(&state, id).await?;
+    if job.owner.as_deref() != Some(state.pool.node_id()) {
+        // another node's job: relayed from the database from this status and step on
+        state.pool.follow(id, &job.status, job.current_step);
+    }
     let first = JobEvent {
         job_id: id,
         kind: JobEventKind::Status {

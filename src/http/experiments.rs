@@ -157,6 +157,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl In
                     name: s.name.clone(),
                     priority: req.priority,
                     spec: s.clone(),
+                    requires_device: None,
                 },
             })
         })

@@ -175,6 +175,11 @@ async fn fork(
                 name: spec.name.clone(),
                 priority,
                 spec,
+                // a fork needs what its parent needed
+                requires_device: parent
+                    .requires_device
+                    .as_deref()
+                    .and_then(crate::store::nodes::DeviceKind::parse),
             },
             id,
             staged.step as i64,

@@ -30,6 +30,10 @@ pub struct JobView {
     pub priority: i64,
     pub worker: Option<String>,
     pub device: Option<String>,
+    /// The node running the job (while it is active; the last one after), from `GET /api/nodes`.
+    pub node: Option<String>,
+    /// The device kind the job requires (`cpu` or `cuda`), null: any node may run it.
+    pub requires_device: Option<String>,
     pub attempts: i64,
     pub error: Option<String>,
     pub run_dir: Option<String>,
@@ -90,6 +94,8 @@ impl From<JobRow> for JobView {
             priority: r.priority,
             worker: r.worker,
             device: r.device,
+            node: r.owner,
+            requires_device: r.requires_device,
             attempts: r.attempts,
             error: r.error,
             run_dir: r.run_dir,
@@ -144,6 +150,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl In
             name: req.spec.name.clone(),
             priority: req.priority,
             spec: req.spec,
+            requires_device: req.requires_device,
         })
         .await?;
     tracing::info!(job = row.id, name = %row.name, priority = row.priority, "job queued");

@@ -16,6 +16,7 @@ mod health;
 mod jobs;
 mod metrics;
 mod models;
+mod nodes;
 pub mod openapi;
 mod overflows;
 pub mod page;
@@ -96,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .merge(evaluate::router())
         .merge(translate::router())
         .merge(configs::router())
+        .merge(nodes::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let hard_limit = (state.settings.max_upload_bytes as usize).saturating_add(1 << 20);
     Router::new()

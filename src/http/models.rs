@@ -125,6 +125,12 @@ async fn show(
 async fn remove(State(state): State<AppState>, ApiPath(id): ApiPath<i64>) -> ApiResult<StatusCode> {
     let r = load_model(&state, id).await?;
     state.store.delete_model(id).await?;
+    if let Err(e) = state.pool.delete_model_artifacts(&r).await {
+        tracing::warn!(
+            model = id,
+            "cannot remove its files from the artifact store: {e:#}"
+        );
+    }
     // Waits for a load of this model in progress: its readers must not see the files vanish.
     let cache = state.models.clone();
     let _ = tokio::task::spawn_blocking(move || cache.forget(id)).await;

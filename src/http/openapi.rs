@@ -39,6 +39,9 @@ pub struct JobSubmission {
     /// -1000..=1000, higher runs first (default 0).
     #[schema(minimum = -1000, maximum = 1000)]
     pub priority: Option<i64>,
+    /// `cpu` or `cuda`: only nodes with such a device claim the job (default: any node).
+    #[schema(example = "cuda")]
+    pub device: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub data: Option<Value>,
     #[schema(value_type = Option<Object>)]
@@ -127,6 +130,7 @@ pub struct ExperimentSubmission {
         super::translate::translate_get,
         super::translate::translate_post,
         super::configs::list,
+        super::nodes::list,
         super::health::healthz,
         super::health::readyz,
         super::health::prometheus,

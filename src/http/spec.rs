@@ -5,6 +5,7 @@
 
 use super::{ApiError, ApiResult, Settings};
 use crate::config::TrainSpec;
+use crate::store::nodes::DeviceKind;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,8 @@ pub const MAX_PRIORITY: i64 = 1000;
 pub struct JobRequest {
     pub spec: TrainSpec,
     pub priority: i64,
+    /// `"device": "cpu" | "cuda"`: only nodes with such a device claim the job.
+    pub requires_device: Option<DeviceKind>,
 }
 
 pub fn parse_job_request(body: &[u8], settings: &Settings) -> ApiResult<JobRequest> {
@@ -49,6 +52,21 @@ pub fn parse_job_request(body: &[u8], settings: &Settings) -> ApiResult<JobReque
             ))
         }
     };
+    let requires_device = match obj.remove("device") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) => Some(DeviceKind::parse(&d).ok_or_else(|| {
+            ApiError::invalid(
+                "device",
+                format!("unknown device kind `{d}`; one of cpu, cuda (or leave it out: any)"),
+            )
+        })?),
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "device",
+                format!("expected \"cpu\" or \"cuda\", got {}", kind(&other)),
+            ))
+        }
+    };
     let base = match obj.remove("config") {
         None | Some(Value::Null) => None,
         Some(Value::String(name)) => Some(load_preset(&name, &settings.configs_dir)?),
@@ -78,7 +96,11 @@ pub fn parse_job_request(body: &[u8], settings: &Settings) -> ApiResult<JobReque
     if let Some(p) = spec.data.valid.take() {
         spec.data.valid = Some(confine(&p, &settings.data_roots, "data.valid")?);
     }
-    Ok(JobRequest { spec, priority })
+    Ok(JobRequest {
+        spec,
+        priority,
+        requires_device,
+    })
 }
 
 fn kind(v: &Value) -> &'static str {

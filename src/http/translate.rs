@@ -15,7 +15,6 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -299,7 +298,12 @@ async fn batcher_for(state: &AppState, m: &ModelRow) -> ApiResult<Arc<Batcher>> 
         return Ok(b);
     }
     let cache = state.models.clone();
-    let (id, dir) = (m.id, PathBuf::from(&m.path));
+    let dir = state
+        .pool
+        .local_model_dir(m)
+        .await
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    let id = m.id;
     tokio::task::spawn_blocking(move || cache.get_or_load(id, &dir))
         .await
         .map_err(|e| ApiError::internal(format!("model loading task failed: {e}")))?

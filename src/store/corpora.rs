@@ -1,6 +1,6 @@
 //! Uploaded corpora (TSV files under `<data-dir>/corpora`).
 
-use super::{Store, StoreResult};
+use super::{on_pool, Store, StoreResult};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
@@ -30,9 +30,9 @@ pub struct NewCorpus {
 impl Store {
     /// None when a corpus with that name exists already.
     pub async fn insert_corpus(&self, c: &NewCorpus) -> StoreResult<Option<CorpusRow>> {
-        Ok(sqlx::query_as::<_, CorpusRow>(
+        Ok(on_pool!(self, p => sqlx::query_as::<_, CorpusRow>(
             "INSERT INTO corpora (name, src_lang, tgt_lang, path, size_bytes, lines, malformed_lines)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (name) DO NOTHING
              RETURNING *",
         )
@@ -43,24 +43,24 @@ impl Store {
         .bind(c.size_bytes)
         .bind(c.lines)
         .bind(c.malformed_lines)
-        .fetch_optional(self.pool())
-        .await?)
+        .fetch_optional(p)
+        .await?))
     }
 
     pub async fn get_corpus(&self, name: &str) -> StoreResult<Option<CorpusRow>> {
         Ok(
-            sqlx::query_as::<_, CorpusRow>("SELECT * FROM corpora WHERE name = ?")
-                .bind(name)
-                .fetch_optional(self.pool())
-                .await?,
+            on_pool!(self, p => sqlx::query_as::<_, CorpusRow>("SELECT * FROM corpora WHERE name = $1")
+            .bind(name)
+            .fetch_optional(p)
+            .await?),
         )
     }
 
     pub async fn list_corpora(&self) -> StoreResult<Vec<CorpusRow>> {
         Ok(
-            sqlx::query_as::<_, CorpusRow>("SELECT * FROM corpora ORDER BY name")
-                .fetch_all(self.pool())
-                .await?,
+            on_pool!(self, p => sqlx::query_as::<_, CorpusRow>("SELECT * FROM corpora ORDER BY name")
+            .fetch_all(p)
+            .await?),
         )
     }
 }

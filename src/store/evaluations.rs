@@ -2,7 +2,7 @@
 //! corpora (and beam sizes) over its life, and each score must stay next to the model it
 //! describes (rows go with the model on delete).
 
-use super::{Store, StoreResult};
+use super::{on_pool, Store, StoreResult};
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
 pub struct EvaluationRow {
@@ -35,9 +35,9 @@ impl Store {
         model_id: i64,
         e: &NewEvaluation<'_>,
     ) -> StoreResult<EvaluationRow> {
-        Ok(sqlx::query_as::<_, EvaluationRow>(
+        Ok(on_pool!(self, p => sqlx::query_as::<_, EvaluationRow>(
             "INSERT INTO model_evaluations (model_id, corpus, sentences, beam_size, bleu, chrf, report_json)
-             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
         )
         .bind(model_id)
         .bind(e.corpus)
@@ -46,17 +46,17 @@ impl Store {
         .bind(e.bleu)
         .bind(e.chrf)
         .bind(e.report_json)
-        .fetch_one(self.pool())
-        .await?)
+        .fetch_one(p)
+        .await?))
     }
 
     /// Oldest first.
     pub async fn list_evaluations(&self, model_id: i64) -> StoreResult<Vec<EvaluationRow>> {
-        Ok(sqlx::query_as::<_, EvaluationRow>(
-            "SELECT * FROM model_evaluations WHERE model_id = ? ORDER BY id",
+        Ok(on_pool!(self, p => sqlx::query_as::<_, EvaluationRow>(
+            "SELECT * FROM model_evaluations WHERE model_id = $1 ORDER BY id",
         )
         .bind(model_id)
-        .fetch_all(self.pool())
-        .await?)
+        .fetch_all(p)
+        .await?))
     }
 }

@@ -3,7 +3,7 @@
 //! jobs are inserted in one transaction, so no experiment exists with a missing arm.
 
 use super::jobs::spec_column;
-use super::{JobRow, NewJob, Store, StoreResult};
+use super::{on_pool, JobRow, NewJob, Store, StoreResult};
 use crate::config::TrainSpec;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -44,49 +44,59 @@ impl Store {
         settings_json: &str,
         arms: &[NewArm],
     ) -> StoreResult<(ExperimentRow, Vec<JobRow>)> {
-        let mut tx = self.pool().begin().await?;
-        let exp = sqlx::query_as::<_, ExperimentRow>(
-            "INSERT INTO experiments (name, spec_json, settings_json) VALUES (?, ?, ?) RETURNING *",
-        )
-        .bind(name)
-        .bind(spec_column(spec)?)
-        .bind(settings_json)
-        .fetch_one(&mut *tx)
-        .await?;
-        let mut jobs = Vec::with_capacity(arms.len());
-        for (i, a) in arms.iter().enumerate() {
-            let job = sqlx::query_as::<_, JobRow>(
-                "INSERT INTO jobs (name, priority, spec_json) VALUES (?, ?, ?) RETURNING *",
+        let spec = spec_column(spec)?;
+        let arm_specs = arms
+            .iter()
+            .map(|a| spec_column(&a.job.spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let exp = sqlx::query_as::<_, ExperimentRow>(
+                "INSERT INTO experiments (name, spec_json, settings_json) VALUES ($1, $2, $3)
+                 RETURNING *",
             )
-            .bind(&a.job.name)
-            .bind(a.job.priority)
-            .bind(spec_column(&a.job.spec)?)
+            .bind(name)
+            .bind(&spec)
+            .bind(settings_json)
             .fetch_one(&mut *tx)
             .await?;
-            sqlx::query(
-                "INSERT INTO experiment_arms (experiment_id, position, label, overrides_json, job_id)
-                 VALUES (?, ?, ?, ?, ?)",
-            )
-            .bind(exp.id)
-            .bind(i as i64)
-            .bind(&a.label)
-            .bind(&a.overrides_json)
-            .bind(job.id)
-            .execute(&mut *tx)
-            .await?;
-            jobs.push(job);
-        }
-        tx.commit().await?;
-        Ok((exp, jobs))
+            let mut jobs = Vec::with_capacity(arms.len());
+            for (i, (a, arm_spec)) in arms.iter().zip(&arm_specs).enumerate() {
+                let job = sqlx::query_as::<_, JobRow>(
+                    "INSERT INTO jobs (name, priority, spec_json, requires_device)
+                     VALUES ($1, $2, $3, $4) RETURNING *",
+                )
+                .bind(&a.job.name)
+                .bind(a.job.priority)
+                .bind(arm_spec)
+                .bind(a.job.requires_device.map(|d| d.as_str()))
+                .fetch_one(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO experiment_arms (experiment_id, position, label, overrides_json, job_id)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(exp.id)
+                .bind(i as i64)
+                .bind(&a.label)
+                .bind(&a.overrides_json)
+                .bind(job.id)
+                .execute(&mut *tx)
+                .await?;
+                jobs.push(job);
+            }
+            tx.commit().await?;
+            (exp, jobs)
+        }))
     }
 
     pub async fn get_experiment(&self, id: i64) -> StoreResult<Option<ExperimentRow>> {
-        Ok(
-            sqlx::query_as::<_, ExperimentRow>("SELECT * FROM experiments WHERE id = ?")
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?,
+        Ok(on_pool!(self, p => sqlx::query_as::<_, ExperimentRow>(
+            "SELECT * FROM experiments WHERE id = $1",
         )
+        .bind(id)
+        .fetch_optional(p)
+        .await?))
     }
 
     /// Newest first, with the total count.
@@ -95,26 +105,26 @@ impl Store {
         limit: i64,
         offset: i64,
     ) -> StoreResult<(Vec<ExperimentRow>, i64)> {
-        let rows = sqlx::query_as::<_, ExperimentRow>(
-            "SELECT * FROM experiments ORDER BY id DESC LIMIT ? OFFSET ?",
+        let rows = on_pool!(self, p => sqlx::query_as::<_, ExperimentRow>(
+            "SELECT * FROM experiments ORDER BY id DESC LIMIT $1 OFFSET $2",
         )
         .bind(limit)
         .bind(offset)
-        .fetch_all(self.pool())
-        .await?;
-        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM experiments")
-            .fetch_one(self.pool())
-            .await?;
+        .fetch_all(p)
+        .await?);
+        let total: i64 = on_pool!(self, p => sqlx::query_scalar("SELECT COUNT(*) FROM experiments")
+            .fetch_one(p)
+            .await?);
         Ok((rows, total))
     }
 
     /// The arms in order.
     pub async fn experiment_arms(&self, id: i64) -> StoreResult<Vec<ArmRow>> {
-        Ok(sqlx::query_as::<_, ArmRow>(
-            "SELECT * FROM experiment_arms WHERE experiment_id = ? ORDER BY position",
+        Ok(on_pool!(self, p => sqlx::query_as::<_, ArmRow>(
+            "SELECT * FROM experiment_arms WHERE experiment_id = $1 ORDER BY position",
         )
         .bind(id)
-        .fetch_all(self.pool())
-        .await?)
+        .fetch_all(p)
+        .await?))
     }
 }

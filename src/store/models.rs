@@ -1,6 +1,6 @@
 //! Exported models: one row per model directory under `<data-dir>/models/`.
 
-use super::{Store, StoreResult};
+use super::{on_pool, Store, StoreResult};
 
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct ModelRow {
@@ -40,10 +40,10 @@ pub struct NewModel {
 
 impl Store {
     pub async fn insert_model(&self, m: &NewModel) -> StoreResult<ModelRow> {
-        Ok(sqlx::query_as::<_, ModelRow>(
+        Ok(on_pool!(self, p => sqlx::query_as::<_, ModelRow>(
             "INSERT INTO models (name, job_id, step, checkpoint, path, src_lang, tgt_lang, dtype,
                                  train_precision, val_bleu, params, size_bytes, manifest_json)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING *",
         )
         .bind(&m.name)
         .bind(m.job_id)
@@ -58,42 +58,43 @@ impl Store {
         .bind(m.params)
         .bind(m.size_bytes)
         .bind(&m.manifest_json)
-        .fetch_one(self.pool())
-        .await?)
+        .fetch_one(p)
+        .await?))
     }
 
     pub async fn get_model(&self, id: i64) -> StoreResult<Option<ModelRow>> {
         Ok(
-            sqlx::query_as::<_, ModelRow>("SELECT * FROM models WHERE id = ?")
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?,
+            on_pool!(self, p => sqlx::query_as::<_, ModelRow>("SELECT * FROM models WHERE id = $1")
+            .bind(id)
+            .fetch_optional(p)
+            .await?),
         )
     }
 
     /// Newest first.
     pub async fn list_models(&self) -> StoreResult<Vec<ModelRow>> {
         Ok(
-            sqlx::query_as::<_, ModelRow>("SELECT * FROM models ORDER BY id DESC")
-                .fetch_all(self.pool())
-                .await?,
+            on_pool!(self, p => sqlx::query_as::<_, ModelRow>("SELECT * FROM models ORDER BY id DESC")
+            .fetch_all(p)
+            .await?),
         )
     }
 
     pub async fn newest_model(&self) -> StoreResult<Option<ModelRow>> {
-        Ok(
-            sqlx::query_as::<_, ModelRow>("SELECT * FROM models ORDER BY id DESC LIMIT 1")
-                .fetch_optional(self.pool())
-                .await?,
+        Ok(on_pool!(self, p => sqlx::query_as::<_, ModelRow>(
+            "SELECT * FROM models ORDER BY id DESC LIMIT 1",
         )
+        .fetch_optional(p)
+        .await?))
     }
 
     /// True when a row was deleted.
     pub async fn delete_model(&self, id: i64) -> StoreResult<bool> {
-        let r = sqlx::query("DELETE FROM models WHERE id = ?")
+        let n = on_pool!(self, p => sqlx::query("DELETE FROM models WHERE id = $1")
             .bind(id)
-            .execute(self.pool())
-            .await?;
-        Ok(r.rows_affected() > 0)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(n > 0)
     }
 }

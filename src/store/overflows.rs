@@ -2,7 +2,7 @@
 //! activation, sampled f16 underflow) and their summary by tensor and layer for
 //! `GET /api/jobs/{id}/overflows`.
 
-use super::{Store, StoreResult};
+use super::{fence, on_pool, Lease, Store, StoreResult};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashSet};
 
@@ -116,108 +116,126 @@ fn finite(v: Option<f64>) -> Option<f64> {
 }
 
 impl Store {
-    /// Record one overflowing step (replacing a row a resumed run writes again).
-    pub async fn insert_overflow(&self, job_id: i64, ev: &OverflowEventRow) -> StoreResult<()> {
-        let mut tx = self.pool().begin().await?;
-        sqlx::query("DELETE FROM overflow_tensors WHERE job_id = ? AND step = ?")
-            .bind(job_id)
-            .bind(ev.step)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO overflow_events (job_id, step, epoch, loss_scale, loss_finite, activation, activation_max)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (job_id, step) DO UPDATE SET epoch = excluded.epoch,
-               loss_scale = excluded.loss_scale, loss_finite = excluded.loss_finite,
-               activation = excluded.activation, activation_max = excluded.activation_max",
-        )
-        .bind(job_id)
-        .bind(ev.step)
-        .bind(ev.epoch)
-        .bind(finite(ev.loss_scale))
-        .bind(ev.loss_finite)
-        .bind(&ev.activation)
-        .bind(ev.activation_max.map(|x| if x.is_finite() { x } else { f64::MAX }))
-        .execute(&mut *tx)
-        .await?;
-        for t in &ev.tensors {
+    /// Record one overflowing step (replacing a row a resumed run writes again), while `lease`
+    /// holds.
+    pub async fn insert_overflow(&self, lease: &Lease, ev: &OverflowEventRow) -> StoreResult<()> {
+        let job_id = lease.job_id;
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            fence!(tx, lease);
+            sqlx::query("DELETE FROM overflow_tensors WHERE job_id = $1 AND step = $2")
+                .bind(job_id)
+                .bind(ev.step)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query(
-                "INSERT INTO overflow_tensors (job_id, step, tensor, non_finite, numel, max_finite, loss_scale)
-                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO overflow_events (job_id, step, epoch, loss_scale, loss_finite, activation, activation_max)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (job_id, step) DO UPDATE SET epoch = excluded.epoch,
+                   loss_scale = excluded.loss_scale, loss_finite = excluded.loss_finite,
+                   activation = excluded.activation, activation_max = excluded.activation_max",
             )
             .bind(job_id)
             .bind(ev.step)
-            .bind(&t.tensor)
-            .bind(t.non_finite)
-            .bind(t.numel)
-            .bind(finite(t.max_finite))
+            .bind(ev.epoch)
             .bind(finite(ev.loss_scale))
+            .bind(ev.loss_finite)
+            .bind(&ev.activation)
+            .bind(ev.activation_max.map(|x| if x.is_finite() { x } else { f64::MAX }))
             .execute(&mut *tx)
             .await?;
-        }
-        tx.commit().await?;
+            for t in &ev.tensors {
+                sqlx::query(
+                    "INSERT INTO overflow_tensors (job_id, step, tensor, non_finite, numel, max_finite, loss_scale)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(job_id)
+                .bind(ev.step)
+                .bind(&t.tensor)
+                .bind(t.non_finite)
+                .bind(t.numel)
+                .bind(finite(t.max_finite))
+                .bind(finite(ev.loss_scale))
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
         Ok(())
     }
 
-    pub async fn insert_underflow(&self, job_id: i64, u: &UnderflowRow) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO grad_underflow (job_id, step, loss_scale, n_values, zero_share, underflow_share)
-             VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (job_id, step) DO UPDATE SET loss_scale = excluded.loss_scale,
-               n_values = excluded.n_values, zero_share = excluded.zero_share,
-               underflow_share = excluded.underflow_share",
-        )
-        .bind(job_id)
-        .bind(u.step)
-        .bind(finite(u.loss_scale))
-        .bind(u.n_values)
-        .bind(u.zero_share)
-        .bind(u.underflow_share)
-        .execute(self.pool())
-        .await?;
+    pub async fn insert_underflow(&self, lease: &Lease, u: &UnderflowRow) -> StoreResult<()> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            fence!(tx, lease);
+            sqlx::query(
+                "INSERT INTO grad_underflow (job_id, step, loss_scale, n_values, zero_share, underflow_share)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (job_id, step) DO UPDATE SET loss_scale = excluded.loss_scale,
+                   n_values = excluded.n_values, zero_share = excluded.zero_share,
+                   underflow_share = excluded.underflow_share",
+            )
+            .bind(lease.job_id)
+            .bind(u.step)
+            .bind(finite(u.loss_scale))
+            .bind(u.n_values)
+            .bind(u.zero_share)
+            .bind(u.underflow_share)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
     /// Drop forensics a resumed (or rolled back) run will write again.
-    pub async fn delete_overflows_after(&self, job_id: i64, step: i64) -> StoreResult<()> {
-        for table in ["overflow_events", "overflow_tensors", "grad_underflow"] {
-            sqlx::query(&format!(
-                "DELETE FROM {table} WHERE job_id = ? AND step > ?"
-            ))
-            .bind(job_id)
-            .bind(step)
-            .execute(self.pool())
-            .await?;
-        }
+    pub async fn delete_overflows_after(&self, lease: &Lease, step: i64) -> StoreResult<()> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            fence!(tx, lease);
+            for table in ["overflow_events", "overflow_tensors", "grad_underflow"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE job_id = $1 AND step > $2"))
+                    .bind(lease.job_id)
+                    .bind(step)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
         Ok(())
     }
 
-    pub async fn insert_recovery(&self, job_id: i64, r: &RecoveryRow) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO recoveries (job_id, step, action, resumed_from_step, precision, lr, reason)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(job_id)
-        .bind(r.step)
-        .bind(&r.action)
-        .bind(r.resumed_from_step)
-        .bind(&r.precision)
-        .bind(r.lr)
-        .bind(&r.reason)
-        .execute(self.pool())
-        .await?;
+    pub async fn insert_recovery(&self, lease: &Lease, r: &RecoveryRow) -> StoreResult<()> {
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            fence!(tx, lease);
+            sqlx::query(
+                "INSERT INTO recoveries (job_id, step, action, resumed_from_step, precision, lr, reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(lease.job_id)
+            .bind(r.step)
+            .bind(&r.action)
+            .bind(r.resumed_from_step)
+            .bind(&r.precision)
+            .bind(r.lr)
+            .bind(&r.reason)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
     /// A job's recoveries, oldest first.
     pub async fn list_recoveries(&self, job_id: i64) -> StoreResult<Vec<RecoveryRow>> {
-        Ok(sqlx::query_as::<_, RecoveryRow>(
+        Ok(on_pool!(self, p => sqlx::query_as::<_, RecoveryRow>(
             "SELECT step, action, resumed_from_step, precision, lr, reason, created_at
-             FROM recoveries WHERE job_id = ? ORDER BY id",
+             FROM recoveries WHERE job_id = $1 ORDER BY id",
         )
         .bind(job_id)
-        .fetch_all(self.pool())
-        .await?)
+        .fetch_all(p)
+        .await?))
     }
 
     /// The newest `limit` overflowing steps, newest first, with their tensors.
@@ -226,24 +244,24 @@ impl Store {
         job_id: i64,
         limit: i64,
     ) -> StoreResult<Vec<OverflowEventRow>> {
-        let heads: Vec<EventHead> = sqlx::query_as(
+        let heads: Vec<EventHead> = on_pool!(self, p => sqlx::query_as(
             "SELECT step, epoch, loss_scale, loss_finite, activation, activation_max
-                 FROM overflow_events WHERE job_id = ? ORDER BY step DESC LIMIT ?",
+                 FROM overflow_events WHERE job_id = $1 ORDER BY step DESC LIMIT $2",
         )
         .bind(job_id)
         .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
+        .fetch_all(p)
+        .await?);
         let mut out = Vec::with_capacity(heads.len());
         for (step, epoch, loss_scale, loss_finite, activation, activation_max) in heads {
-            let tensors = sqlx::query_as::<_, OverflowTensorRow>(
+            let tensors = on_pool!(self, p => sqlx::query_as::<_, OverflowTensorRow>(
                 "SELECT tensor, non_finite, numel, max_finite FROM overflow_tensors
-                 WHERE job_id = ? AND step = ? ORDER BY tensor",
+                 WHERE job_id = $1 AND step = $2 ORDER BY tensor",
             )
             .bind(job_id)
             .bind(step)
-            .fetch_all(self.pool())
-            .await?;
+            .fetch_all(p)
+            .await?);
             out.push(OverflowEventRow {
                 step,
                 epoch,
@@ -259,14 +277,14 @@ impl Store {
 
     /// The newest `limit` underflow samples, in step order.
     pub async fn list_underflow(&self, job_id: i64, limit: i64) -> StoreResult<Vec<UnderflowRow>> {
-        let mut rows = sqlx::query_as::<_, UnderflowRow>(
+        let mut rows = on_pool!(self, p => sqlx::query_as::<_, UnderflowRow>(
             "SELECT step, loss_scale, n_values, zero_share, underflow_share FROM grad_underflow
-             WHERE job_id = ? ORDER BY step DESC LIMIT ?",
+             WHERE job_id = $1 ORDER BY step DESC LIMIT $2",
         )
         .bind(job_id)
         .bind(limit)
-        .fetch_all(self.pool())
-        .await?;
+        .fetch_all(p)
+        .await?);
         rows.reverse();
         Ok(rows)
     }
@@ -274,18 +292,21 @@ impl Store {
     /// Which tensors and layers overflow, how often and at which scales; which activations
     /// were traced first beyond f16.
     pub async fn overflow_summary(&self, job_id: i64) -> StoreResult<OverflowSummary> {
-        let overflow_steps: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM overflow_events WHERE job_id = ?")
-                .bind(job_id)
-                .fetch_one(self.pool())
-                .await?;
-        let rows: Vec<TensorScaleRow> = sqlx::query_as(
-            "SELECT tensor, loss_scale, COUNT(*), SUM(non_finite), MAX(max_finite), MAX(step)
-             FROM overflow_tensors WHERE job_id = ? GROUP BY tensor, loss_scale",
+        let overflow_steps: i64 = on_pool!(self, p => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM overflow_events WHERE job_id = $1",
         )
         .bind(job_id)
-        .fetch_all(self.pool())
-        .await?;
+        .fetch_one(p)
+        .await?);
+        // (PostgreSQL's SUM of BIGINT is NUMERIC: cast back)
+        let rows: Vec<TensorScaleRow> = on_pool!(self, p => sqlx::query_as(
+            "SELECT tensor, loss_scale, COUNT(*), CAST(SUM(non_finite) AS BIGINT), MAX(max_finite),
+                    MAX(step)
+             FROM overflow_tensors WHERE job_id = $1 GROUP BY tensor, loss_scale",
+        )
+        .bind(job_id)
+        .fetch_all(p)
+        .await?);
         let mut by_tensor: BTreeMap<String, TensorSummary> = BTreeMap::new();
         for (tensor, scale, steps, values, max_finite, last) in rows {
             let t = by_tensor
@@ -322,11 +343,12 @@ impl Store {
         tensors.sort_by(|a, b| b.steps.cmp(&a.steps).then(a.tensor.cmp(&b.tensor)));
 
         // A layer overflowed on a step when any of its tensors did.
-        let pairs: Vec<(i64, String)> =
-            sqlx::query_as("SELECT step, tensor FROM overflow_tensors WHERE job_id = ?")
-                .bind(job_id)
-                .fetch_all(self.pool())
-                .await?;
+        let pairs: Vec<(i64, String)> = on_pool!(self, p => sqlx::query_as(
+            "SELECT step, tensor FROM overflow_tensors WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_all(p)
+        .await?);
         let mut layers: BTreeMap<String, (HashSet<i64>, Vec<String>)> = BTreeMap::new();
         for (step, tensor) in pairs {
             let e = layers.entry(layer_of(&tensor)).or_default();
@@ -348,14 +370,14 @@ impl Store {
             .collect();
         layers.sort_by(|a, b| b.steps.cmp(&a.steps).then(a.layer.cmp(&b.layer)));
 
-        let activations: Vec<(String, i64)> = sqlx::query_as(
+        let activations: Vec<(String, i64)> = on_pool!(self, p => sqlx::query_as(
             "SELECT activation, COUNT(*) FROM overflow_events
-             WHERE job_id = ? AND activation IS NOT NULL GROUP BY activation
+             WHERE job_id = $1 AND activation IS NOT NULL GROUP BY activation
              ORDER BY COUNT(*) DESC, activation",
         )
         .bind(job_id)
-        .fetch_all(self.pool())
-        .await?;
+        .fetch_all(p)
+        .await?);
         Ok(OverflowSummary {
             overflow_steps,
             tensors,
@@ -404,24 +426,34 @@ mod tests {
 
     #[tokio::test]
     async fn summary_counts_steps_per_tensor_scale_and_layer() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("o.db")).await.unwrap();
+        for t in crate::store::testing::engines().await {
+            summary_on(&t.store).await;
+        }
+    }
+
+    async fn summary_on(s: &Store) {
         let job = s
             .insert_job(&NewJob {
                 name: "o".into(),
                 priority: 0,
                 spec: crate::config::TrainSpec::default(),
+                requires_device: None,
             })
             .await
             .unwrap()
             .id;
+        let lease = crate::store::testing::adopt(s, job, "n1").await.unwrap();
         let a = "decoder.layers.0.ffn.linear_1.weight";
         let b = "decoder.layers.0.ffn.linear_2.weight";
-        s.insert_overflow(job, &ev(1, 1024.0, &[a, b]))
+        s.insert_overflow(&lease, &ev(1, 1024.0, &[a, b]))
             .await
             .unwrap();
-        s.insert_overflow(job, &ev(2, 512.0, &[a])).await.unwrap();
-        s.insert_overflow(job, &ev(3, 512.0, &[a])).await.unwrap();
+        s.insert_overflow(&lease, &ev(2, 512.0, &[a]))
+            .await
+            .unwrap();
+        s.insert_overflow(&lease, &ev(3, 512.0, &[a]))
+            .await
+            .unwrap();
         let sum = s.overflow_summary(job).await.unwrap();
         assert_eq!(sum.overflow_steps, 3);
         assert_eq!(sum.tensors[0].tensor, a);
@@ -460,7 +492,7 @@ mod tests {
         let recent = s.recent_overflows(job, 2).await.unwrap();
         assert_eq!(recent.iter().map(|e| e.step).collect::<Vec<_>>(), [3, 2]);
         // a resumed run rewrites what came after its checkpoint
-        s.delete_overflows_after(job, 1).await.unwrap();
+        s.delete_overflows_after(&lease, 1).await.unwrap();
         assert_eq!(s.overflow_summary(job).await.unwrap().overflow_steps, 1);
     }
 }

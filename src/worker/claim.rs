@@ -3,12 +3,15 @@
 //! `store.claim_next_job` below, and runs it (`job.rs`) to its end before claiming again.
 
 use super::pool::PoolHandle;
+use crate::store::leases::Claim;
+use crate::store::nodes::DeviceKind;
 use crate::store::JobStatus;
 use std::sync::atomic::Ordering;
 
 pub(super) struct Worker {
     pub(super) name: String,
     pub(super) device_name: String,
+    pub(super) kind: DeviceKind,
     pub(super) device: candle_core::Device,
     pub(super) pool: PoolHandle,
 }
@@ -24,14 +27,24 @@ impl Worker {
             if inner.shutting_down.load(Ordering::SeqCst) {
                 break;
             }
-            match inner
-                .store
-                .claim_next_job(&self.name, &self.device_name)
-                .await
-            {
+            let claim = Claim {
+                node: &inner.config.node_id,
+                worker: &self.name,
+                device: &self.device_name,
+                kind: self.kind,
+                lease_ms: inner.config.lease_timeout.as_millis() as i64,
+            };
+            match inner.store.claim_next_job(&claim).await {
                 Ok(Some(job)) => {
                     let id = job.id;
                     if let Err(e) = self.run_job(job).await {
+                        if is_lease_lost(&e) {
+                            tracing::warn!(
+                                job = id,
+                                "lease lost: another node runs the job now; stopped here"
+                            );
+                            continue;
+                        }
                         tracing::error!(job = id, "persisting job failed: {e:#}");
                         let error = Some(format!("server error: {e:#}"));
                         if let Err(e) = self.pool.end_job(id, JobStatus::Failed, error).await {
@@ -40,9 +53,11 @@ impl Worker {
                     }
                 }
                 Ok(None) => {
+                    // Also look for expired leases (takeovers) a few times per lease timeout.
+                    let poll = inner.config.poll_every.min(inner.config.lease_timeout / 3);
                     tokio::select! {
                         _ = &mut wake => {}
-                        _ = tokio::time::sleep(inner.config.poll_every) => {}
+                        _ = tokio::time::sleep(poll) => {}
                     }
                 }
                 Err(e) => {
@@ -53,4 +68,10 @@ impl Worker {
         }
         tracing::info!(worker = %self.name, "worker stopped");
     }
+}
+
+/// A guarded write found the job owned by another node.
+fn is_lease_lost(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::store::StoreError>()
+        .is_some_and(|e| e.is_lease_lost())
 }

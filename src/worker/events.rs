@@ -6,17 +6,17 @@ use crate::train::{
     CheckpointRecord, OverflowRecord, RecoveryRecord, StartInfo, StepRecord, Summary,
     ValidationRecord,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What SSE subscribers and the Prometheus endpoint see.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JobEvent {
     pub job_id: i64,
     #[serde(flatten)]
     pub kind: JobEventKind,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum JobEventKind {
     Status {

@@ -29,19 +29,33 @@ pub(super) struct Failure {
 }
 
 impl Worker {
+    /// Run a job this node has claimed. Every write for it is guarded by its lease: an error
+    /// that says the lease is lost means another node runs it now.
     pub(super) async fn run_job(&self, job: JobRow) -> anyhow::Result<()> {
+        let id = job.id;
+        self.pool.inner.running.lock().unwrap().insert(id);
+        let r = self.run_leased(job).await;
+        self.pool.inner.running.lock().unwrap().remove(&id);
+        r
+    }
+
+    async fn run_leased(&self, job: JobRow) -> anyhow::Result<()> {
         let inner = &self.pool.inner;
         let id = job.id;
+        let lease = self.pool.lease(id);
         let run_dir = inner.runs_dir.join(id.to_string());
         std::fs::create_dir_all(&run_dir)?;
+        // A job another node ran (or this one before another took it over): its files as the
+        // artifact store has them.
+        self.pool.restore_run(&lease, &run_dir).await?;
         // A fork's first run: its parent's checkpoint moves in, and the resume below starts there.
         if let Some(seed) = job.seed_dir.as_deref() {
             super::fork::seed_run_dir(std::path::Path::new(seed), &run_dir)?;
-            inner.store.clear_seed_dir(id).await?;
+            inner.store.clear_seed_dir(&lease).await?;
         }
         inner
             .store
-            .set_job_run_dir(id, &run_dir.to_string_lossy())
+            .set_job_run_dir(&lease, &run_dir.to_string_lossy())
             .await?;
         // A fresh cancel state: one left by a cancel that came after the previous run of this
         // job ended must not stop this one. A cancel that came between the claim and now is
@@ -112,17 +126,26 @@ impl Worker {
             });
         let outcome = match thread {
             Ok(handle) => {
-                let r = self.consume(id, rx).await;
+                let r = self.consume(&lease, rx).await;
+                if r.is_err() {
+                    // Nobody persists its events any more (the lease is lost or the database
+                    // failed): the trainer stops at its next step.
+                    cancel.flag.store(true, Ordering::SeqCst);
+                }
                 let _ = tokio::task::spawn_blocking(move || handle.join()).await;
-                r?
+                r
             }
-            Err(e) => Err(Failure {
+            Err(e) => Ok(Err(Failure {
                 message: format!("cannot spawn the trainer thread: {e}"),
                 crashed: false,
-            }),
+            })),
         };
         inner.cancels.lock().unwrap().remove(&id);
         inner.live.lock().unwrap().remove(&id);
+        let outcome = outcome?;
+        if cancel.lease_lost.load(Ordering::SeqCst) {
+            return Err(crate::store::StoreError::LeaseLost { job_id: id }.into());
+        }
 
         let (status, error) = match outcome {
             Ok(s) if !s.cancelled => (JobStatus::Succeeded, None),
@@ -138,7 +161,7 @@ impl Worker {
             Err(f) if f.crashed && self.pool.is_shutting_down() => (JobStatus::Queued, None),
             Err(f) => {
                 if f.crashed {
-                    let n = inner.store.record_crash(id).await?;
+                    let n = inner.store.record_crash(&lease).await?;
                     tracing::error!(
                         job = id,
                         crashes = n,

@@ -6,14 +6,18 @@
 mod claim;
 mod events;
 pub mod fork;
+mod heartbeat;
 mod job;
 mod persist;
 mod pool;
 pub mod process;
 mod publish;
+mod relay;
+mod sync;
 
 pub use events::{JobEvent, JobEventKind};
 pub use fork::{ForkFailure, StagedFork};
+pub use heartbeat::host_name;
 pub use pool::{LiveJob, PoolConfig, PoolHandle, WriteStats};
 pub use process::ProcessTrainer;
 pub use publish::{model_row, ExportFailure};
@@ -99,6 +103,14 @@ impl std::str::FromStr for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// What a job's `"device"` requirement matches.
+    pub fn kind(&self) -> crate::store::nodes::DeviceKind {
+        match self {
+            DeviceSpec::Cpu => crate::store::nodes::DeviceKind::Cpu,
+            DeviceSpec::Cuda(_) => crate::store::nodes::DeviceKind::Cuda,
+        }
+    }
+
     pub fn open(&self) -> Result<candle_core::Device, WorkerError> {
         match self {
             DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),

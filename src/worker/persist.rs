@@ -10,7 +10,7 @@ use super::pool::LiveJob;
 use crate::store::checkpoints::NewCheckpoint;
 use crate::store::jobs::Progress;
 use crate::store::overflows::{OverflowEventRow, OverflowTensorRow, RecoveryRow, UnderflowRow};
-use crate::store::{MetricRow, ValidationRow};
+use crate::store::{Lease, MetricRow, ValidationRow};
 use crate::train::{BarrierError, OverflowRecord, StepRecord, Summary, TrainEvent};
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -21,10 +21,11 @@ impl Worker {
     /// stay in step order relative to them.
     pub(super) async fn consume(
         &self,
-        id: i64,
+        lease: &Lease,
         mut rx: mpsc::Receiver<Msg>,
     ) -> anyhow::Result<Result<Summary, Failure>> {
         let inner = &self.pool.inner;
+        let id = lease.job_id;
         let mut buf: Vec<MetricRow> = Vec::new();
         let mut progress = Progress::default();
         let mut total_steps = 0u64;
@@ -58,15 +59,15 @@ impl Worker {
                         buf.push(metric_row(&s));
                         self.pool.publish(id, JobEventKind::Step(s));
                         if buf.len() >= inner.config.flush_rows {
-                            self.flush(id, &mut buf, &progress).await?;
+                            self.flush(lease, &mut buf, &progress).await?;
                         }
                     }
                     Some(Msg::Event(ev)) => {
-                        self.flush(id, &mut buf, &progress).await?;
-                        self.handle_event(id, ev, &mut progress, &mut total_steps).await?;
+                        self.flush(lease, &mut buf, &progress).await?;
+                        self.handle_event(lease, ev, &mut progress, &mut total_steps).await?;
                     }
                     Some(Msg::Barrier(_step, ack)) => {
-                        match self.flush(id, &mut buf, &progress).await {
+                        match self.flush(lease, &mut buf, &progress).await {
                             Ok(()) => {
                                 let _ = ack.send(Ok(()));
                             }
@@ -77,11 +78,11 @@ impl Worker {
                         }
                     }
                     Some(Msg::Done(result)) => {
-                        self.flush(id, &mut buf, &progress).await?;
+                        self.flush(lease, &mut buf, &progress).await?;
                         return Ok(result);
                     }
                     None => {
-                        self.flush(id, &mut buf, &progress).await?;
+                        self.flush(lease, &mut buf, &progress).await?;
                         return Ok(Err(Failure {
                             message: "the trainer thread exited without a result".into(),
                             crashed: false,
@@ -89,7 +90,7 @@ impl Worker {
                     }
                 },
                 _ = ticker.tick() => {
-                    self.flush(id, &mut buf, &progress).await?;
+                    self.flush(lease, &mut buf, &progress).await?;
                 }
             }
         }
@@ -97,7 +98,7 @@ impl Worker {
 
     async fn flush(
         &self,
-        id: i64,
+        lease: &Lease,
         buf: &mut Vec<MetricRow>,
         progress: &Progress,
     ) -> anyhow::Result<()> {
@@ -106,8 +107,8 @@ impl Worker {
         }
         let t = Instant::now();
         let store = &self.pool.inner.store;
-        store.insert_metrics(id, buf).await?;
-        store.set_job_progress(id, progress).await?;
+        store.insert_metrics(lease, buf).await?;
+        store.set_job_progress(lease, progress).await?;
         let mut st = self.pool.inner.write_stats.lock().unwrap();
         st.flushes += 1;
         st.rows += buf.len() as u64;
@@ -118,20 +119,22 @@ impl Worker {
 
     async fn handle_event(
         &self,
-        id: i64,
+        lease: &Lease,
         ev: TrainEvent,
         progress: &mut Progress,
         total_steps: &mut u64,
     ) -> anyhow::Result<()> {
         let store = &self.pool.inner.store;
+        let id = lease.job_id;
         match ev {
             TrainEvent::Started(info) => {
                 let from = info.resumed_from_step as i64;
                 // A resumed run rewrites everything after its checkpoint.
-                let m = store.delete_metrics_after(id, from).await?;
-                store.delete_validations_after(id, from).await?;
-                store.delete_checkpoints_after(id, from).await?;
-                store.delete_overflows_after(id, from).await?;
+                let m = store.delete_metrics_after(lease, from).await?;
+                store.delete_validations_after(lease, from).await?;
+                store.delete_checkpoints_after(lease, from).await?;
+                store.delete_overflows_after(lease, from).await?;
+                self.pool.upload_tokenizers(id, &info.run_dir).await?;
                 // Rows of files that are gone (removed by retention just before a crash).
                 let gone: Vec<String> = store
                     .list_checkpoints(id)
@@ -146,11 +149,11 @@ impl Worker {
                         rows = gone.len(),
                         "dropped rows of checkpoints no longer on disk"
                     );
-                    store.forget_checkpoints(id, &gone).await?;
+                    store.forget_checkpoints(lease, &gone).await?;
                 }
                 let skipped = store.count_skipped_steps(id, from).await?;
                 store
-                    .set_job_started(id, info.total_steps as i64, from, skipped)
+                    .set_job_started(lease, info.total_steps as i64, from, skipped)
                     .await?;
                 *progress = Progress {
                     step: from,
@@ -171,7 +174,7 @@ impl Worker {
             TrainEvent::Validation(v) => {
                 store
                     .insert_validation(
-                        id,
+                        lease,
                         &ValidationRow {
                             step: v.step as i64,
                             epoch: v.epoch as i64,
@@ -187,7 +190,7 @@ impl Worker {
                     )
                     .await?;
                 store
-                    .set_job_validation(id, v.step as i64, v.val_loss, v.bleu, v.chrf)
+                    .set_job_validation(lease, v.step as i64, v.val_loss, v.bleu, v.chrf)
                     .await?;
                 self.pool.publish(id, JobEventKind::Validation(v));
             }
@@ -197,9 +200,10 @@ impl Worker {
                     .iter()
                     .map(|p| p.to_string_lossy().into_owned())
                     .collect();
+                self.pool.upload_checkpoint(id, &c.path, &c.removed).await?;
                 store
                     .record_checkpoint(
-                        id,
+                        lease,
                         &NewCheckpoint {
                             step: c.step as i64,
                             epoch: c.epoch as i64,
@@ -215,19 +219,19 @@ impl Worker {
                 self.pool.publish(id, JobEventKind::Checkpoint(c));
             }
             TrainEvent::Overflow(o) => {
-                store.insert_overflow(id, &overflow_row(&o)).await?;
+                store.insert_overflow(lease, &overflow_row(&o)).await?;
                 self.pool.publish(id, JobEventKind::Overflow(o));
             }
             TrainEvent::Recovery(r) => {
                 // The run went back to a checkpoint: what came after it is written again. The
                 // overflow forensics stay: they are the record of what led to the collapse.
                 let from = r.resumed_from_step as i64;
-                store.delete_metrics_after(id, from).await?;
-                store.delete_validations_after(id, from).await?;
-                store.delete_checkpoints_after(id, from).await?;
+                store.delete_metrics_after(lease, from).await?;
+                store.delete_validations_after(lease, from).await?;
+                store.delete_checkpoints_after(lease, from).await?;
                 store
                     .insert_recovery(
-                        id,
+                        lease,
                         &RecoveryRow {
                             step: r.step as i64,
                             action: r.action.clone(),
@@ -241,14 +245,14 @@ impl Worker {
                     .await?;
                 progress.step = from;
                 progress.skipped_steps = store.count_skipped_steps(id, from).await?;
-                store.set_job_progress(id, progress).await?;
+                store.set_job_progress(lease, progress).await?;
                 tracing::warn!(job = id, step = r.step, action = %r.action, from, "loss scale collapsed; recovered");
                 self.pool.publish(id, JobEventKind::Recovery(r));
             }
             TrainEvent::Underflow(u) => {
                 store
                     .insert_underflow(
-                        id,
+                        lease,
                         &UnderflowRow {
                             step: u.step as i64,
                             loss_scale: Some(u.loss_scale),
@@ -263,7 +267,7 @@ impl Worker {
                 // Skipped steps are counted from the stored rows (the summary may only cover
                 // this attempt).
                 progress.loss_scale = Some(s.final_loss_scale);
-                store.set_job_progress(id, progress).await?;
+                store.set_job_progress(lease, progress).await?;
                 self.pool.publish(id, JobEventKind::Finished(s));
             }
             TrainEvent::Step(_) => unreachable!("steps are buffered by the caller"),

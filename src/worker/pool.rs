@@ -6,9 +6,10 @@
 use super::claim::Worker;
 use super::events::{JobEvent, JobEventKind};
 use super::{DeviceSpec, Trainer, WorkerError};
-use crate::store::{JobStatus, Store, StoreResult};
+use crate::artifacts::ArtifactStore;
+use crate::store::{JobStatus, Lease, Store, StoreResult};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +29,16 @@ pub struct PoolConfig {
     /// A job whose runner crashed this many times (server crashes during it included) is
     /// failed at start instead of re-queued.
     pub max_attempts: u32,
+    /// This node's id: the `owner` of the jobs it claims, its row in `nodes`.
+    pub node_id: String,
+    /// A job whose owner has not renewed its lease for this long may be claimed by another
+    /// node; the heartbeat renews every third of it.
+    pub lease_timeout: Duration,
+    /// The URL other nodes and users reach this node's API at (shown in `GET /api/nodes`).
+    pub advertise_url: Option<String>,
+    /// Where checkpoints and models are shared with other nodes; None: the data directory
+    /// is the store (one node, or several on one file system).
+    pub artifacts: Option<ArtifactStore>,
 }
 
 impl Default for PoolConfig {
@@ -37,6 +48,10 @@ impl Default for PoolConfig {
             flush_rows: 200,
             poll_every: Duration::from_secs(2),
             max_attempts: 3,
+            node_id: "local".into(),
+            lease_timeout: Duration::from_secs(30),
+            advertise_url: None,
+            artifacts: None,
         }
     }
 }
@@ -68,6 +83,8 @@ pub(super) struct CancelState {
     pub(super) flag: Arc<AtomicBool>,
     /// Set when a user asked for it (as opposed to server shutdown).
     pub(super) by_user: AtomicBool,
+    /// Set when another node took the job over: nothing more is written for this run.
+    pub(super) lease_lost: AtomicBool,
 }
 
 pub(super) struct Inner {
@@ -86,6 +103,14 @@ pub(super) struct Inner {
     pub(super) tasks: Mutex<Vec<JoinHandle<()>>>,
     pub(super) devices: Vec<DeviceSpec>,
     pub(super) exports: Mutex<HashMap<(i64, String), ExportSlot>>,
+    /// The heartbeat and the cross-node event relay: stopped at shutdown.
+    pub(super) background: Mutex<Vec<JoinHandle<()>>>,
+    /// Jobs a worker of this node runs now (the heartbeat checks their leases).
+    pub(super) running: Mutex<HashSet<i64>>,
+    /// The queue of events for other nodes (PostgreSQL only; see `relay.rs`).
+    pub(super) relay: Mutex<Option<tokio::sync::mpsc::Sender<String>>>,
+    /// SQLite's poller: (status, step) last published per followed job (see `relay.rs`).
+    pub(super) followed: Mutex<HashMap<i64, (String, i64)>>,
 }
 
 /// One export per (job, checkpoint choice) at a time; holds the last result (checkpoint
@@ -116,8 +141,9 @@ impl PoolHandle {
             .map(|d| d.open())
             .collect::<Result<Vec<_>, _>>()?;
         std::fs::create_dir_all(&runs_dir)?;
+        let node = config.node_id.clone();
         for (id, crashes) in store
-            .fail_crash_loops(config.max_attempts.max(1) as i64)
+            .fail_crash_loops(&node, config.max_attempts.max(1) as i64)
             .await?
         {
             tracing::error!(
@@ -127,7 +153,7 @@ impl PoolHandle {
                 config.max_attempts
             );
         }
-        let (requeued, cancelled) = store.recover_jobs().await?;
+        let (requeued, cancelled) = store.recover_jobs(&node).await?;
         if !requeued.is_empty() {
             tracing::warn!(
                 jobs = ?requeued,
@@ -151,13 +177,25 @@ impl PoolHandle {
             tasks: Mutex::new(Vec::new()),
             devices: devices.clone(),
             exports: Mutex::new(HashMap::new()),
+            background: Mutex::new(Vec::new()),
+            running: Mutex::new(HashSet::new()),
+            relay: Mutex::new(None),
+            followed: Mutex::new(HashMap::new()),
         });
         let handle = PoolHandle { inner };
+        handle.register_node().await?;
+        let heartbeat = tokio::spawn(handle.clone().heartbeat());
+        let relay = super::relay::start(handle.clone()).await?;
+        let mut bg = handle.inner.background.lock().unwrap();
+        bg.push(heartbeat);
+        bg.extend(relay);
+        drop(bg);
         let mut tasks = Vec::new();
         for (i, (spec, device)) in devices.iter().zip(opened).enumerate() {
             let worker = Worker {
                 name: format!("worker-{i}"),
                 device_name: spec.to_string(),
+                kind: spec.kind(),
                 device,
                 pool: handle.clone(),
             };
@@ -190,6 +228,24 @@ impl PoolHandle {
         &self.inner.runs_dir
     }
 
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.inner.config.node_id
+    }
+
+    pub fn lease_timeout(&self) -> Duration {
+        self.inner.config.lease_timeout
+    }
+
+    pub fn artifacts(&self) -> Option<&ArtifactStore> {
+        self.inner.config.artifacts.as_ref()
+    }
+
+    /// This node's lease on job `job_id` (valid while the database names it the owner).
+    pub fn lease(&self, job_id: i64) -> Lease {
+        Lease::new(job_id, self.node_id())
+    }
+
     /// A job was queued: wake idle workers.
     pub fn notify_new_job(&self) {
         self.inner.wake.notify_waiters();
@@ -219,7 +275,15 @@ impl PoolHandle {
             .subscribe()
     }
 
+    /// Publish to this node's subscribers and, through the database, to every other node's
+    /// (PostgreSQL NOTIFY; other nodes relay it into their own channels).
     pub fn publish(&self, job_id: i64, kind: JobEventKind) {
+        super::relay::forward(self, job_id, &kind);
+        self.publish_local(job_id, kind);
+    }
+
+    /// Publish to this node's subscribers only.
+    pub(super) fn publish_local(&self, job_id: i64, kind: JobEventKind) {
         let mut map = self.inner.events.lock().unwrap();
         if let Some(tx) = map.get(&job_id) {
             if tx.send(JobEvent { job_id, kind }).is_err() {
@@ -278,7 +342,7 @@ impl PoolHandle {
         let changed = self
             .inner
             .store
-            .finish_job(id, status, error.as_deref())
+            .finish_job(&self.lease(id), status, error.as_deref())
             .await?;
         if changed {
             match &error {
@@ -306,6 +370,12 @@ impl PoolHandle {
             if let Err(e) = t.await {
                 tracing::error!("worker task ended abnormally: {e}");
             }
+        }
+        for t in std::mem::take(&mut *self.inner.background.lock().unwrap()) {
+            t.abort();
+        }
+        if let Err(e) = self.inner.store.remove_node(self.node_id()).await {
+            tracing::warn!("cannot remove this node's row: {e}");
         }
     }
 }

@@ -101,6 +101,12 @@ impl PoolHandle {
             InferError::NotFound(m) => ExportFailure::NotFound(m),
             other => ExportFailure::Failed(other.to_string()),
         })?;
+        if let Err(e) = self.upload_model(&out).await {
+            let _ = std::fs::remove_dir_all(&out);
+            return Err(ExportFailure::Failed(format!(
+                "cannot upload the model to the artifact store: {e:#}"
+            )));
+        }
         let row = model_row(&manifest, Some(job.id), &out);
         match self.store().insert_model(&row).await {
             Ok(r) => {
