@@ -78,7 +78,9 @@ fn averaged_export_holds_the_mean_of_the_last_n_checkpoints_and_translates() {
         let mean = ((x + y).unwrap() / 2.0).unwrap();
         let tol = 2e-3 * (1.0 + max_abs_diff(&mean, &mean.zeros_like().unwrap()));
         assert!(max_abs_diff(w, &mean) <= tol, "{name}: not the mean");
-        if max_abs_diff(x, y) > 10.0 * tol {
+        // where the two checkpoints differ by more than 4 tol, the mean is more than 2 tol from
+        // either of them (and so, at most tol off the mean, more than tol from the latest)
+        if max_abs_diff(x, y) > 4.0 * tol {
             // and, where the two checkpoints differ, not either of them
             assert!(max_abs_diff(w, y) > tol, "{name}: the latest, not the mean");
             moved += 1;
