@@ -185,8 +185,8 @@ fn fused_op_fallbacks_match_the_cpu_kernels() -> Result<()> {
     let mut m = vec![0f32; 16];
     m[8 + 5..16].fill(crate::model::MASK_FILL); // second sentence: last 3 keys are PAD
     let mask = Tensor::from_vec(m, (2, 1, 1, 8), &Device::Cpu)?;
-    let pc = ops::masked_softmax(&scores, &mask, 0.25, DType::F16)?;
-    let pg = ops::masked_softmax(&g(&scores)?, &g(&mask)?, 0.25, DType::F16)?;
+    let pc = ops::masked_softmax(&scores, &mask, 0.25, DType::F16, None)?;
+    let pg = ops::masked_softmax(&g(&scores)?, &g(&mask)?, 0.25, DType::F16, None)?;
     assert_on_cuda("softmax", &pg);
     assert_eq!(pg.dtype(), DType::F16);
     let e = max_abs_diff(&pg.to_device(&Device::Cpu)?, &pc)?;

@@ -65,11 +65,18 @@ pub fn layer_norm(
 }
 
 /// Masked softmax (see `kernels::reference::masked_softmax`), fused.
-pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, out: DType) -> Result<Tensor> {
+/// With `drop`, the probabilities are dropped out in the same pass (attention dropout).
+pub fn masked_softmax(
+    scores: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    out: DType,
+    drop: Option<&DropMask>,
+) -> Result<Tensor> {
     if use_reference() {
-        return kernels::reference::masked_softmax(scores, mask, scale, out, None);
+        return kernels::reference::masked_softmax(scores, mask, scale, out, drop);
     }
-    fused(kernels::masked_softmax(scores, mask, scale, out, None)?, 1)
+    fused(kernels::masked_softmax(scores, mask, scale, out, drop)?, 1)
 }
 
 /// Label-smoothed cross-entropy (see `kernels::reference::cross_entropy_ls`), fused with its

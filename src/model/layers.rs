@@ -93,13 +93,15 @@ impl Attention {
         let kt = kv.k.t()?;
         crate::counters::candle_node(&kv.k, &kt, crate::counters::NodeCost::VIEW);
         let scores = ctx.ac.matmul(&q, &kt)?;
+        // softmax and attention dropout in one pass
+        let m = ctx.mask(scores.elem_count());
         let probs = ops::masked_softmax(
             &scores,
             mask,
             1.0 / (self.d_k as f64).sqrt(),
             ctx.ac.compute_dtype(),
+            m.as_ref(),
         )?;
-        let probs = ctx.drop(&probs)?;
         // (b, h, tq, d_k)
         let out = ctx.ac.matmul(&probs, &kv.v)?;
         // (b, tq, d)

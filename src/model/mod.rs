@@ -488,6 +488,7 @@ mod tests {
                 &Tensor::zeros((1, 1, 1, 40), DType::F32, &dev)?,
                 1.0,
                 DType::F32,
+                None,
             )?;
             assert_eq!(probs.dtype(), DType::F32);
             for (_, v) in &m.params {
