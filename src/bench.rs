@@ -234,11 +234,7 @@ pub fn bench_train(
         dev.synchronize()?;
         let dt = t0.elapsed().as_secs_f64();
         // every step launches the same ops; the last one is reported
-        counted = Some((
-            counts,
-            o.graph,
-            (hb.src.len() + hb.tgt_in.len() + hb.tgt_out.len()) * 4,
-        ));
+        counted = Some((counts, o.graph, hb.device_bytes()));
         if i == 0 {
             first = o.loss;
         }
@@ -271,7 +267,7 @@ pub fn bench_train(
         synthetic: true,
         device_ops_per_step: counts.device_ops,
         h2d_bytes_per_step: counts.h2d_bytes,
-        batch_bytes: batch_bytes as u64,
+        batch_bytes,
         host_syncs_per_step: counts.host_syncs,
         graph_nodes: graph.nodes,
         graph_declared: graph.candle_nodes + graph.fused_nodes,
@@ -498,7 +494,15 @@ mod tests {
             // the causal mask was uploaded in the first step and cached: a step after it
             // uploads its token batch and nothing else
             assert_eq!(r.h2d_bytes_per_step, r.batch_bytes, "{prec:?}");
-            assert_eq!(r.batch_bytes, 3 * 4 * 12 * 4);
+            // the padded source and decoder input, and only the non-PAD labels with their
+            // positions (the step's batch is the third of the cycled four)
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            let pool: Vec<_> = (0..4)
+                .map(|_| synthetic_host_batch(&tiny(2), &mut rng))
+                .collect();
+            let labels = pool[2].n_tgt_tokens as u64;
+            assert!(labels < 4 * 12);
+            assert_eq!(r.batch_bytes, (2 * 4 * 12 + 2 * labels) * 4);
             // the loss and the gradient norm (the cross-entropy backward takes the loss scale as
             // a tensor: no read; on CUDA the fused optimizer step makes it one read in all)
             assert_eq!(r.host_syncs_per_step, 2, "{prec:?}");

@@ -131,6 +131,13 @@ impl NodeCost {
         edges: 1,
     };
     /// `matmul` through candle (f32/f16 operands): one GEMM; backward one GEMM per operand.
+    /// `index_select` of rows: a gather; its backward is an `index_add` (a copy of the
+    /// input's gradient and the scatter) straight into the input's gradient, no separate add.
+    pub const GATHER: NodeCost = NodeCost {
+        fwd: 1,
+        bwd: 2,
+        edges: 0,
+    };
     pub const MATMUL: NodeCost = NodeCost {
         fwd: 1,
         bwd: 2,

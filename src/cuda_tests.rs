@@ -312,7 +312,7 @@ fn forward_loss_matches_the_cpu() -> Result<()> {
             ac.new_step();
             let ctx = Ctx::eval(&ac);
             let logits = m.forward_t(&ctx, &b.src, &b.tgt_in)?;
-            let loss = m.loss(&ctx, &b.src, &b.tgt_in, &b.tgt_out, 0.1)?;
+            let loss = m.loss(&ctx, &b.src, &b.tgt_in, &b.labels, 0.1)?;
             Ok((logits, loss.to_scalar::<f32>()?))
         };
         let (lc, loss_c) = run(&mc, &bc)?;
@@ -351,8 +351,8 @@ fn mixed_precision_training_steps_stay_on_the_gpu() -> Result<()> {
         assert_eq!(logits.dtype(), dt, "{p:?} logits");
         let v = logits.dim(2)?;
         let loss = ops::cross_entropy_ls(
-            &logits.reshape(((), v))?,
-            &b.tgt_out.flatten_all()?,
+            &logits.reshape(((), v))?.index_select(&b.labels.rows, 0)?,
+            &b.labels.ids,
             PAD_ID,
             0.1,
         )?;

@@ -178,7 +178,18 @@ pub struct Batch {
 pub struct DeviceBatch {
     pub src: Tensor,
     pub tgt_in: Tensor,
-    pub tgt_out: Tensor,
+    pub labels: Labels,
+}
+
+/// The batch's labels without their padding: the loss projects and scores only these rows of
+/// the decoder output, so no work is spent on PAD positions (a third of the reference's
+/// synthetic batch; little in length-bucketed training batches).
+#[derive(Debug, Clone)]
+pub struct Labels {
+    /// `(n,)` u32: positions in the flattened `(size * tgt_len)` decoder output, ascending.
+    pub rows: Tensor,
+    /// `(n,)` u32: the label at each of those positions.
+    pub ids: Tensor,
 }
 
 /// Gather `idx` from `examples` and pad to the batch's longest source and target.
@@ -222,14 +233,38 @@ pub fn make_batch(examples: &[Example], idx: &[usize]) -> Batch {
 }
 
 impl Batch {
-    /// Copy to `dev` as `u32` tensors of shape `(size, len)`.
+    /// The non-PAD labels: (their positions in `tgt_out`, the labels).
+    pub fn labels(&self) -> (Vec<u32>, Vec<u32>) {
+        self.tgt_out
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t != PAD_ID)
+            .map(|(i, &t)| (i as u32, t))
+            .unzip()
+    }
+
+    /// What [`Batch::to_device`] copies to the device, in bytes: the padded source and decoder
+    /// input, and the labels' positions and values.
+    pub fn device_bytes(&self) -> u64 {
+        let labels = self.tgt_out.iter().filter(|&&t| t != PAD_ID).count();
+        let ids = self.src.len() + self.tgt_in.len() + 2 * labels;
+        (ids * std::mem::size_of::<u32>()) as u64
+    }
+
+    /// Copy to `dev`: the source and decoder input as `u32` tensors of shape `(size, len)`, the
+    /// labels as [`Labels`].
     pub fn to_device(&self, dev: &Device) -> candle_core::Result<DeviceBatch> {
-        let ids = self.src.len() + self.tgt_in.len() + self.tgt_out.len();
-        crate::counters::h2d_bytes((ids * std::mem::size_of::<u32>()) as u64);
+        let (rows, ids) = self.labels();
+        let n = rows.len();
+        debug_assert_eq!(n, self.n_tgt_tokens);
+        crate::counters::h2d_bytes(self.device_bytes());
         Ok(DeviceBatch {
             src: Tensor::from_slice(&self.src, (self.size, self.src_len), dev)?,
             tgt_in: Tensor::from_slice(&self.tgt_in, (self.size, self.tgt_len), dev)?,
-            tgt_out: Tensor::from_slice(&self.tgt_out, (self.size, self.tgt_len), dev)?,
+            labels: Labels {
+                rows: Tensor::from_vec(rows, n, dev)?,
+                ids: Tensor::from_vec(ids, n, dev)?,
+            },
         })
     }
 }
@@ -463,11 +498,21 @@ mod tests {
 
         let d = b.to_device(&Device::Cpu).unwrap();
         assert_eq!(d.src.dims(), &[3, b.src_len]);
-        assert_eq!(d.tgt_out.dims(), &[3, b.tgt_len]);
+        assert_eq!(d.tgt_in.dims(), &[3, b.tgt_len]);
         assert_eq!(d.tgt_in.dtype(), candle_core::DType::U32);
+        // the labels without padding: each at its position in the padded layout
+        let rows = d.labels.rows.to_vec1::<u32>().unwrap();
+        let ids = d.labels.ids.to_vec1::<u32>().unwrap();
+        assert_eq!(rows.len(), b.n_tgt_tokens);
+        assert!(rows.windows(2).all(|w| w[0] < w[1]));
+        for (&r, &t) in rows.iter().zip(&ids) {
+            assert_eq!(b.tgt_out[r as usize], t);
+        }
+        let padded_non_pad: Vec<u32> = b.tgt_out.iter().copied().filter(|&t| t != PAD_ID).collect();
+        assert_eq!(ids, padded_non_pad);
         assert_eq!(
-            d.tgt_out.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
-            b.tgt_out
+            b.device_bytes(),
+            ((b.src.len() + b.tgt_in.len() + 2 * ids.len()) * 4) as u64
         );
     }
 }

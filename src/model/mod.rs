@@ -23,7 +23,7 @@ pub use params::Params;
 
 use crate::data::PAD_ID;
 use crate::ops;
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use layers::{residual, Attention, DecoderLayer, EncoderLayer, FeedForward, LayerNorm};
 use masks::sinusoidal;
 use serde::{Deserialize, Serialize};
@@ -249,20 +249,28 @@ impl Transformer {
         self.project(ctx, &h)
     }
 
-    /// Label-smoothed cross-entropy (f32 scalar) of a batch, ignoring PAD labels.
+    /// Label-smoothed cross-entropy (f32 scalar) of a batch over its non-PAD labels. Only the
+    /// decoder rows that have a label are projected and scored: the output projection is the
+    /// largest matmul of a small model, and PAD rows would add nothing to the loss or the
+    /// gradients.
     pub fn loss(
         &self,
         ctx: &Ctx,
         src: &Tensor,
         tgt_in: &Tensor,
-        tgt_out: &Tensor,
+        labels: &crate::data::Labels,
         label_smoothing: f64,
     ) -> Result<Tensor> {
-        let out = self.forward_t(ctx, src, tgt_in)?;
-        let v = out.dim(D::Minus1)?;
-        let logits = out.reshape(((), v))?;
-        crate::counters::candle_node(&out, &logits, crate::counters::NodeCost::VIEW);
-        ops::cross_entropy_ls(&logits, &tgt_out.flatten_all()?, PAD_ID, label_smoothing)
+        let sm = src_mask(src)?;
+        let tm = tgt_mask(tgt_in)?;
+        let memory = self.encode(ctx, src, &sm)?;
+        let h = self.decode(ctx, &memory, &sm, tgt_in, &tm)?;
+        let flat = h.reshape(((), self.cfg.d_model))?;
+        crate::counters::candle_node(&h, &flat, crate::counters::NodeCost::VIEW);
+        let rows = flat.index_select(&labels.rows, 0)?;
+        crate::counters::candle_node(&flat, &rows, crate::counters::NodeCost::GATHER);
+        let logits = self.project(ctx, &rows)?;
+        ops::cross_entropy_ls(&logits, &labels.ids, PAD_ID, label_smoothing)
     }
 
     /// Start incremental decoding: cross-attention keys/values computed once per layer.
@@ -351,6 +359,7 @@ mod tests {
     use super::*;
     use crate::amp::Autocast;
     use crate::config::Precision;
+    use candle_core::D;
 
     fn tiny() -> Config {
         Config {
@@ -368,12 +377,60 @@ mod tests {
         }
     }
 
-    fn batch(dev: &Device) -> (Tensor, Tensor, Tensor) {
+    fn batch(dev: &Device) -> (Tensor, Tensor, crate::data::Labels) {
         // second sentence padded; PAD = 1
         let src = Tensor::new(&[[2u32, 5, 6, 7, 3], [2, 8, 3, 1, 1]], dev).unwrap();
         let tin = Tensor::new(&[[2u32, 9, 10, 11], [2, 12, 1, 1]], dev).unwrap();
-        let tout = Tensor::new(&[[9u32, 10, 11, 3], [12, 3, 1, 1]], dev).unwrap();
-        (src, tin, tout)
+        // labels [[9, 10, 11, 3], [12, 3, PAD, PAD]] without their padding
+        let labels = crate::data::Labels {
+            rows: Tensor::new(&[0u32, 1, 2, 3, 4, 5], dev).unwrap(),
+            ids: Tensor::new(&[9u32, 10, 11, 3, 12, 3], dev).unwrap(),
+        };
+        (src, tin, labels)
+    }
+
+    #[test]
+    fn the_loss_on_the_labelled_rows_equals_the_padded_loss_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for p in [Precision::Fp32, Precision::Bf16] {
+            let m = Transformer::new(&tiny(), 3, &dev)?;
+            let ac = Autocast::new(p);
+            let (src, tin, labels) = batch(&dev);
+            let run = |loss: &dyn Fn(&Ctx) -> Result<Tensor>| -> Result<(f32, Vec<Tensor>)> {
+                let ctx = Ctx::new(&ac, true, 0.1, ops::step_seed(5, 2));
+                let l = loss(&ctx)?;
+                let g = l.backward()?;
+                let grads = m
+                    .params
+                    .iter()
+                    .map(|(_, v)| ac.grad_of(v, &g).map(|g| g.unwrap()))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((l.to_scalar::<f32>()?, grads))
+            };
+            let (gathered, g1) = run(&|ctx| m.loss(ctx, &src, &tin, &labels, 0.1))?;
+            // every position projected, PAD labels ignored by the cross-entropy
+            let tout = Tensor::new(&[[9u32, 10, 11, 3], [12, 3, 1, 1]], &dev)?;
+            let (padded, g2) = run(&|ctx| {
+                let out = m.forward_t(ctx, &src, &tin)?;
+                let v = out.dim(D::Minus1)?;
+                ops::cross_entropy_ls(&out.reshape(((), v))?, &tout.flatten_all()?, PAD_ID, 0.1)
+            })?;
+            assert!(
+                (gathered - padded).abs() < 1e-6,
+                "{p:?}: {gathered} vs {padded}"
+            );
+            for ((n, _), (a, b)) in m.params.iter().zip(g1.iter().zip(&g2)) {
+                let a = a.to_dtype(DType::F32)?;
+                let b = b.to_dtype(DType::F32)?;
+                let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{p:?} {n}: gradients differ by {diff} (max {scale})"
+                );
+            }
+        }
+        Ok(())
     }
 
     #[test]
@@ -383,8 +440,8 @@ mod tests {
             let m = Transformer::new(&tiny(), 1, &dev)?;
             let ac = Autocast::new(p);
             let ctx = Ctx::new(&ac, true, 0.1, ops::step_seed(1, 1));
-            let (src, tin, tout) = batch(&dev);
-            let loss = m.loss(&ctx, &src, &tin, &tout, 0.1)?;
+            let (src, tin, labels) = batch(&dev);
+            let loss = m.loss(&ctx, &src, &tin, &labels, 0.1)?;
             assert_eq!(loss.dtype(), DType::F32);
             let grads = loss.backward()?;
             for (n, v) in &m.params {
@@ -435,8 +492,8 @@ mod tests {
             let run = || -> Result<(f32, Vec<Tensor>)> {
                 let ac = Autocast::new(p);
                 let ctx = Ctx::new(&ac, true, 0.1, ops::step_seed(3, 9));
-                let (src, tin, tout) = batch(&dev);
-                let loss = m.loss(&ctx, &src, &tin, &tout, 0.1)?;
+                let (src, tin, labels) = batch(&dev);
+                let loss = m.loss(&ctx, &src, &tin, &labels, 0.1)?;
                 let g = loss.backward()?;
                 let grads = m
                     .params

@@ -107,7 +107,7 @@ impl Stepper {
         if self.trace_overflow {
             ctx = ctx.with_overflow_trace();
         }
-        let loss = model.loss(&ctx, &db.src, &db.tgt_in, &db.tgt_out, self.label_smoothing)?;
+        let loss = model.loss(&ctx, &db.src, &db.tgt_in, &db.labels, self.label_smoothing)?;
         let (grads, graph) = crate::counters::backward(&self.scaler.scale_loss(&loss)?)?;
         let mut glist: Vec<Tensor> = model
             .params

@@ -52,7 +52,7 @@ pub fn evaluate(
         ac.new_step();
         let ctx = Ctx::eval(ac);
         let l = model
-            .loss(&ctx, &db.src, &db.tgt_in, &db.tgt_out, label_smoothing)?
+            .loss(&ctx, &db.src, &db.tgt_in, &db.labels, label_smoothing)?
             .to_scalar::<f32>()? as f64;
         loss_sum += l * b.n_tgt_tokens as f64;
         tok_sum += b.n_tgt_tokens;
