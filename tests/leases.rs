@@ -22,6 +22,7 @@ fn claim(node: &str) -> Claim<'_> {
         device: "cpu",
         kind: DeviceKind::Cpu,
         lease_ms: 60_000,
+        max_attempts: 3,
     }
 }
 
@@ -70,6 +71,58 @@ async fn a_job_whose_owner_stopped_renewing_is_taken_over_once_its_lease_has_exp
         assert_eq!(b.status(), JobStatus::Running);
         assert_eq!((b.attempts, b.crashes), (2, 1), "a takeover counts a crash");
         assert!(b.lease_expires_at.unwrap() > unix_ms());
+    }
+}
+
+#[tokio::test]
+async fn a_job_that_took_down_max_attempts_nodes_is_failed_instead_of_taken_over_again() {
+    for t in testing::engines().await {
+        let s = &t.store;
+        let id = add(s, "killer", None).await;
+        // node a claims it and dies; b takes it over and dies (crash 1); c the same (crash 2)
+        for node in ["node-a", "node-b", "node-c"] {
+            assert!(s
+                .fail_abandoned_crash_loops(node, 3)
+                .await
+                .unwrap()
+                .is_empty());
+            let j = s.claim_next_job(&claim(node)).await.unwrap().unwrap();
+            assert_eq!(j.id, id, "{}", s.engine());
+            assert_eq!(s.set_lease_expiry(id, unix_ms() - 1).await.unwrap(), 1);
+        }
+        assert_eq!(s.get_job(id).await.unwrap().unwrap().crashes, 2);
+        // its owner itself does not fail its own job (a late heartbeat is not a crash)
+        assert!(s
+            .fail_abandoned_crash_loops("node-c", 3)
+            .await
+            .unwrap()
+            .is_empty());
+        // a third takeover would be its third crash: --max-attempts 3 ends it here
+        assert!(
+            s.claim_next_job(&claim("node-d")).await.unwrap().is_none(),
+            "{}: not claimable",
+            s.engine()
+        );
+        assert_eq!(
+            s.fail_abandoned_crash_loops("node-d", 3).await.unwrap(),
+            [(id, 3)]
+        );
+        let j = s.get_job(id).await.unwrap().unwrap();
+        assert_eq!(j.status(), JobStatus::Failed);
+        assert_eq!((j.owner, j.lease_expires_at), (None, None));
+        let error = j.error.unwrap();
+        assert!(
+            error.contains("crashed 3 times")
+                && error.contains("node-c")
+                && error.contains("--max-attempts 3"),
+            "{error}"
+        );
+        // node c, back from the dead, finds its lease gone
+        let lost = s
+            .insert_metrics(&Lease::new(id, "node-c"), &[row(1)])
+            .await
+            .unwrap_err();
+        assert!(matches!(lost, StoreError::LeaseLost { .. }), "{lost}");
     }
 }
 

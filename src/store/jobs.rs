@@ -547,6 +547,7 @@ mod tests {
             device: "cpu",
             kind: DeviceKind::Cpu,
             lease_ms: 60_000,
+            max_attempts: 3,
         }
     }
 

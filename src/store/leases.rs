@@ -50,6 +50,9 @@ pub struct Claim<'a> {
     pub kind: DeviceKind,
     /// The lease's length from now, in milliseconds.
     pub lease_ms: i64,
+    /// `--max-attempts`: a job whose runner has crashed this many times (a takeover counts one
+    /// crash) is failed instead of taken over again.
+    pub max_attempts: i64,
 }
 
 /// What one heartbeat found.
@@ -65,8 +68,10 @@ pub struct Renewal {
 /// A queued job, or a running one whose lease has expired, that a device of kind `$6` may run.
 /// Never this node's own running job (`$1`): a late heartbeat must not make a second worker of
 /// the same node start it again (its own interrupted jobs are re-queued at start instead).
+/// A takeover is a crash of the job's runner: one that would make `$7` (`--max-attempts`)
+/// crashes is not taken over but failed ([`Store::fail_abandoned_crash_loops`]).
 const CLAIMABLE: &str = "(status = 'queued'
-      OR (status = 'running' AND lease_expires_at < $5 AND owner <> $1))
+      OR (status = 'running' AND lease_expires_at < $5 AND owner <> $1 AND crashes + 1 < $7))
      AND (requires_device IS NULL OR requires_device = $6)";
 
 impl Store {
@@ -99,8 +104,39 @@ impl Store {
             .bind(now_ms + c.lease_ms)
             .bind(now_ms)
             .bind(c.kind.as_str())
+            .bind(c.max_attempts)
             .fetch_optional(p)
             .await?))
+    }
+
+    /// Running jobs of other nodes whose leases expired and which a takeover would make crash
+    /// `max_attempts` times: failed, not taken over (a job that kills every node it lands on
+    /// must not walk through the whole cluster). The claim loop calls it before each claim;
+    /// the dead owner, should it come back, finds its lease gone. Returns (id, crashes).
+    pub async fn fail_abandoned_crash_loops(
+        &self,
+        node: &str,
+        max_attempts: i64,
+    ) -> StoreResult<Vec<(i64, i64)>> {
+        let now = self.now_sql();
+        let sql = format!(
+            "UPDATE jobs SET crashes = crashes + 1, status = 'failed', finished_at = {now},
+                 updated_at = {now}, owner = NULL, lease_expires_at = NULL,
+                 error = 'its runner crashed ' || (crashes + 1) || ' times (the last time its ' ||
+                         'node ' || COALESCE(owner, '?') || ' stopped renewing its lease); ' ||
+                         'not taken over again (--max-attempts {max_attempts}); resume it to try again'
+             WHERE status = 'running' AND lease_expires_at < $1 AND owner <> $2
+               AND crashes + 1 >= $3
+             RETURNING id, crashes"
+        );
+        let mut failed: Vec<(i64, i64)> = on_pool!(self, p => sqlx::query_as(&sql)
+            .bind(super::unix_ms())
+            .bind(node)
+            .bind(max_attempts)
+            .fetch_all(p)
+            .await?);
+        failed.sort_unstable();
+        Ok(failed)
     }
 
     /// The heartbeat: extend the leases of every active job `node` owns by `lease_ms` from

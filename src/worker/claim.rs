@@ -2,6 +2,7 @@
 //! a job, or the fallback poll), claims the next job in the single call to
 //! `store.claim_next_job` below, and runs it (`job.rs`) to its end before claiming again.
 
+use super::events::JobEventKind;
 use super::pool::PoolHandle;
 use crate::store::leases::Claim;
 use crate::store::nodes::DeviceKind;
@@ -27,12 +28,15 @@ impl Worker {
             if inner.shutting_down.load(Ordering::SeqCst) {
                 break;
             }
+            let max_attempts = inner.config.max_attempts.max(1) as i64;
+            self.fail_abandoned_crash_loops(max_attempts).await;
             let claim = Claim {
                 node: &inner.config.node_id,
                 worker: &self.name,
                 device: &self.device_name,
                 kind: self.kind,
                 lease_ms: inner.config.lease_timeout.as_millis() as i64,
+                max_attempts,
             };
             match inner.store.claim_next_job(&claim).await {
                 Ok(Some(job)) => {
@@ -67,6 +71,44 @@ impl Worker {
             }
         }
         tracing::info!(worker = %self.name, "worker stopped");
+    }
+
+    /// Fail (rather than take over) the dead nodes' jobs that have crashed `--max-attempts`
+    /// times, and tell their subscribers on every node.
+    async fn fail_abandoned_crash_loops(&self, max_attempts: i64) {
+        let inner = &self.pool.inner;
+        match inner
+            .store
+            .fail_abandoned_crash_loops(&inner.config.node_id, max_attempts)
+            .await
+        {
+            Ok(failed) => {
+                for (id, crashes) in failed {
+                    tracing::error!(
+                        job = id,
+                        crashes,
+                        "job failed: its node stopped renewing the lease, {crashes} runner crashes in all (--max-attempts {max_attempts}); not taken over"
+                    );
+                    let error = inner
+                        .store
+                        .get_job(id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|j| j.error);
+                    self.pool.publish(
+                        id,
+                        JobEventKind::Status {
+                            status: JobStatus::Failed,
+                            error,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!(worker = %self.name, "failing crash-looping jobs failed: {e}")
+            }
+        }
     }
 }
 
