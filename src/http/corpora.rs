@@ -1,6 +1,7 @@
 //! `/api/corpora`: upload a `source<TAB>target` TSV (streamed to disk, size-limited, checked
-//! line by line) into `<data-dir>/corpora`, and list the uploads. Jobs then name the file in
-//! `data.train`.
+//! line by line, hashed) into `<data-dir>/corpora` and, with `--artifact-store`, into the store's
+//! `corpora/`, and list the uploads. Jobs then name the file in `data.train`; a node that runs
+//! such a job without the file fetches it from the store (`worker::sync`).
 
 use super::{ApiError, ApiQuery, ApiResult, AppState};
 use crate::store::corpora::NewCorpus;
@@ -13,6 +14,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 pub fn router() -> Router<AppState> {
@@ -154,6 +156,7 @@ async fn upload(
             .await
             .map_err(|e| ApiError::internal(format!("cannot write upload: {e}")))?;
         let mut checker = TsvChecker::default();
+        let mut hasher = Sha256::new();
         let mut size: u64 = 0;
         let mut stream = body.into_data_stream();
         while let Some(chunk) = stream.next().await {
@@ -175,6 +178,7 @@ async fn upload(
                 )));
             }
             checker.feed(&chunk);
+            hasher.update(&chunk);
             file.write_all(&chunk)
                 .await
                 .map_err(|e| ApiError::internal(format!("cannot write upload: {e}")))?;
@@ -195,10 +199,10 @@ async fn upload(
                 ),
             ));
         }
-        Ok((checker, size))
+        Ok((checker, size, hex::encode(hasher.finalize())))
     }
     .await;
-    let (checker, size) = match result {
+    let (checker, size, sha256) = match result {
         Ok(v) => v,
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp_path).await;
@@ -218,6 +222,16 @@ async fn upload(
         }
         Err(e) => return Err(ApiError::internal(format!("cannot store upload: {e}"))),
     }
+    // In the artifact store before its row exists: a job naming it may run on any node.
+    if let Err(e) = state.pool.upload_corpus(&final_path).await {
+        let _ = tokio::fs::remove_file(&final_path).await;
+        tracing::error!(corpus = %name, "uploading the corpus to the artifact store failed: {e:#}");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "artifact_store_unavailable",
+            format!("the artifact store did not take the corpus: {e:#}"),
+        ));
+    }
     let row = state
         .store
         .insert_corpus(&NewCorpus {
@@ -228,6 +242,7 @@ async fn upload(
             size_bytes: size as i64,
             lines: checker.valid as i64,
             malformed_lines: checker.malformed as i64,
+            sha256,
         })
         .await?;
     let Some(corpus) = row else {

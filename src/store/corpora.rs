@@ -1,4 +1,5 @@
-//! Uploaded corpora (TSV files under `<data-dir>/corpora`).
+//! Uploaded corpora (TSV files under `<data-dir>/corpora`, and in the artifact store under
+//! `corpora/` when there is one).
 
 use super::{on_pool, Store, StoreResult};
 use serde::Serialize;
@@ -14,6 +15,8 @@ pub struct CorpusRow {
     pub lines: i64,
     pub malformed_lines: i64,
     pub created_at: String,
+    /// Of the file's bytes as uploaded (NULL for uploads from before checksums were kept).
+    pub sha256: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -25,14 +28,15 @@ pub struct NewCorpus {
     pub size_bytes: i64,
     pub lines: i64,
     pub malformed_lines: i64,
+    pub sha256: String,
 }
 
 impl Store {
     /// None when a corpus with that name exists already.
     pub async fn insert_corpus(&self, c: &NewCorpus) -> StoreResult<Option<CorpusRow>> {
         Ok(on_pool!(self, p => sqlx::query_as::<_, CorpusRow>(
-            "INSERT INTO corpora (name, src_lang, tgt_lang, path, size_bytes, lines, malformed_lines)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+            "INSERT INTO corpora (name, src_lang, tgt_lang, path, size_bytes, lines, malformed_lines, sha256)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (name) DO NOTHING
              RETURNING *",
         )
@@ -43,6 +47,7 @@ impl Store {
         .bind(c.size_bytes)
         .bind(c.lines)
         .bind(c.malformed_lines)
+        .bind(&c.sha256)
         .fetch_optional(p)
         .await?))
     }
@@ -51,6 +56,16 @@ impl Store {
         Ok(
             on_pool!(self, p => sqlx::query_as::<_, CorpusRow>("SELECT * FROM corpora WHERE name = $1")
             .bind(name)
+            .fetch_optional(p)
+            .await?),
+        )
+    }
+
+    /// The upload stored at `path` on the node that took it (what a job's spec names).
+    pub async fn get_corpus_by_path(&self, path: &str) -> StoreResult<Option<CorpusRow>> {
+        Ok(
+            on_pool!(self, p => sqlx::query_as::<_, CorpusRow>("SELECT * FROM corpora WHERE path = $1")
+            .bind(path)
             .fetch_optional(p)
             .await?),
         )
