@@ -5,7 +5,8 @@
 //! before the fork runs. The staged sidecar carries the fork's spec, and a fresh scaler state
 //! when the fork changes the loss-scaler settings. When the fork first runs, its worker moves
 //! the staged files into the run directory and the ordinary resume path continues from them:
-//! same step counter, same data order.
+//! same step counter, same data order. With `--artifact-store` the staged folder also goes up as
+//! `forks/<unique>/`, so whichever node claims the fork fetches it (`worker::sync`).
 
 use super::PoolHandle;
 use crate::amp::{GradScaler, ScalerConfig};
@@ -139,18 +140,27 @@ impl PoolHandle {
         choice: CheckpointChoice,
         spec: &TrainSpec,
     ) -> Result<StagedFork, ForkFailure> {
-        let run_dir = parent
-            .run_dir
-            .as_ref()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| self.runs_dir().join(parent.id.to_string()));
+        // (another node's run: its files as the artifact store has them)
+        let run_dir = self
+            .fork_parent_run_dir(parent)
+            .await
+            .map_err(|e| ForkFailure::Failed(format!("fetching job {}: {e:#}", parent.id)))?;
         let (spec, forks, name) = (
             spec.clone(),
             self.forks_dir(),
             format!("job{}-{choice}", parent.id),
         );
-        tokio::task::spawn_blocking(move || stage(&run_dir, choice, &spec, &forks, &name))
-            .await
-            .map_err(|e| ForkFailure::Failed(format!("staging task failed: {e}")))?
+        let staged =
+            tokio::task::spawn_blocking(move || stage(&run_dir, choice, &spec, &forks, &name))
+                .await
+                .map_err(|e| ForkFailure::Failed(format!("staging task failed: {e}")))??;
+        // In the artifact store before the fork's row exists, so any node can run it.
+        if let Err(e) = self.upload_fork_seed(&staged.seed_dir).await {
+            let _ = fs::remove_dir_all(&staged.seed_dir);
+            return Err(ForkFailure::Failed(format!(
+                "uploading the staged fork to the artifact store: {e:#}"
+            )));
+        }
+        Ok(staged)
     }
 }

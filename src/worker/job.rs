@@ -50,8 +50,21 @@ impl Worker {
         self.pool.restore_run(&lease, &run_dir).await?;
         // A fork's first run: its parent's checkpoint moves in, and the resume below starts there.
         if let Some(seed) = job.seed_dir.as_deref() {
-            super::fork::seed_run_dir(std::path::Path::new(seed), &run_dir)?;
+            // (staged on another node: fetched from the artifact store)
+            let seed = self
+                .pool
+                .local_fork_seed(std::path::Path::new(seed))
+                .await?;
+            if !seed.is_dir() && crate::checkpoint::list(&run_dir.join("checkpoints")).is_empty() {
+                // (not a retry whose run directory holds the seed already)
+                anyhow::bail!(
+                    "the fork's staged checkpoint ({}) is neither on this node nor in the artifact store",
+                    seed.display()
+                );
+            }
+            super::fork::seed_run_dir(&seed, &run_dir)?;
             inner.store.clear_seed_dir(&lease).await?;
+            self.pool.delete_fork_seed(&seed).await?;
         }
         inner
             .store
@@ -72,7 +85,9 @@ impl Worker {
             }
         }
         tracing::info!(job = id, worker = %self.name, device = %self.device_name, attempt = job.attempts, "job started");
-        let spec = job.spec;
+        let mut spec = job.spec;
+        // Uploaded corpora another node took: this node's copy, fetched from the artifact store.
+        self.pool.localize_corpora(&mut spec).await?;
         self.pool.publish(
             id,
             JobEventKind::Status {

@@ -3,8 +3,13 @@
 //! without `--artifact-store` (the data directory is then the only copy).
 
 use super::pool::PoolHandle;
-use crate::store::{Lease, ModelRow};
+use crate::config::TrainSpec;
+use crate::store::{CorpusRow, JobRow, Lease, ModelRow};
 use std::path::{Path, PathBuf};
+
+fn corpus_key(file_name: &str) -> String {
+    format!("corpora/{file_name}")
+}
 
 fn run_key(job_id: i64, sub: &str) -> String {
     format!("runs/{job_id}/{sub}")
@@ -163,6 +168,141 @@ impl PoolHandle {
         let prefix = format!("models/{}", name_of(Path::new(&m.path)));
         for (rel, _) in store.list(&prefix).await? {
             store.delete(&format!("{prefix}/{rel}")).await?;
+        }
+        Ok(())
+    }
+
+    /// An uploaded corpus goes up as `corpora/<file name>` before its row is recorded, so a
+    /// job naming it can run on any node.
+    pub async fn upload_corpus(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(store) = self.artifacts() {
+            store.upload_file(&corpus_key(&name_of(path)), path).await?;
+        }
+        Ok(())
+    }
+
+    /// Before a run: point the spec's corpus files that are uploads (rows of `corpora`, by the
+    /// path the uploading node recorded) at this node's copy, fetched from the artifact store
+    /// into `<data-dir>/corpora` when this node has not got it and checked against the upload's
+    /// sha256. Paths that are not uploads are left as they are: they must exist on every node.
+    pub(super) async fn localize_corpora(&self, spec: &mut TrainSpec) -> anyhow::Result<()> {
+        if self.artifacts().is_none() {
+            return Ok(());
+        }
+        let d = &mut spec.data;
+        for path in [Some(&mut d.train), d.train_tgt.as_mut(), d.valid.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            let row = self
+                .store()
+                .get_corpus_by_path(&path.to_string_lossy())
+                .await?;
+            if let Some(row) = row {
+                *path = self.local_corpus(&row).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn local_corpus(&self, row: &CorpusRow) -> anyhow::Result<PathBuf> {
+        let recorded = PathBuf::from(&row.path);
+        let name = name_of(&recorded);
+        let local = self.corpora_dir().join(&name);
+        let sha = |p: PathBuf| async move {
+            tokio::task::spawn_blocking(move || crate::checkpoint::sha256_file(&p)).await?
+        };
+        let matches = |got: &str| row.sha256.as_deref().is_none_or(|want| want == got);
+        if local.is_file() && matches(&sha(local.clone()).await?) {
+            return Ok(local);
+        }
+        let store = self.artifacts().expect("checked by the caller");
+        store.download_file(&corpus_key(&name), &local).await?;
+        let got = sha(local.clone()).await?;
+        if !matches(&got) {
+            let _ = std::fs::remove_file(&local);
+            anyhow::bail!(
+                "corpus `{}` from the artifact store has sha256 {got}, not the upload's {}",
+                row.name,
+                row.sha256.as_deref().unwrap_or("?")
+            );
+        }
+        tracing::info!(corpus = %row.name, path = %local.display(), "corpus fetched from the artifact store");
+        Ok(local)
+    }
+
+    /// `<data-dir>/corpora`: uploaded corpora (and other nodes' uploads, fetched).
+    pub fn corpora_dir(&self) -> PathBuf {
+        self.models_dir().with_file_name("corpora")
+    }
+
+    /// The run directory a fork of `parent` is staged from: the parent's own when this node
+    /// ran it last (or there is no artifact store); else this node's copy of the parent's
+    /// checkpoints and tokenizers as the store has them.
+    pub(super) async fn fork_parent_run_dir(&self, parent: &JobRow) -> anyhow::Result<PathBuf> {
+        let recorded = parent.run_dir.as_ref().map(PathBuf::from);
+        let own = self.runs_dir().join(parent.id.to_string());
+        let Some(store) = self.artifacts() else {
+            return Ok(recorded.unwrap_or(own));
+        };
+        let ours = parent.owner.as_deref() == Some(self.node_id())
+            || recorded
+                .as_deref()
+                .is_some_and(|r| r.starts_with(self.runs_dir()));
+        if ours {
+            return Ok(recorded.unwrap_or(own));
+        }
+        store
+            .download_dir(
+                &run_key(parent.id, "checkpoints"),
+                &own.join("checkpoints"),
+                true,
+            )
+            .await?;
+        store
+            .download_dir(
+                &run_key(parent.id, "tokenizers"),
+                &own.join("tokenizers"),
+                false,
+            )
+            .await?;
+        Ok(own)
+    }
+
+    /// A staged fork goes up as `forks/<folder name>/`.
+    pub(super) async fn upload_fork_seed(&self, seed: &Path) -> anyhow::Result<()> {
+        if let Some(store) = self.artifacts() {
+            store
+                .upload_dir(&format!("forks/{}", name_of(seed)), seed)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Where this node reads the staged fork `seed` (a path on the node that staged it) from:
+    /// that path when it is here, else this node's forks folder, fetched from the store.
+    pub(super) async fn local_fork_seed(&self, seed: &Path) -> anyhow::Result<PathBuf> {
+        let Some(store) = self.artifacts() else {
+            return Ok(seed.to_path_buf());
+        };
+        if seed.is_dir() {
+            return Ok(seed.to_path_buf());
+        }
+        let local = self.forks_dir().join(name_of(seed));
+        let n = store
+            .download_dir(&format!("forks/{}", name_of(seed)), &local, true)
+            .await?;
+        tracing::info!(seed = %local.display(), files = n, "staged fork fetched from the artifact store");
+        Ok(local)
+    }
+
+    /// A fork's staged files leave the store once its run directory holds them.
+    pub(super) async fn delete_fork_seed(&self, seed: &Path) -> anyhow::Result<()> {
+        if let Some(store) = self.artifacts() {
+            let prefix = format!("forks/{}", name_of(seed));
+            for (rel, _) in store.list(&prefix).await? {
+                store.delete(&format!("{prefix}/{rel}")).await?;
+            }
         }
         Ok(())
     }
