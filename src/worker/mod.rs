@@ -8,6 +8,7 @@ mod events;
 pub mod fork;
 mod heartbeat;
 mod job;
+mod notify_parts;
 mod persist;
 mod pool;
 pub mod process;

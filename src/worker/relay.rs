@@ -1,15 +1,16 @@
 //! Live events across nodes. On PostgreSQL each published event is also sent with `NOTIFY` on
 //! one channel, and every node `LISTEN`s and republishes the other nodes' events to its own SSE
 //! subscribers, so a browser on any node follows a job running on any other. Delivery is best
-//! effort, like the local channels: a notification that does not fit PostgreSQL's payload
-//! limit (a validation with long samples) or that finds the queue full is dropped; the REST
-//! views read the database and are always complete.
+//! effort, like the local channels: an event larger than PostgreSQL's payload limit (a
+//! validation with long samples) goes in parts (`notify_parts`); one that finds the queue full
+//! is dropped. The REST views read the database and are always complete.
 //!
 //! On SQLite, processes share a database only through one file (`--database-url sqlite://…`
 //! from several data directories): a poller reads the subscribed jobs that another node runs,
 //! once a second, and publishes their status changes and new metric rows.
 
 use super::events::{JobEvent, JobEventKind};
+use super::notify_parts::{self, Reassembler};
 use super::pool::PoolHandle;
 use crate::store::Db;
 use serde::{Deserialize, Serialize};
@@ -19,8 +20,6 @@ use tokio::task::JoinHandle;
 
 /// The NOTIFY channel.
 pub const CHANNEL: &str = "ampserve_events";
-/// PostgreSQL refuses payloads of 8000 bytes or more.
-const MAX_PAYLOAD: usize = 7900;
 /// Events waiting to be sent before new ones are dropped.
 const QUEUE: usize = 4096;
 
@@ -62,10 +61,15 @@ pub(super) async fn start(pool: PoolHandle) -> anyhow::Result<Vec<JoinHandle<()>
         }
     });
     let receiver = tokio::spawn(async move {
+        let mut parts = Reassembler::default();
         loop {
             match listener.recv().await {
-                Ok(n) => match serde_json::from_str::<Envelope>(n.payload()) {
-                    Ok(env) if env.node != me => {
+                Ok(n) => match parts
+                    .feed(n.payload())
+                    .map(|whole| serde_json::from_str::<Envelope>(&whole))
+                {
+                    None => {} // a part of a larger event
+                    Some(Ok(env)) if env.node != me => {
                         // a job queued through another node: this node's idle workers look too
                         let queued = matches!(
                             env.event.kind,
@@ -79,8 +83,8 @@ pub(super) async fn start(pool: PoolHandle) -> anyhow::Result<Vec<JoinHandle<()>
                             pool.notify_new_job();
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::debug!("event relay: unreadable notification: {e}"),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => tracing::debug!("event relay: unreadable notification: {e}"),
                 },
                 Err(e) => {
                     // PgListener reconnects on the next recv; do not spin meanwhile.
@@ -106,9 +110,11 @@ pub(super) fn forward(pool: &PoolHandle, job_id: i64, kind: &JobEventKind) {
             kind: kind.clone(),
         },
     };
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     if let Ok(payload) = serde_json::to_string(&env) {
-        if payload.len() <= MAX_PAYLOAD {
-            let _ = tx.try_send(payload);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for part in notify_parts::split(&env.node, seq, payload) {
+            let _ = tx.try_send(part);
         }
     }
 }
