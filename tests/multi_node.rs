@@ -2,8 +2,9 @@
 //! S3-compatible store (moto), as `scripts/services.sh` starts them: six tiny jobs, the node
 //! running the longest one is SIGKILLed mid-training, and then: the job is taken over once its
 //! lease expires and resumes from its latest checkpoint, every job succeeds exactly once with
-//! exactly one metric row per step, and every node (the killed one restarted too) lists and
-//! serves every exported model. Skipped with a note without the servers, unless
+//! exactly one metric row per step, every node that ran a job fetched the corpus uploaded to
+//! one node, every node (the killed one restarted too) lists and serves every exported
+//! model, and a fork asked of a node that did not run its parent retraces the parent. Skipped with a note without the servers, unless
 //! AMPSERVE_REQUIRE_POSTGRES=1 (CI), where that is a failure.
 
 mod common;
@@ -90,13 +91,38 @@ async fn three_nodes_share_one_queue_survive_a_sigkill_and_serve_every_model() {
         .map(|(i, d)| Some(node(d.path(), &format!("node-{i}"), &db, &artifacts)))
         .collect();
 
+    // Every job trains on a corpus uploaded to node 0 only: the other nodes fetch it from the
+    // artifact store (and check its sha256) when they run one.
+    let corpus_text: String = std::fs::read_to_string("data/tatoeba-en-it/train.en-it.tsv")
+        .unwrap()
+        .lines()
+        .take(400)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let r = c
+        .post(format!(
+            "{}/api/corpora?name=multi&src_lang=en&tgt_lang=it",
+            nodes[0].as_ref().unwrap().base
+        ))
+        .body(corpus_text.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let corpus: Value = r.json().await.unwrap();
+    let corpus_file = std::path::Path::new(corpus["corpus"]["path"].as_str().unwrap())
+        .file_name()
+        .unwrap()
+        .to_owned();
+
     // One long job (the one a node dies under) and five short ones, submitted across nodes.
     let long_steps = 300;
     let mut ids = Vec::new();
     let mut steps = Vec::new();
     for i in 0..6 {
         let (n, every) = if i == 0 { (long_steps, 20) } else { (40, 20) };
-        let body = tiny_real_job(&format!("multi-{i}"), n, every);
+        let mut body = tiny_real_job(&format!("multi-{i}"), n, every);
+        body["data"]["train"] = json!(corpus_file.to_str().unwrap());
         let (s, v) = nodes[i % 3]
             .as_ref()
             .unwrap()
@@ -186,6 +212,22 @@ async fn three_nodes_share_one_queue_survive_a_sigkill_and_serve_every_model() {
         );
     }
 
+    // Each node that ran a job has its own copy of the uploaded corpus, as node 0 took it.
+    for id in &ids {
+        let ran_on = job(&c, nodes[w].as_ref().unwrap(), *id).await["node"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("node-")
+            .parse::<usize>()
+            .unwrap();
+        let copy = dirs[ran_on].path().join("corpora").join(&corpus_file);
+        assert_eq!(
+            std::fs::read_to_string(&copy).unwrap(),
+            corpus_text,
+            "job {id} ran on node-{ran_on}"
+        );
+    }
+
     // Every node lists every exported model and translates with each.
     let watcher = nodes[w].as_ref().unwrap();
     let wait_models = Instant::now() + Duration::from_secs(120);
@@ -248,6 +290,64 @@ async fn three_nodes_share_one_queue_survive_a_sigkill_and_serve_every_model() {
     }
     let listed = nodes[0].as_ref().unwrap().get(&c, "/api/nodes").await;
     assert_eq!(listed["nodes"].as_array().unwrap().len(), 3, "{listed}");
+
+    // A fork asked of a node that did not run the parent: staged from the parent's checkpoint
+    // as the artifact store has it, and run by whichever node claims it (through the store).
+    let parent = ids[1];
+    let parent_node = job(&c, nodes[w].as_ref().unwrap(), parent).await["node"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("node-")
+        .parse::<usize>()
+        .unwrap();
+    let asked = nodes[(parent_node + 1) % 3].as_ref().unwrap();
+    let (s, fork) = asked
+        .post(
+            &c,
+            &format!("/api/jobs/{parent}/fork"),
+            &json!({"checkpoint": 20}),
+        )
+        .await;
+    assert_eq!(s, 201, "{fork}");
+    let fork_id = fork["id"].as_i64().unwrap();
+    let done = wait_job(&c, asked, fork_id, "an end", |j| {
+        j["status"] == "succeeded" || j["status"] == "failed"
+    })
+    .await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["progress"]["resumed_from_step"], 20, "{done}");
+    let losses = |v: &Value| -> Vec<(i64, f64)> {
+        v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["step"].as_i64().unwrap(), p["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    let fork_losses = losses(
+        &asked
+            .get(&c, &format!("/api/jobs/{fork_id}/metrics?limit=100000"))
+            .await,
+    );
+    let parent_losses = losses(
+        &asked
+            .get(&c, &format!("/api/jobs/{parent}/metrics?limit=100000"))
+            .await,
+    );
+    assert_eq!(
+        fork_losses.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (21..=40).collect::<Vec<_>>()
+    );
+    // the parent's weights, optimizer state and data position: it retraces the parent
+    for (f, p) in fork_losses.iter().zip(&parent_losses[20..]) {
+        assert!(
+            (f.1 - p.1).abs() < 1e-3 * p.1.abs().max(1.0),
+            "step {}: fork {} parent {}",
+            f.0,
+            f.1,
+            p.1
+        );
+    }
     for n in nodes.into_iter().flatten() {
         n.kill();
     }
