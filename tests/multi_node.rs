@@ -123,6 +123,10 @@ async fn three_nodes_share_one_queue_survive_a_sigkill_and_serve_every_model() {
         let (n, every) = if i == 0 { (long_steps, 20) } else { (40, 20) };
         let mut body = tiny_real_job(&format!("multi-{i}"), n, every);
         body["data"]["train"] = json!(corpus_file.to_str().unwrap());
+        if i == 1 {
+            // the fork below starts at this job's step-20 checkpoint: keep it
+            body["checkpoint"]["keep_last"] = json!(10);
+        }
         let (s, v) = nodes[i % 3]
             .as_ref()
             .unwrap()

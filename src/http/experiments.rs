@@ -118,6 +118,7 @@ async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl In
     let arms = parse_arms(&arms_v).map_err(spec_error)?;
     let rest =
         serde_json::to_vec(&Value::Object(obj)).map_err(|e| ApiError::internal(e.to_string()))?;
+    super::corpora::fetch_named_uploads(&state, &rest).await;
     let req = parse_job_request(&rest, &state.settings)?;
     let base: TrainSpec = req.spec;
     let specs = arms

@@ -142,6 +142,7 @@ pub(super) async fn load_job(state: &AppState, id: i64) -> ApiResult<JobRow> {
 
 #[utoipa::path(post, path = "/api/jobs", operation_id = "create_job", tag = "jobs", request_body(content = crate::http::openapi::JobSubmission, content_type = "application/json"), responses((status = 201, description = "queued", body = JobView), (status = 400, description = "malformed JSON", body = crate::http::openapi::ErrorBody), (status = 422, description = "invalid field (named in `error.field`)", body = crate::http::openapi::ErrorBody), (status = 507, description = "over the memory admission limit", body = crate::http::openapi::ErrorBody)))]
 async fn create(State(state): State<AppState>, body: Bytes) -> ApiResult<impl IntoResponse> {
+    super::corpora::fetch_named_uploads(&state, &body).await;
     let req = parse_job_request(&body, &state.settings)?;
     super::admission::admit(&state, &req.spec).await?;
     let row = state

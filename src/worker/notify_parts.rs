@@ -106,7 +106,10 @@ mod tests {
         let b = split("node-b", 7, big.replace('k', "q"));
         assert!(a.len() > 5);
         assert!(a.iter().chain(&b).all(|p| p.len() <= MAX_PAYLOAD));
-        assert_eq!(split("node-a", 8, small.clone()), std::slice::from_ref(&small));
+        assert_eq!(
+            split("node-a", 8, small.clone()),
+            std::slice::from_ref(&small)
+        );
 
         // two senders' parts interleaved, a small event in between
         let mut r = Reassembler::default();

@@ -194,15 +194,39 @@ impl PoolHandle {
             .into_iter()
             .flatten()
         {
-            let row = self
+            let mut row = self
                 .store()
                 .get_corpus_by_path(&path.to_string_lossy())
                 .await?;
+            if row.is_none() && !path.is_file() {
+                // (submitted on a node that had fetched the upload: its own copy's path)
+                row = self.corpus_by_file_name(&name_of(path)).await?;
+            }
             if let Some(row) = row {
                 *path = self.local_corpus(&row).await?;
             }
         }
         Ok(())
+    }
+
+    /// A job submitted here names an upload another node took (by its file name): this node's
+    /// copy, fetched from the artifact store, so the submission's path checks find it. None
+    /// when there is no artifact store, or no upload of that file name.
+    pub async fn fetch_uploaded_corpus(&self, file_name: &str) -> anyhow::Result<Option<PathBuf>> {
+        if self.artifacts().is_none() || self.corpora_dir().join(file_name).is_file() {
+            return Ok(None);
+        }
+        match self.corpus_by_file_name(file_name).await? {
+            Some(row) => Ok(Some(self.local_corpus(&row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn corpus_by_file_name(&self, file_name: &str) -> anyhow::Result<Option<CorpusRow>> {
+        let rows = self.store().list_corpora().await?;
+        Ok(rows
+            .into_iter()
+            .find(|r| name_of(Path::new(&r.path)) == file_name))
     }
 
     async fn local_corpus(&self, row: &CorpusRow) -> anyhow::Result<PathBuf> {
