@@ -267,6 +267,27 @@ async fn list(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value
     Ok(Json(serde_json::json!({ "corpora": rows })))
 }
 
+/// Before a job's paths are checked: the uploads it names by file name (`data.train`,
+/// `data.train_tgt`, `data.valid`) that another node took are fetched into this node's corpora
+/// directory from the artifact store. A failure is logged and left to the path check, which
+/// answers 422 naming the field.
+pub(super) async fn fetch_named_uploads(state: &AppState, body: &[u8]) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return;
+    };
+    for field in ["train", "train_tgt", "valid"] {
+        let Some(name) = v["data"][field].as_str() else {
+            continue;
+        };
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            continue;
+        }
+        if let Err(e) = state.pool.fetch_uploaded_corpus(name).await {
+            tracing::warn!(corpus = name, error = %e, "cannot fetch an uploaded corpus from the artifact store");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,26 +312,5 @@ mod tests {
         c.finish();
         assert_eq!((c.valid, c.malformed), (1, 1));
         assert_eq!(c.examples[0].reason, "not valid UTF-8");
-    }
-}
-
-/// Before a job's paths are checked: the uploads it names by file name (`data.train`,
-/// `data.train_tgt`, `data.valid`) that another node took are fetched into this node's corpora
-/// directory from the artifact store. A failure is logged and left to the path check, which
-/// answers 422 naming the field.
-pub(super) async fn fetch_named_uploads(state: &AppState, body: &[u8]) {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return;
-    };
-    for field in ["train", "train_tgt", "valid"] {
-        let Some(name) = v["data"][field].as_str() else {
-            continue;
-        };
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            continue;
-        }
-        if let Err(e) = state.pool.fetch_uploaded_corpus(name).await {
-            tracing::warn!(corpus = name, error = %e, "cannot fetch an uploaded corpus from the artifact store");
-        }
     }
 }
