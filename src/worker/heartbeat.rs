@@ -55,6 +55,12 @@ impl PoolHandle {
             self.register_node().await?;
         }
         let lease_ms = self.lease_timeout().as_millis() as i64;
+        // The jobs to judge, taken before the renewal: a job enters `running` only after its
+        // claim committed, so the renewal sees each of them. One claimed while the renewal ran
+        // is judged at the next beat (judged now, it looked lost: the renewal predates its
+        // claim, and the job stopped here was left running under this node, which never
+        // claims its own running job: found by tests/fault_injection.rs).
+        let running: Vec<i64> = inner.running.lock().unwrap().iter().copied().collect();
         let renewal = inner.store.renew_leases(node, lease_ms).await?;
         for id in renewal.cancelled {
             tracing::info!(job = id, "its node died while cancelling it: cancelled");
@@ -66,7 +72,6 @@ impl PoolHandle {
                 },
             );
         }
-        let running: Vec<i64> = inner.running.lock().unwrap().iter().copied().collect();
         for id in running {
             let status = renewal
                 .owned
