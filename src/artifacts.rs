@@ -181,6 +181,14 @@ impl ArtifactStore {
         Ok(out)
     }
 
+    /// Delete every object under `prefix` (a folder's worth: an exported model, a staged fork).
+    pub async fn delete_dir(&self, prefix: &str) -> ArtifactResult<()> {
+        for (rel, _) in self.list(prefix).await? {
+            self.delete(&format!("{prefix}/{rel}")).await?;
+        }
+        Ok(())
+    }
+
     /// Upload every file under `dir` to `prefix/<relative path>`.
     pub async fn upload_dir(&self, prefix: &str, dir: &Path) -> ArtifactResult<usize> {
         let mut n = 0;

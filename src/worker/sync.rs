@@ -3,12 +3,17 @@
 //! without `--artifact-store` (the data directory is then the only copy).
 
 use super::pool::PoolHandle;
+use crate::artifacts::ArtifactStore;
 use crate::config::TrainSpec;
 use crate::store::{CorpusRow, JobRow, Lease, ModelRow};
 use std::path::{Path, PathBuf};
 
 fn corpus_key(file_name: &str) -> String {
     format!("corpora/{file_name}")
+}
+
+fn fork_key(seed: &Path) -> String {
+    format!("forks/{}", name_of(seed))
 }
 
 fn run_key(job_id: i64, sub: &str) -> String {
@@ -22,6 +27,26 @@ fn name_of(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Make `run_dir` hold job `job_id`'s checkpoints exactly as the store has them, and its
+/// tokenizers; returns the checkpoint files downloaded.
+async fn download_run(store: &ArtifactStore, job_id: i64, run_dir: &Path) -> anyhow::Result<usize> {
+    let got = store
+        .download_dir(
+            &run_key(job_id, "checkpoints"),
+            &run_dir.join("checkpoints"),
+            true,
+        )
+        .await?;
+    store
+        .download_dir(
+            &run_key(job_id, "tokenizers"),
+            &run_dir.join("tokenizers"),
+            false,
+        )
+        .await?;
+    Ok(got)
+}
+
 impl PoolHandle {
     /// Before a run: make the local run directory hold the job's checkpoints as the store has
     /// them (a takeover resumes from the latest one the store has; a local checkpoint the
@@ -33,16 +58,7 @@ impl PoolHandle {
         };
         let id = lease.job_id;
         let ck_dir = run_dir.join("checkpoints");
-        let got = store
-            .download_dir(&run_key(id, "checkpoints"), &ck_dir, true)
-            .await?;
-        store
-            .download_dir(
-                &run_key(id, "tokenizers"),
-                &run_dir.join("tokenizers"),
-                false,
-            )
-            .await?;
+        let got = download_run(store, id, run_dir).await?;
         if got > 0 {
             tracing::info!(
                 job = id,
@@ -165,10 +181,9 @@ impl PoolHandle {
         let Some(store) = self.artifacts() else {
             return Ok(());
         };
-        let prefix = format!("models/{}", name_of(Path::new(&m.path)));
-        for (rel, _) in store.list(&prefix).await? {
-            store.delete(&format!("{prefix}/{rel}")).await?;
-        }
+        store
+            .delete_dir(&format!("models/{}", name_of(Path::new(&m.path))))
+            .await?;
         Ok(())
     }
 
@@ -276,29 +291,14 @@ impl PoolHandle {
         if ours {
             return Ok(recorded.unwrap_or(own));
         }
-        store
-            .download_dir(
-                &run_key(parent.id, "checkpoints"),
-                &own.join("checkpoints"),
-                true,
-            )
-            .await?;
-        store
-            .download_dir(
-                &run_key(parent.id, "tokenizers"),
-                &own.join("tokenizers"),
-                false,
-            )
-            .await?;
+        download_run(store, parent.id, &own).await?;
         Ok(own)
     }
 
     /// A staged fork goes up as `forks/<folder name>/`.
     pub(super) async fn upload_fork_seed(&self, seed: &Path) -> anyhow::Result<()> {
         if let Some(store) = self.artifacts() {
-            store
-                .upload_dir(&format!("forks/{}", name_of(seed)), seed)
-                .await?;
+            store.upload_dir(&fork_key(seed), seed).await?;
         }
         Ok(())
     }
@@ -313,9 +313,7 @@ impl PoolHandle {
             return Ok(seed.to_path_buf());
         }
         let local = self.forks_dir().join(name_of(seed));
-        let n = store
-            .download_dir(&format!("forks/{}", name_of(seed)), &local, true)
-            .await?;
+        let n = store.download_dir(&fork_key(seed), &local, true).await?;
         tracing::info!(seed = %local.display(), files = n, "staged fork fetched from the artifact store");
         Ok(local)
     }
@@ -323,10 +321,7 @@ impl PoolHandle {
     /// A fork's staged files leave the store once its run directory holds them.
     pub(super) async fn delete_fork_seed(&self, seed: &Path) -> anyhow::Result<()> {
         if let Some(store) = self.artifacts() {
-            let prefix = format!("forks/{}", name_of(seed));
-            for (rel, _) in store.list(&prefix).await? {
-                store.delete(&format!("{prefix}/{rel}")).await?;
-            }
+            store.delete_dir(&fork_key(seed)).await?;
         }
         Ok(())
     }
