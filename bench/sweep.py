@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--average", type=int, default=5)
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--nice", type=int, default=0)
+    ap.add_argument("--beam", type=int, default=1, help="also score the averaged export with this beam (>1)")
     a = ap.parse_args()
     base = tomllib.load(open(a.base, "rb"))
     steps_for = {}
@@ -124,6 +125,13 @@ def main():
                             "--hyps", os.path.join(d, f"hyps-{label}.txt")], stdout=f)
             r = json.load(open(os.path.join(d, f"eval-{label}.json")))
             row[label] = {"bleu": round(r["bleu"], 2), "chrf": round(r["chrf"], 2)}
+        if a.beam > 1:
+            label = f"avg{a.average}-beam{a.beam}"
+            with open(os.path.join(d, f"eval-{label}.json"), "w") as f:
+                run(nice + [a.bin, "eval", "--model", os.path.join(d, f"model-avg{a.average}"), "--tsv", a.test,
+                            "--beam", str(a.beam), "--hyps", os.path.join(d, f"hyps-{label}.txt")], stdout=f)
+            r = json.load(open(os.path.join(d, f"eval-{label}.json")))
+            row[label] = {"bleu": round(r["bleu"], 2), "chrf": round(r["chrf"], 2)}
         json.dump(row, open(os.path.join(d, "done.json"), "w"))
         with open(os.path.join(a.out, "results.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -131,12 +139,14 @@ def main():
     rows = [json.loads(l) for l in open(os.path.join(a.out, "results.jsonl"))] if os.path.exists(
         os.path.join(a.out, "results.jsonl")) else []
     avg = f"avg{a.average}"
-    print(f"| point | overrides | steps | best BLEU | best chrF | {avg} BLEU | {avg} chrF |")
-    print("|---|---|---|---|---|---|---|")
+    bm = f"{avg}-beam{a.beam}"
+    print(f"| point | overrides | steps | best BLEU | best chrF | {avg} BLEU | {avg} chrF | {bm} BLEU | {bm} chrF |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o = " ".join(f"{k}={v}" for k, v in r["overrides"].items())
-        b, v = r["best"], r.get(avg, {})
-        print(f"| {r['name']} | {o} | {r['steps']} | {b['bleu']} | {b['chrf']} | {v.get('bleu')} | {v.get('chrf')} |")
+        b, v, w = r["best"], r.get(avg, {}), r.get(bm, {})
+        print(f"| {r['name']} | {o} | {r['steps']} | {b['bleu']} | {b['chrf']} | {v.get('bleu')} | {v.get('chrf')} "
+              f"| {w.get('bleu')} | {w.get('chrf')} |")
 
 
 if __name__ == "__main__":
