@@ -153,6 +153,8 @@ pub struct TrainBenchRecord {
     pub size: String,
     pub precision: String,
     pub device: String,
+    /// Sentences per step (the size's own, or `--batch`).
+    pub batch: usize,
     pub steps: usize,
     pub warmup: usize,
     pub step_ms_median: f64,
@@ -251,6 +253,7 @@ pub fn bench_train(
         size: p.name.into(),
         precision: precision.as_str().into(),
         device: device_label(dev),
+        batch: p.batch,
         steps,
         warmup,
         step_ms_median: med,
@@ -293,10 +296,23 @@ pub struct BenchTrainArgs {
     /// cpu or cuda:N (needs a build with `--features cuda`)
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Sentences per step instead of the size's own (tiny 32, small 16, tutorial 8)
+    #[arg(long)]
+    pub batch: Option<usize>,
+}
+
+/// The size's preset, with `--batch` in place of its own batch when given.
+pub fn train_bench_preset(a: &BenchTrainArgs) -> anyhow::Result<Preset> {
+    let mut p = preset(&a.size)?;
+    if let Some(batch) = a.batch {
+        anyhow::ensure!(batch >= 1, "--batch must be at least 1, got {batch}");
+        p.batch = batch;
+    }
+    Ok(p)
 }
 
 pub fn run_train_bench(a: &BenchTrainArgs) -> anyhow::Result<()> {
-    let p = preset(&a.size)?;
+    let p = train_bench_preset(a)?;
     let dev = crate::cli::parse_device(&a.device)?;
     let mut fp32_tps = None;
     for name in a
@@ -507,6 +523,40 @@ mod tests {
             // a tensor: no read; on CUDA the fused optimizer step makes it one read in all)
             assert_eq!(r.host_syncs_per_step, 2, "{prec:?}");
         }
+    }
+
+    #[test]
+    fn bench_train_batch_flag_replaces_the_sizes_batch_and_rejects_zero() {
+        let args = |batch| BenchTrainArgs {
+            size: "tutorial".into(),
+            precision: "f16".into(),
+            steps: 1,
+            warmup: 0,
+            synthetic: true,
+            device: "cpu".into(),
+            batch,
+        };
+        assert_eq!(train_bench_preset(&args(None)).unwrap().batch, 8);
+        let p = train_bench_preset(&args(Some(64))).unwrap();
+        assert_eq!((p.batch, p.d_model, p.layers), (64, 512, 6));
+        let err = train_bench_preset(&args(Some(0))).unwrap_err().to_string();
+        assert!(err.contains("--batch"), "{err}");
+        // the record reports the batch it ran, and its upload grows with it
+        let dev = candle_core::Device::Cpu;
+        let (mut small, mut big) = (tiny(1), tiny(1));
+        big.batch = 9;
+        small.batch = 3;
+        let (rs, rb) = (
+            bench_train(&small, Precision::Fp32, 0, 1, &dev).unwrap(),
+            bench_train(&big, Precision::Fp32, 0, 1, &dev).unwrap(),
+        );
+        assert_eq!((rs.batch, rb.batch), (3, 9));
+        assert!(
+            rb.batch_bytes > 2 * rs.batch_bytes,
+            "{} vs {}",
+            rb.batch_bytes,
+            rs.batch_bytes
+        );
     }
 
     #[test]
