@@ -114,24 +114,22 @@ def main():
         finished = [e for e in events if e.get("type") == "finished"][-1]
         row = {"name": name, "overrides": over, "steps": finished.get("steps"), "train_wall_s": round(wall, 1),
                "budget": {"max_time_s": a.max_time_s, "max_steps": steps_for.get(name)}}
+        def score(label, model, beam=1):
+            with open(os.path.join(d, f"eval-{label}.json"), "w") as f:
+                run(nice + [a.bin, "eval", "--model", model, "--tsv", a.test, "--beam", str(beam),
+                            "--hyps", os.path.join(d, f"hyps-{label}.txt")], stdout=f)
+            r = json.load(open(os.path.join(d, f"eval-{label}.json")))
+            row[label] = {"bleu": round(r["bleu"], 2), "chrf": round(r["chrf"], 2)}
+
         for label, extra in (("best", ["--checkpoint", "best", "--average-last", "1"]),
                              (f"avg{a.average}", ["--checkpoint", "latest", "--average-last", str(a.average)])):
             model = os.path.join(d, f"model-{label}")
             subprocess.run(["rm", "-rf", model], check=True)
             with open(os.path.join(d, f"manifest-{label}.json"), "w") as f:
                 run([a.bin, "export", "--run", os.path.join(d, "run"), "--out", model] + extra, stdout=f)
-            with open(os.path.join(d, f"eval-{label}.json"), "w") as f:
-                run(nice + [a.bin, "eval", "--model", model, "--tsv", a.test,
-                            "--hyps", os.path.join(d, f"hyps-{label}.txt")], stdout=f)
-            r = json.load(open(os.path.join(d, f"eval-{label}.json")))
-            row[label] = {"bleu": round(r["bleu"], 2), "chrf": round(r["chrf"], 2)}
+            score(label, model)
         if a.beam > 1:
-            label = f"avg{a.average}-beam{a.beam}"
-            with open(os.path.join(d, f"eval-{label}.json"), "w") as f:
-                run(nice + [a.bin, "eval", "--model", os.path.join(d, f"model-avg{a.average}"), "--tsv", a.test,
-                            "--beam", str(a.beam), "--hyps", os.path.join(d, f"hyps-{label}.txt")], stdout=f)
-            r = json.load(open(os.path.join(d, f"eval-{label}.json")))
-            row[label] = {"bleu": round(r["bleu"], 2), "chrf": round(r["chrf"], 2)}
+            score(f"avg{a.average}-beam{a.beam}", os.path.join(d, f"model-avg{a.average}"), a.beam)
         json.dump(row, open(os.path.join(d, "done.json"), "w"))
         with open(os.path.join(a.out, "results.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
