@@ -121,6 +121,31 @@ async function step(name, fn) {
   }
 }
 
+/**
+ * Points the mouse at (fx, fy) of a chart, as fractions of its size, until its tooltip shows.
+ * A chart redraws (a new svg) whenever metrics or validations arrive, so a single measure-then-move
+ * can hit a detached svg: measure and move again until the live one answers. Returns the tip's text.
+ */
+async function hoverUntilTip(chart, fx, fy) {
+  const deadline = Date.now() + 15000;
+  for (;;) {
+    const box = await page.locator(`${chart} svg`).boundingBox();
+    if (box) {
+      await page.mouse.move(0, 0);
+      await page.mouse.move(box.x + box.width * fx, box.y + box.height * fy, { steps: 3 });
+      try {
+        return await page.locator(`${chart} .tip:not([hidden])`).textContent({ timeout: 1000 });
+      } catch (e) {
+        if (Date.now() > deadline) throw e;
+      }
+    } else if (Date.now() > deadline) {
+      throw new Error(`${chart} has no visible svg to hover`);
+    } else {
+      await page.waitForTimeout(100);
+    }
+  }
+}
+
 /** Full-page screenshot; toasts from earlier steps are cleared unless `keepToasts`. */
 async function shot(name, { keepToasts = false } = {}) {
   if (!keepToasts) await page.evaluate(() => document.getElementById("toasts").replaceChildren());
@@ -261,10 +286,7 @@ async function main() {
     // fp32: the loss-scale chart says scaling is off instead of drawing a flat line.
     assert.match(await page.locator("#chart-scale .nodata").textContent(), /off for this run \(fp32\)/);
     // Hover reads out values.
-    const box = await page.locator("#chart-loss svg").boundingBox();
-    await page.mouse.move(box.x + box.width * 0.6, box.y + box.height * 0.5);
-    await page.locator("#chart-loss .tip").waitFor();
-    assert.match(await page.locator("#chart-loss .tip").textContent(), /^step \d+loss: \d/);
+    assert.match(await hoverUntilTip("#chart-loss", 0.6, 0.5), /^step \d+loss: \d/);
     await shot("03-detail.png");
     await page.mouse.move(0, 0);
   });
