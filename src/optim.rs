@@ -48,14 +48,24 @@ impl LrSchedule {
 
     /// `constant`: base_lr. `noam`: linear warmup to base_lr over `warmup` steps, then
     /// base_lr * sqrt(warmup / step) (the inverse-sqrt decay of "Attention is all you need",
-    /// normalised so the peak is base_lr).
-    pub fn lr(&self, step: u64) -> f64 {
+    /// normalised so the peak is base_lr). `linear`: warmup as noam's (none at 0), times
+    /// `1 - progress`, where `progress` is the share of the run's budget used before this step
+    /// (0 at the start, 1 when it runs out; the other schedules ignore it).
+    pub fn lr(&self, step: u64, progress: f64) -> f64 {
         let s = step.max(1) as f64;
         match self.kind {
             Schedule::Constant => self.base_lr,
             Schedule::Noam => {
                 let w = self.warmup.max(1) as f64;
                 self.base_lr * (s / w).min((w / s).sqrt())
+            }
+            Schedule::Linear => {
+                let warm = if self.warmup == 0 {
+                    1.0
+                } else {
+                    (s / self.warmup as f64).min(1.0)
+                };
+                self.base_lr * warm * (1.0 - progress).clamp(0.0, 1.0)
             }
         }
     }
@@ -236,14 +246,17 @@ impl Adam {
     }
 }
 
-/// Sum of squares of all gradients (any float dtype in, f64 out), one host sync: on the CPU one
-/// parallel pass over all tensors (counted as one launch, the twin of the fused CUDA reduction),
-/// elsewhere one reduction per tensor.
+/// Sum of squares of all gradients (any float dtype in, f64 out). On the CPU one parallel pass
+/// over all tensors (counted as one launch, the twin of the fused CUDA reduction) whose result is
+/// already in host memory: no read-back, no sync. Elsewhere one reduction per tensor and one host
+/// sync to read the total.
 pub fn sum_squares(grads: &[Tensor]) -> Result<f64> {
     let refs: Vec<&Tensor> = grads.iter().collect();
     let on_cpu = grads.iter().all(|g| g.device().is_cpu());
     crate::counters::device_ops(if on_cpu { 1 } else { grads.len() as u64 });
-    crate::counters::host_sync();
+    if !on_cpu {
+        crate::counters::host_sync();
+    }
     crate::kernels::sum_squares(&refs)
 }
 
@@ -382,15 +395,29 @@ mod tests {
             base_lr: 1e-4,
             warmup: 10,
         };
-        assert_eq!(c.lr(1), 1e-4);
+        assert_eq!(c.lr(1, 0.9), 1e-4);
         let n = LrSchedule {
             kind: Schedule::Noam,
             base_lr: 1e-3,
             warmup: 100,
         };
-        assert!((n.lr(50) - 5e-4).abs() < 1e-12);
-        assert!((n.lr(100) - 1e-3).abs() < 1e-12);
-        assert!((n.lr(400) - 5e-4).abs() < 1e-12);
+        assert!((n.lr(50, 0.0) - 5e-4).abs() < 1e-12);
+        assert!((n.lr(100, 0.0) - 1e-3).abs() < 1e-12);
+        assert!((n.lr(400, 0.5) - 5e-4).abs() < 1e-12);
+        // linear: warm-up, then down to zero with the budget's share used, whatever the step
+        let l = LrSchedule {
+            kind: Schedule::Linear,
+            base_lr: 1e-3,
+            warmup: 100,
+        };
+        assert!((l.lr(50, 0.0) - 5e-4).abs() < 1e-12);
+        assert!((l.lr(100, 0.0) - 1e-3).abs() < 1e-12);
+        assert!((l.lr(5000, 0.25) - 7.5e-4).abs() < 1e-12);
+        assert!((l.lr(50, 0.5) - 2.5e-4).abs() < 1e-12);
+        assert_eq!(l.lr(9000, 1.0), 0.0);
+        assert_eq!(l.lr(9000, 1.2), 0.0);
+        let l0 = LrSchedule { warmup: 0, ..l };
+        assert_eq!(l0.lr(1, 0.0), 1e-3);
         assert_eq!(clip_coef(10.0, 0.0), 1.0);
         assert_eq!(clip_coef(0.5, 1.0), 1.0);
         assert!((clip_coef(4.0, 1.0) - 0.25).abs() < 1e-6);

@@ -115,6 +115,10 @@ pub enum Schedule {
     #[default]
     Constant,
     Noam,
+    /// Linear warm-up over `warmup_steps` (none at 0), then a straight line down to zero at the
+    /// end of the run's budget: whichever of `epochs`, `max_steps` and `max_time_s` runs out
+    /// first (the budget-aware decay of Li et al., "Budgeted training", ICLR 2020).
+    Linear,
 }
 
 /// Which step count drives the learning-rate schedule (`train.schedule_counts`).

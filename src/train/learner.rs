@@ -14,7 +14,7 @@ use super::stepper::Stepper;
 use super::validation::evaluate;
 use super::{tensorboard, RunOptions, TrainError};
 use crate::checkpoint;
-use crate::config::TrainSpec;
+use crate::config::{TrainSection, TrainSpec};
 use crate::data;
 use crate::model::{self, Transformer};
 use std::fs;
@@ -258,6 +258,7 @@ impl<'a> Learner<'a> {
         let ts = Instant::now();
         let batch = data::make_batch(&self.prep.train, &plan[self.st.batch_pos as usize]);
         let db = batch.to_device(&self.opts.device)?;
+        self.stepper.progress = budget_used(&self.spec.train, &self.st, plan.len());
         self.st.step += 1;
         let (out, gave_up) = self.stepper.step_checked(&self.model, &db, self.st.step)?;
         let st = &mut self.st;
@@ -408,6 +409,28 @@ impl<'a> Learner<'a> {
         sink(TrainEvent::Finished(summary.clone()));
         Ok(summary)
     }
+}
+
+/// The share of the run's budget used so far, 0..=1: the largest of the epochs done (this one's
+/// batches counted), `max_steps` and `max_time_s` spent, each where set. Steps and epochs make it
+/// exact on a resume; a `max_time_s` budget makes it follow the wall clock.
+fn budget_used(t: &TrainSection, st: &RunState, plan_len: usize) -> f64 {
+    let mut used = 0.0f64;
+    if t.epochs > 0 {
+        let within = if plan_len > 0 {
+            st.batch_pos as f64 / plan_len as f64
+        } else {
+            0.0
+        };
+        used = used.max((st.epoch as f64 + within) / t.epochs as f64);
+    }
+    if t.max_steps > 0 {
+        used = used.max(st.step as f64 / t.max_steps as f64);
+    }
+    if t.max_time_s > 0.0 {
+        used = used.max(st.wall_s() / t.max_time_s);
+    }
+    used.clamp(0.0, 1.0)
 }
 
 /// Run (or resume) a training job. `sink` receives every event in order; `cancel` is checked

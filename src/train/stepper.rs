@@ -34,6 +34,9 @@ pub struct Stepper {
     pub opt: Adam,
     pub scaler: GradScaler,
     pub sched: LrSchedule,
+    /// The share of the run's budget used before the next step, 0..=1 (the learner sets it
+    /// before each step; the `linear` schedule decays with it). Stays 0 for a bare stepper.
+    pub progress: f64,
     pub ac: Autocast,
     pub seed: u64,
     pub dropout: f64,
@@ -53,6 +56,7 @@ impl Stepper {
             opt: Adam::new(model.params.clone(), AdamConfig::from_spec(&spec.train))?,
             scaler: GradScaler::new(ScalerConfig::from_spec(&spec.amp, spec.scaler_enabled())),
             sched: LrSchedule::from_spec(&spec.train),
+            progress: 0.0,
             ac: Autocast::new(spec.train.precision),
             seed: spec.train.seed,
             dropout: spec.model.dropout,
@@ -127,19 +131,20 @@ impl Stepper {
             }
         }
         let scale = self.scaler.scale();
-        let lr = self.sched.lr(self.schedule_step(step));
+        let lr = self.sched.lr(self.schedule_step(step), self.progress);
         // On a CUDA device the sum of squares, the overflow check, the clip factor and the
         // update (skipped there on overflow) all happen on the device, and this is the step's
-        // one host read. Elsewhere: the host reads the loss and the sum, decides, then updates.
+        // one host read. Elsewhere: the sum of squares first (on the CPU its pass leaves the
+        // total in host memory), then the host reads the loss, decides, and updates.
         let on_device =
             self.opt
                 .fused_step(&glist, &loss, lr, self.scaler.inv_scale(), self.clip)?;
         let (loss_v, ss) = match on_device {
             Some(d) => (d.loss, d.sum_squares),
             None => {
+                let ss = optim::sum_squares(&glist)?;
                 crate::counters::host_sync();
-                let loss_v = loss.to_scalar::<f32>()? as f64;
-                (loss_v, optim::sum_squares(&glist)?)
+                (loss.to_scalar::<f32>()? as f64, ss)
             }
         };
         let found_inf = GradScaler::found_inf(ss) || !loss_v.is_finite();
