@@ -256,8 +256,12 @@ pub struct TrainSection {
     pub clip_grad_norm: f64,
     pub label_smoothing: f64,
     pub seed: u64,
-    /// Validate every N optimizer steps; 0 = at epoch end only.
+    /// Validate every N optimizer steps; 0 = at epoch ends only (see `valid_every_epochs`).
     pub valid_every: usize,
+    /// Validate at the end of every N-th epoch (default 1: each epoch); 0 = not at epoch ends,
+    /// so `valid_every` alone sets the cadence (a corpus of short epochs otherwise spends a
+    /// good part of a time budget validating). The run's end validates in any case.
+    pub valid_every_epochs: usize,
     /// 0 (default): validate on the whole validation set. N > 0: on a seeded sample of N pairs
     /// with distinct sources (the same sample at every validation).
     pub valid_max_sentences: usize,
@@ -293,6 +297,7 @@ impl Default for TrainSection {
             label_smoothing: 0.1,
             seed: 42,
             valid_every: 0,
+            valid_every_epochs: 1,
             valid_max_sentences: 0,
             unk_policy: UnkPolicy::Ban,
             valid_samples: 3,

@@ -121,6 +121,12 @@ impl TrainSpec {
         range_f64(t.label_smoothing, 0.0, 0.99, "train.label_smoothing")?;
         range_usize(t.valid_every, 0, 100_000_000, "train.valid_every")?;
         range_usize(
+            t.valid_every_epochs,
+            0,
+            1_000_000,
+            "train.valid_every_epochs",
+        )?;
+        range_usize(
             t.valid_max_sentences,
             0,
             1_000_000,

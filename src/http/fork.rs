@@ -40,6 +40,7 @@ const ALLOWED: &Allowed = &[
             "epochs",
             "clip_grad_norm",
             "valid_every",
+            "valid_every_epochs",
             "valid_samples",
             "early_stopping",
         ]),
@@ -56,7 +57,7 @@ pub fn check_overrides(o: &Map<String, Value>) -> ApiResult<()> {
             "a fork cannot change this: it would change the model, the data or their order \
              (submit a new job instead); allowed: name, train.{precision, lr, schedule, \
              warmup_steps, max_steps, max_time_s, epochs, clip_grad_norm, valid_every, \
-             valid_samples, early_stopping}, amp.*, checkpoint.*",
+             valid_every_epochs, valid_samples, early_stopping}, amp.*, checkpoint.*",
         )
     };
     spec_overrides::check(o, ALLOWED).map_err(|r| match r {

@@ -61,8 +61,8 @@ pub struct ForkRequest {
     #[schema(value_type = Option<String>, example = "latest")]
     pub checkpoint: Option<Value>,
     /// Spec sections to change: `name`, `train.{precision, lr, schedule, warmup_steps,
-    /// max_steps, max_time_s, epochs, clip_grad_norm, valid_every, valid_samples,
-    /// early_stopping}`, `amp.*`, `checkpoint.*`.
+    /// max_steps, max_time_s, epochs, clip_grad_norm, valid_every, valid_every_epochs,
+    /// valid_samples, early_stopping}`, `amp.*`, `checkpoint.*`.
     #[schema(value_type = Option<Object>)]
     pub overrides: Option<Value>,
     /// -1000..=1000 (default 0).

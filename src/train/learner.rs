@@ -312,7 +312,9 @@ impl<'a> Learner<'a> {
         if (self.st.batch_pos as usize) >= plan.len() {
             self.st.epoch += 1;
             self.st.batch_pos = 0;
-            if !self.st.validated_now() && self.validate(sink)? {
+            let due = tr.valid_every_epochs > 0
+                && self.st.epoch.is_multiple_of(tr.valid_every_epochs as u64);
+            if due && !self.st.validated_now() && self.validate(sink)? {
                 *stopped_by = Some("early_stopping".into());
             }
             self.checkpoint(sink)?;
