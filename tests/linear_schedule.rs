@@ -5,7 +5,7 @@
 mod tiny;
 
 use ampserve::config::{Schedule, TrainSpec};
-use ampserve::train::{self, RunOptions, StepRecord, TrainEvent};
+use ampserve::train::{self, StepRecord, TrainEvent};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -23,12 +23,7 @@ fn spec() -> TrainSpec {
 /// The steps of a run in `dir`; with `stop_after`, the run is cancelled once that many steps
 /// have been recorded (it checkpoints and returns).
 fn steps(spec: &TrainSpec, dir: &Path, resume: bool, stop_after: Option<u64>) -> Vec<StepRecord> {
-    let opts = RunOptions {
-        out_dir: dir.to_path_buf(),
-        device: candle_core::Device::Cpu,
-        resume,
-        barrier: None,
-    };
+    let opts = tiny::cpu_run(dir, resume);
     let cancel = AtomicBool::new(false);
     let mut out = Vec::new();
     train::run(

@@ -5,7 +5,7 @@
 mod tiny;
 
 use ampserve::config::{Precision, Schedule, ScheduleCounts, TrainSpec};
-use ampserve::train::{self, RunOptions, StepRecord, TrainEvent};
+use ampserve::train::{self, StepRecord, TrainEvent};
 use std::sync::atomic::AtomicBool;
 
 const WARMUP: usize = 20;
@@ -25,12 +25,7 @@ fn spec(counts: ScheduleCounts) -> TrainSpec {
 
 fn steps(spec: &TrainSpec) -> Vec<StepRecord> {
     let dir = tempfile::tempdir().unwrap();
-    let opts = RunOptions {
-        out_dir: dir.path().to_path_buf(),
-        device: candle_core::Device::Cpu,
-        resume: false,
-        barrier: None,
-    };
+    let opts = tiny::cpu_run(dir.path(), false);
     let mut out = Vec::new();
     train::run(
         spec,

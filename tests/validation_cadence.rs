@@ -5,7 +5,7 @@
 mod tiny;
 
 use ampserve::config::TrainSpec;
-use ampserve::train::{self, RunOptions, TrainEvent};
+use ampserve::train::{self, TrainEvent};
 use std::sync::atomic::AtomicBool;
 
 fn spec(epochs: usize, valid_every: usize, valid_every_epochs: usize) -> TrainSpec {
@@ -22,12 +22,7 @@ fn spec(epochs: usize, valid_every: usize, valid_every_epochs: usize) -> TrainSp
 /// (steps per epoch, the steps at which the run validated).
 fn validations(spec: &TrainSpec) -> (u64, Vec<u64>) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = RunOptions {
-        out_dir: dir.path().to_path_buf(),
-        device: candle_core::Device::Cpu,
-        resume: false,
-        barrier: None,
-    };
+    let opts = tiny::cpu_run(dir.path(), false);
     let mut per_epoch = 0;
     let mut at = Vec::new();
     train::run(

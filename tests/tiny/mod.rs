@@ -33,3 +33,13 @@ pub fn tiny_spec(name: &str) -> TrainSpec {
     s.train.valid_samples = 0;
     s
 }
+
+/// Options for a run on the CPU in `dir` (a fresh run, or a resume of the run there).
+pub fn cpu_run(dir: &Path, resume: bool) -> ampserve::train::RunOptions {
+    ampserve::train::RunOptions {
+        out_dir: dir.to_path_buf(),
+        device: candle_core::Device::Cpu,
+        resume,
+        barrier: None,
+    }
+}
