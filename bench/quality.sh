@@ -5,8 +5,10 @@
 # (../shared/bench/pytorch_ref/quality/train_ref.py, same model sizes, batch, lr and max_len read from
 # CONFIG) for the same wall-clock budget, one after the other, pinned to the same CPUs; exports our best
 # checkpoint (AVERAGE_LAST=N averages the last N), translates TEST with it, and scores both hypothesis files with
-# the reference's score.py (sacreBLEU 13a + chrF). Run it on an idle machine: timings under load are
-# meaningless. SKIP_REF=1 runs our side only (scored by `ampserve eval`, the same metrics).
+# the reference's score.py (sacreBLEU 13a + chrF); BEAM=K decodes ours with beam search (the reference is greedy). Run it on an idle machine: timings under load are
+# meaningless. SKIP_REF=1 runs our side only (scored by `ampserve eval`, the same metrics). REF_LR and
+# REF_BATCH give the reference another learning rate or batch than CONFIG's (it trains at a constant lr with no
+# warm-up, the tutorial's way, so a peak that suits our warm-up and decay may not suit it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-600}
@@ -32,7 +34,7 @@ taskset -c "$CPUS" "$BIN" train --config "$CONFIG" --data-root "$DATA_ROOT" --ma
   --out "$OUT/ours" --json > "$OUT/ours-train.jsonl"
 "$BIN" export --run "$OUT/ours" --checkpoint "$CHECKPOINT" --out "$OUT/ours-model" \
   ${AVERAGE_LAST:+--average-last "$AVERAGE_LAST"} > "$OUT/ours-manifest.json"
-taskset -c "$CPUS" "$BIN" eval --model "$OUT/ours-model" --tsv "$TEST" \
+taskset -c "$CPUS" "$BIN" eval --model "$OUT/ours-model" --tsv "$TEST" ${BEAM:+--beam "$BEAM"} \
   --hyps "$OUT/ours-hyps.txt" > "$OUT/ours-eval.json"
 steps=$(python3 -c 'import json,sys
 for l in open(sys.argv[1]):
@@ -61,7 +63,7 @@ print(m.get("d_model", 512), m.get("layers", 6), m.get("heads", 8), m.get("d_ff"
 PY
 )
 taskset -c "$CPUS" "$PY" "$REF/quality/train_ref.py" --train "$TRAIN" --valid "$VALID" --eval "$TEST" \
-  --d-model "$D" --layers "$L" --heads "$H" --d-ff "$F" --dropout "$DROP" --batch "$B" --lr "$LR" \
+  --d-model "$D" --layers "$L" --heads "$H" --d-ff "$F" --dropout "$DROP" --batch "${REF_BATCH:-$B}" --lr "${REF_LR:-$LR}" \
   --max-len "$ML" --time-budget "$BUDGET" --precision fp32 --threads 2 --seed 0 --name ref \
   --out "$OUT/ref-results.jsonl" --outdir "$OUT/ref" > "$OUT/ref-train.log"
 

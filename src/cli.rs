@@ -15,7 +15,7 @@ pub struct TrainArgs {
     /// Training spec (TOML), e.g. configs/tiny.toml
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override train.precision: fp32 | f16 | bf16
+    /// Override train.precision: fp32 | f16 | bf16 | auto (bf16 on a CPU with AVX512-BF16, else fp32)
     #[arg(long)]
     pub precision: Option<Precision>,
     /// Resume the run in DIR from its latest valid checkpoint (uses DIR/spec.json unless --config is given)

@@ -120,7 +120,12 @@ async fn configs_lists_presets_resolved_like_a_job_request() {
     let spec = &tiny["spec"];
     assert_eq!(spec["name"], "tiny-en-it");
     assert_eq!(spec["model"]["d_model"], 128);
-    assert_eq!(spec["train"]["precision"], "fp32");
+    // `precision = "auto"`, resolved for this machine's CPU
+    assert_eq!(
+        spec["train"]["precision"],
+        ampserve::config::Precision::auto().as_str()
+    );
+    assert_eq!(spec["data"]["tokenizer"], "bpe");
     assert_eq!(spec["train"]["batch_size"], 32);
     // Defaults the TOML leaves out are filled in.
     assert_eq!(spec["train"]["optimizer"], "adam");

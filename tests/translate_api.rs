@@ -17,9 +17,10 @@ fn job() -> Value {
     json!({
         "config": "tiny",
         "name": "translate-api",
-        "data": {"max_train_pairs": 400},
-        "model": {"d_model": 32, "layers": 1, "heads": 2, "d_ff": 64},
-        "train": {"batch_size": 16, "max_steps": 40, "epochs": 1000, "warmup_steps": 10,
+        // the word-level fp32 setting, whatever the preset tunes: these bounds count words as tokens
+        "data": {"max_train_pairs": 400, "tokenizer": "word", "joint_vocab": false},
+        "model": {"d_model": 32, "layers": 1, "heads": 2, "d_ff": 64, "tie_embeddings": false},
+        "train": {"precision": "fp32", "batch_size": 16, "max_steps": 40, "epochs": 1000, "warmup_steps": 10,
                   "valid_every": 20, "valid_max_sentences": 8, "valid_samples": 1},
         "checkpoint": {"every_steps": 20, "keep_last": 2}
     })

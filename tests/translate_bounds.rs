@@ -19,9 +19,10 @@ fn job() -> Value {
     json!({
         "config": "tiny",
         "name": "bounds",
-        "data": {"max_train_pairs": 400},
-        "model": {"d_model": 32, "layers": 1, "heads": 2, "d_ff": 64},
-        "train": {"batch_size": 16, "max_steps": 2, "epochs": 1000, "warmup_steps": 100,
+        // the word-level fp32 setting, whatever the preset tunes: these bounds count words as tokens
+        "data": {"max_train_pairs": 400, "tokenizer": "word", "joint_vocab": false},
+        "model": {"d_model": 32, "layers": 1, "heads": 2, "d_ff": 64, "tie_embeddings": false},
+        "train": {"precision": "fp32", "batch_size": 16, "max_steps": 2, "epochs": 1000, "warmup_steps": 100,
                   "valid_max_sentences": 4, "valid_samples": 1},
         "checkpoint": {"every_steps": 2, "keep_last": 1}
     })

@@ -152,6 +152,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn auto_precision_reads_as_bf16_with_bf16_dot_products_and_fp32_without_and_is_stored_concrete()
+    {
+        let want = if crate::kernels::bf16_dot_available() {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        };
+        let s = TrainSpec::from_toml_str("[train]\nprecision = \"auto\"\n").unwrap();
+        assert_eq!(s.train.precision, want);
+        let stored = serde_json::to_value(&s).unwrap();
+        assert_eq!(stored["train"]["precision"], want.as_str());
+        let back: TrainSpec = serde_json::from_value(stored).unwrap();
+        assert_eq!(back.train.precision, want);
+        assert_eq!("AUTO".parse::<Precision>().unwrap(), want);
+        let e = TrainSpec::from_toml_str("[train]\nprecision = \"fp8\"\n").unwrap_err();
+        assert!(e.message.contains("fp32, f16, bf16, auto"), "{e}");
+    }
+
+    #[test]
     fn defaults_validate_and_configs_parse() {
         TrainSpec::default().validate().unwrap();
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
