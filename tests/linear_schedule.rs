@@ -5,9 +5,8 @@
 mod tiny;
 
 use ampserve::config::{Schedule, TrainSpec};
-use ampserve::train::{self, StepRecord, TrainEvent};
+use ampserve::train::StepRecord;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 const WARMUP: u64 = 5;
 
@@ -20,27 +19,8 @@ fn spec() -> TrainSpec {
     s
 }
 
-/// The steps of a run in `dir`; with `stop_after`, the run is cancelled once that many steps
-/// have been recorded (it checkpoints and returns).
 fn steps(spec: &TrainSpec, dir: &Path, resume: bool, stop_after: Option<u64>) -> Vec<StepRecord> {
-    let opts = tiny::cpu_run(dir, resume);
-    let cancel = AtomicBool::new(false);
-    let mut out = Vec::new();
-    train::run(
-        spec,
-        &opts,
-        &mut |e| {
-            if let TrainEvent::Step(s) = e {
-                if stop_after == Some(s.step) {
-                    cancel.store(true, Ordering::Relaxed);
-                }
-                out.push(s)
-            }
-        },
-        &cancel,
-    )
-    .expect("training run failed");
-    out
+    tiny::step_records(spec, dir, resume, stop_after)
 }
 
 /// The warm-up ramp at 1-based step `k`.

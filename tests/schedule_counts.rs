@@ -5,8 +5,7 @@
 mod tiny;
 
 use ampserve::config::{Precision, Schedule, ScheduleCounts, TrainSpec};
-use ampserve::train::{self, StepRecord, TrainEvent};
-use std::sync::atomic::AtomicBool;
+use ampserve::train::StepRecord;
 
 const WARMUP: usize = 20;
 
@@ -25,20 +24,7 @@ fn spec(counts: ScheduleCounts) -> TrainSpec {
 
 fn steps(spec: &TrainSpec) -> Vec<StepRecord> {
     let dir = tempfile::tempdir().unwrap();
-    let opts = tiny::cpu_run(dir.path(), false);
-    let mut out = Vec::new();
-    train::run(
-        spec,
-        &opts,
-        &mut |e| {
-            if let TrainEvent::Step(s) = e {
-                out.push(s)
-            }
-        },
-        &AtomicBool::new(false),
-    )
-    .expect("training run failed");
-    out
+    tiny::step_records(spec, dir.path(), false, None)
 }
 
 /// The noam learning rate at schedule step `s` (1-based).

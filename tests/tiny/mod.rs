@@ -43,3 +43,32 @@ pub fn cpu_run(dir: &Path, resume: bool) -> ampserve::train::RunOptions {
         barrier: None,
     }
 }
+
+/// The step records of a CPU run in `dir`; with `stop_after`, the run is cancelled once that many
+/// steps have been recorded (it checkpoints and returns).
+pub fn step_records(
+    spec: &TrainSpec,
+    dir: &Path,
+    resume: bool,
+    stop_after: Option<u64>,
+) -> Vec<ampserve::train::StepRecord> {
+    use ampserve::train::TrainEvent;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cancel = AtomicBool::new(false);
+    let mut out = Vec::new();
+    ampserve::train::run(
+        spec,
+        &cpu_run(dir, resume),
+        &mut |e| {
+            if let TrainEvent::Step(s) = e {
+                if stop_after == Some(s.step) {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                out.push(s)
+            }
+        },
+        &cancel,
+    )
+    .expect("training run failed");
+    out
+}
